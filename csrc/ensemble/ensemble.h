@@ -1,0 +1,3 @@
+// ensemble: REPLUG marginal, LSR distillation loss and token mixture over k retrieved chunks.
+#pragma once
+#include "common/checks.h"
