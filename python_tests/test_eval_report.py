@@ -1,0 +1,47 @@
+"""report.json / report.md / report.png and the plain statement of the expected ordering."""
+from __future__ import annotations
+
+import json
+
+from radit_fast.evaluation.report import check_ordering, render_table, task_average, write_report
+
+ROWS = {
+    "lm_only": {"em": 0.10, "f1": 0.20, "accuracy": 0.30},
+    "replug": {"em": 0.20, "f1": 0.30, "accuracy": 0.40, "recall@1": 0.50, "recall@10": 0.80},
+    "ra_it": {"em": 0.40, "f1": 0.50, "accuracy": 0.50, "recall@1": 0.50, "recall@10": 0.80},
+    "r_it": {"em": 0.15, "f1": 0.30, "accuracy": 0.40, "recall@1": 0.60, "recall@10": 0.85},
+    "ra_dit": {"em": 0.45, "f1": 0.55, "accuracy": 0.50, "recall@1": 0.60, "recall@10": 0.85},
+}
+
+
+def test_task_average():
+    assert task_average({"em": 0.2, "accuracy": 0.4, "f1": 1.0}) == 0.30000000000000004
+    assert task_average({"f1": 1.0}) is None
+
+
+def test_checks_state_failures_plainly():
+    checks = {(c["left"], c["right"], c["metric"]): c for c in check_ordering(ROWS)}
+    assert checks[("replug", "lm_only", "avg")]["holds"] is True
+    assert checks[("r_it", "replug", "recall@1")]["holds"] is True
+    bad = checks[("r_it", "replug", "avg")]       # 0.275 < 0.30
+    assert bad["holds"] is False and "DOES NOT HOLD" in bad["text"]
+    missing = check_ordering({"lm_only": ROWS["lm_only"]})
+    assert all(c["holds"] is None for c in missing)
+
+
+def test_write_report(tmp_path):
+    rep = write_report(tmp_path, ROWS, config={"k": 4, "eval_split": "test"}, timings={"index": 1.5})
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert list(data["rows"]) == ["lm_only", "replug", "ra_it", "r_it", "ra_dit"]
+    assert data["rows"]["ra_dit"]["em"] == 0.45 and data["config"]["k"] == 4
+    assert data["timings"] == {"index": 1.5} and data == rep
+    md = (tmp_path / "report.md").read_text()
+    assert "| ra_dit | 47.5 | 45.0 | 55.0 | 50.0 | 60.0 | 85.0 |" in md
+    assert "DOES NOT HOLD" in md and "did not happen" in md
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_marks_missing_metrics():
+    table = render_table({"lm_only": {"em": 0.5}, "replug": {"em": 0.6, "recall@1": 0.25}})
+    assert table.splitlines()[2] == "| lm_only | 50.0 | 50.0 | - |"
