@@ -52,3 +52,39 @@ RADIT_HOST_DEVICE float kl_term(float log_p, float log_q) {
 }
 
 }  // namespace radit
+
+// ---- ensemble numerics (csrc/ensemble): masked log-softmax over k chunks, REPLUG and KL gradients ----
+// Notation: z = s / t are logits over the k chunks of one query, lse = logsumexp of the present z,
+// log p = z - lse. A chunk with z = -inf (or a masked chunk) has p = 0 and never contributes NaN.
+namespace radit {
+
+// log-softmax entry x - lse; -inf for x = -inf or for an empty distribution (lse = -inf), never NaN.
+RADIT_HOST_DEVICE float log_softmax_entry(float x, float lse) {
+  return (x == -INFINITY || lse == -INFINITY) ? -INFINITY : x - lse;
+}
+
+// log(a * b) = log a + log b for log-probabilities; -inf absorbs (so -inf + -inf stays -inf).
+RADIT_HOST_DEVICE float log_mul(float log_a, float log_b) {
+  return (log_a == -INFINITY || log_b == -INFINITY) ? -INFINITY : log_a + log_b;
+}
+
+// REPLUG marginal m = logsumexp_i(log p_i + l_i), p = softmax(s / t). With the posterior
+// w_i = exp(log p_i + l_i - m):  dm/dl_i = w_i,  dm/ds_i = (w_i - p_i) / t.
+// A marginal of -inf is a constant (every chunk has zero mass): its gradient is 0.
+RADIT_HOST_DEVICE float replug_grad_score(float posterior, float prior, float t, float marginal) {
+  return marginal == -INFINITY ? 0.0f : (posterior - prior) / t;
+}
+
+// KL(p || q) = sum_i p_i (log p_i - log q_i) with q = softmax(z) and p fixed (need not sum to 1):
+//   dKL/dz_j = -sum_i p_i (delta_ij - q_j) = q_j * sum(p) - p_j.
+RADIT_HOST_DEVICE float kl_grad_second_logit(float p, float q, float sum_p) { return q * sum_p - p; }
+
+// KL(p || q) with p = softmax(z) and q fixed, r_i = log p_i - log q_i:
+//   dKL/dz_j = sum_i p_i (delta_ij - p_j) r_i + sum_i p_i (delta_ij - p_j) = p_j (r_j - KL).
+// 0 where p_j = 0; the caller zeroes rows whose KL is +inf (gradient undefined there).
+RADIT_HOST_DEVICE float kl_grad_first_logit(float log_p, float log_q, float kl) {
+  if (log_p == -INFINITY) return 0.0f;
+  return expf(log_p) * ((log_p - log_q) - kl);
+}
+
+}  // namespace radit

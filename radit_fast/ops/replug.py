@@ -1,0 +1,210 @@
+"""REPLUG ensemble over k retrieved chunks: ``log p(y|x) = logsumexp_i(log_softmax(s/t)_i + l_i)``.
+
+Math and gradient (derived in csrc/ensemble/ensemble.h): with the prior ``p = softmax(s / t)`` over the
+present chunks and the posterior ``w_i = exp(log p_i + l_i - m)``,
+
+    dm/dl_i = w_i,        dm/ds_i = (w_i - p_i) / t.
+
+The native and Triton kernels compute value and both gradients in one pass over each [k] row; the autograd
+Function only scales the saved gradients by the upstream gradient. The torch path is a plain differentiable
+composition (the reference) that also runs without the native module.
+
+This module also holds the small argument checks shared by the ensemble-family ops (lsr, mixture, scorer).
+"""
+from __future__ import annotations
+
+import torch
+
+from radit_fast import _native
+from radit_fast.ops._dispatch import common_device, resolve_impl
+
+NEG_INF = float("-inf")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- checks shared by the ensemble-family ops ----
+def check_bk(op: str, name: str, t: torch.Tensor, shape: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``t`` is a floating [B, k] tensor (of ``shape`` when given); returns (B, k)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must have shape [B, k], got {list(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape [B, k] = {list(shape)}, got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    if t.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have k >= 1 chunks per row, got shape {list(t.shape)}")
+    return int(t.shape[0]), int(t.shape[1])
+
+
+def check_temperature(op: str, name: str, value: float) -> float:
+    value = float(value)
+    if not (value > 0.0 and value < float("inf")):
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_mask(op: str, mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """``mask`` is None or a bool [B, k] tensor with at least one True per row (True = chunk present)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"{op}: mask must be a bool tensor of shape [B, k] = {list(shape)}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{op}: mask must have shape [B, k] = {list(shape)}, got {list(mask.shape)}")
+    if mask.numel() and not bool(mask.any(dim=1).all()):
+        row = int((~mask.any(dim=1)).nonzero()[0, 0])
+        raise ValueError(f"{op}: mask row {row} has no present chunk (all k entries are False)")
+    return mask
+
+
+def native_ok(*tensors: torch.Tensor) -> bool:
+    """True when every tensor has a dtype the native/Triton kernels read (float32, bfloat16, float16)."""
+    return all(t.dtype in _FLOAT_DTYPES for t in tensors)
+
+
+def tensor_arg(t: torch.Tensor | None, name: str) -> tuple[int, int, int, int]:
+    """(data_ptr, stride0, stride1, dtype code) as the native entry points take it; zeros for None."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return (t.data_ptr(), t.stride(0), t.stride(1), _native.dtype_code(t, name))
+
+
+def has_cuda_kernel(name: str) -> bool:
+    return _native._C is not None and hasattr(_native._C, name)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (the accumulation dtype of the torch path)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def pick_impl(op: str, impl: str, device: torch.device, *tensors: torch.Tensor, cuda_kernel: str) -> str:
+    """resolve_impl, with float64 inputs routed to the torch path under impl='auto'."""
+    if impl == "auto" and not native_ok(*tensors):
+        impl = "torch"
+    impl = resolve_impl(op, impl, device, has_cuda_kernel=has_cuda_kernel(cuda_kernel))
+    if impl != "torch" and not native_ok(*tensors):
+        bad = next(t.dtype for t in tensors if t.dtype not in _FLOAT_DTYPES)
+        raise ValueError(f"{op}: impl={impl!r} takes float32, bfloat16 or float16 inputs, got {bad}; "
+                         "use impl='torch' for float64")
+    return impl
+
+
+def safe_logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """logsumexp that is -inf (with zero gradient, not NaN) for slices that are entirely -inf."""
+    dead = (x == NEG_INF).all(dim=dim, keepdim=True)
+    lse = torch.logsumexp(torch.where(dead, torch.zeros_like(x), x), dim=dim, keepdim=True)
+    lse = torch.where(dead, torch.full_like(lse, NEG_INF), lse)
+    return lse if keepdim else lse.squeeze(dim)
+
+
+def masked_log_softmax(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """log_softmax over the last dim restricted to ``mask``; -inf (zero gradient) outside it and for z = -inf."""
+    if mask is not None:
+        z = torch.where(mask, z, torch.full_like(z, NEG_INF))
+    lse = safe_logsumexp(z, dim=-1, keepdim=True)
+    gone = z == NEG_INF
+    return torch.where(gone, torch.full_like(z, NEG_INF), z - torch.where(gone, torch.zeros_like(lse), lse))
+
+
+# ---- torch reference ----
+def replug_logprob_torch(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, temperature: float,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """Differentiable torch composition (the reference); computes in float32 (float64 for float64 inputs)."""
+    dt = compute_dtype(lm_logprobs, retriever_scores)
+    log_prior = masked_log_softmax(retriever_scores.to(dt) / temperature, mask)
+    joint = log_prior + lm_logprobs.to(dt)
+    joint = torch.where(log_prior == NEG_INF, torch.full_like(joint, NEG_INF), joint)
+    return safe_logsumexp(joint, dim=-1)
+
+
+# ---- launcher (no autograd) ----
+def replug_launch(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, temperature: float,
+                  mask: torch.Tensor | None, impl: str, with_grad: bool):
+    """Runs the fused kernel: (out [B] f32, grad_lm [B, k] f32 | None, grad_scores [B, k] f32 | None)."""
+    B, k = lm_logprobs.shape
+    dev = lm_logprobs.device
+    out = torch.empty(B, dtype=torch.float32, device=dev)
+    g_lm = torch.empty(B, k, dtype=torch.float32, device=dev) if with_grad else None
+    g_s = torch.empty(B, k, dtype=torch.float32, device=dev) if with_grad else None
+    mask_u8 = mask.view(torch.uint8) if mask is not None else None
+    if impl == "triton":
+        from radit_fast.triton.ensemble import replug_triton
+
+        replug_triton(lm_logprobs, retriever_scores, mask_u8, temperature, out, g_lm, g_s)
+        return out, g_lm, g_s
+    mask_arg = tensor_arg(mask, "mask")
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    args = (B, k, tensor_arg(lm_logprobs, "lm_logprobs"), tensor_arg(retriever_scores, "retriever_scores"),
+            mask_arg, temperature, out.data_ptr(), ptr(g_lm), ptr(g_s))
+    if impl == "cuda":
+        _native._C.replug_forward_cuda(*args, _native.cuda_stream(out))
+    else:
+        _native._C.replug_forward_cpu(*args)
+    return out, g_lm, g_s
+
+
+# ---- autograd ----
+class ReplugLogprob(torch.autograd.Function):
+    """Fused REPLUG marginal; the gradients come from the forward kernel (closed form)."""
+
+    @staticmethod
+    def forward(ctx, lm_logprobs, retriever_scores, temperature, mask, impl, with_grad):
+        out, g_lm, g_s = replug_launch(lm_logprobs, retriever_scores, temperature, mask, impl, with_grad)
+        ctx.save_for_backward(g_lm, g_s)
+        ctx.dtypes = (lm_logprobs.dtype, retriever_scores.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        g_lm, g_s = ctx.saved_tensors
+        g = grad_out.to(torch.float32).unsqueeze(1)
+        d_lm = (g_lm * g).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        d_s = (g_s * g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return d_lm, d_s, None, None, None, None
+
+
+# ---- public function ----
+def replug_logprob(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, *, temperature: float = 1.0,
+                   mask: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """REPLUG ensemble log-likelihood of each query's answer over its k retrieved chunks.
+
+    ``out[b] = logsumexp_i(log_softmax(retriever_scores[b] / temperature)_i + lm_logprobs[b, i])`` over the
+    chunks with ``mask[b, i]`` True (all when ``mask`` is None); masked chunks have no influence and get zero
+    gradient.
+
+    Args:
+        lm_logprobs: [B, k] float, ``log p_LM(y | c_i o x)`` (sum of the answer tokens' log-probs; may be -inf).
+        retriever_scores: [B, k] float, dual-encoder scores ``s(x, c_i)`` (-inf = zero prior weight).
+        temperature: retriever temperature ``tau_R`` > 0.
+        mask: optional bool [B, k], True = chunk present; every row needs at least one True.
+        impl: "auto" | "cpu" | "cuda" | "triton" | "torch".
+
+    Returns:
+        [B] float32 (float64 on the torch path for float64 inputs). Differentiable w.r.t. both inputs:
+        ``d/dlm_i`` = posterior_i, ``d/ds_i`` = (posterior_i - prior_i) / temperature. A row whose value is
+        -inf (no chunk with mass) has zero gradient.
+
+    Example:
+        >>> lm = torch.tensor([[-1.0, -3.0, -2.0]])
+        >>> s = torch.tensor([[2.0, 1.0, 0.0]])
+        >>> out = replug_logprob(lm, s, impl="torch")
+        >>> bool(torch.allclose(out, torch.logsumexp(torch.log_softmax(s, -1) + lm, -1)))
+        True
+        >>> replug_logprob(lm, s, mask=torch.tensor([[True, False, False]]), impl="torch")
+        tensor([-1.])
+    """
+    op = "replug_logprob"
+    B, k = check_bk(op, "lm_logprobs", lm_logprobs)
+    check_bk(op, "retriever_scores", retriever_scores, (B, k))
+    temperature = check_temperature(op, "temperature", temperature)
+    device = common_device(op, lm_logprobs=lm_logprobs, retriever_scores=retriever_scores, mask=mask)
+    mask = check_mask(op, mask, (B, k))
+    impl = pick_impl(op, impl, device, lm_logprobs, retriever_scores, cuda_kernel="replug_forward_cuda")
+    if impl == "torch":
+        return replug_logprob_torch(lm_logprobs, retriever_scores, temperature, mask)
+    with_grad = torch.is_grad_enabled() and (lm_logprobs.requires_grad or retriever_scores.requires_grad)
+    return ReplugLogprob.apply(lm_logprobs, retriever_scores, temperature, mask, impl, with_grad)
