@@ -1,0 +1,335 @@
+// answer_logprobs, CPU epilogues (the GEMM per vocabulary block runs in torch.mm, driven from Python).
+//
+// Math. For a row h (one answer position), logits z_v = h . W_v + b_v over the vocabulary v in [0, V) and
+// the target t:
+//     log p(t | h) = z_t - lse(z),          lse(z) = log sum_v exp(z_v).
+// The vocabulary is visited in blocks B_1..B_K. Each block contributes the online-logsumexp state
+// (m_k, s_k) = (max_{v in B_k} z_v, sum_{v in B_k} exp(z_v - m_k)); states merge associatively
+// (radit_math.h lse_merge), and lse = m + log s. The target logit is read from the block holding t.
+// Only one [rows, cols] block of logits exists at any time: memory O(N d + V d + rows * cols).
+//
+// Gradient. With an upstream gradient g_n = dL/dlogp_n for row n (0 for ignored rows) and
+// p_nv = exp(z_nv - lse_n), since dlogp_n/dz_nv = [v == t_n] - p_nv:
+//     dL/dz_nv = g_n ([v == t_n] - p_nv)                             (the block epilogue of bwd_block)
+//     dL/dh_n  = sum_v dL/dz_nv W_v        = dZ @ W                  (GEMM per block, accumulated)
+//     dL/dW_v  = sum_n dL/dz_nv h_n        = dZ^T @ H                (GEMM per block, disjoint rows of dW)
+//     dL/db_v  = sum_n dL/dz_nv                                       (column sums, fused here)
+// The backward pass recomputes each block of z (one more GEMM) instead of storing N x V logits.
+//
+// Vectorisation: the row loops use a polynomial exp (Cephes expf, ~1 ulp on the reduced range) that
+// compilers vectorise; target_clones builds AVX-512 / AVX2+FMA / baseline variants chosen at load time
+// (no hardware probing at build time). Rows are split over OpenMP threads (num_threads from torch).
+#include "answer_logprobs/answer_logprobs.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/radit_math.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
+#define RADIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RADIT_CLONES
+#endif
+#if defined(__GNUC__)
+#define RADIT_INLINE inline __attribute__((always_inline))
+#else
+#define RADIT_INLINE inline
+#endif
+
+namespace radit {
+namespace answer_logprobs {
+namespace {
+
+using bf16_t = std::uint16_t;
+
+RADIT_INLINE float bits_to_float(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+RADIT_INLINE std::uint32_t float_to_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+RADIT_INLINE float load(const float* p) { return *p; }
+RADIT_INLINE float load(const bf16_t* p) { return bits_to_float(std::uint32_t(*p) << 16); }
+RADIT_INLINE void store(float* p, float x) { *p = x; }
+// Round to nearest even; NaN stays NaN (quiet bit set so the truncation cannot turn it into inf).
+RADIT_INLINE void store(bf16_t* p, float x) {
+  std::uint32_t u = float_to_bits(x);
+  std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  std::uint32_t nan = (u >> 16) | 0x40u;
+  *p = static_cast<bf16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2, Cephes polynomial for exp(r).
+// Exactly 0 below ln(FLT_MIN) (so exp(-inf) = 0), saturates at 2^127 above 88, NaN in -> NaN out.
+RADIT_INLINE float fast_exp(float x) {
+  const float lo = -87.33654475f;
+  float xc = x > 88.0f ? 88.0f : x;
+  xc = xc < lo ? lo : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
+  float t = xc * 1.44269504088896341f + magic;
+  float n = t - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  std::uint32_t e = (float_to_bits(t) - float_to_bits(magic) + 127u) << 23;
+  float out = y * bits_to_float(e);
+  return x < lo ? 0.0f : out;
+}
+
+// (max, sum exp(x - max)) of one row x_j = z_j (+ b_j).
+template <typename T, bool HasBias>
+RADIT_INLINE LseState row_lse_impl(const T* z, const float* b, std::int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (std::int64_t j = 0; j < n; ++j) {
+    float x = load(z + j);
+    if (HasBias) x += b[j];
+    m = x > m ? x : m;
+  }
+  if (m == -INFINITY) return lse_empty();
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (std::int64_t j = 0; j < n; ++j) {
+    float x = load(z + j);
+    if (HasBias) x += b[j];
+    s += fast_exp(x - m);
+  }
+  return LseState{m, s};
+}
+
+// In place z_j <- scale * exp(z_j (+ b_j) - lse); adds the values to gb (column sums) when given.
+template <typename T, bool HasBias, bool GradBias>
+RADIT_INLINE void row_bwd_impl(T* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < n; ++j) {
+    float x = load(z + j);
+    if (HasBias) x += b[j];
+    float d = scale * fast_exp(x - lse);
+    store(z + j, d);
+    if (GradBias) gb[j] += d;
+  }
+}
+
+RADIT_CLONES LseState row_lse_f32(const float* z, const float* b, std::int64_t n) {
+  return b ? row_lse_impl<float, true>(z, b, n) : row_lse_impl<float, false>(z, b, n);
+}
+RADIT_CLONES LseState row_lse_bf16(const bf16_t* z, const float* b, std::int64_t n) {
+  return b ? row_lse_impl<bf16_t, true>(z, b, n) : row_lse_impl<bf16_t, false>(z, b, n);
+}
+RADIT_CLONES void row_bwd_f32(float* z, const float* b, std::int64_t n, float lse, float g, float* gb) {
+  if (b) {
+    gb ? row_bwd_impl<float, true, true>(z, b, n, lse, g, gb) : row_bwd_impl<float, true, false>(z, b, n, lse, g, gb);
+  } else {
+    gb ? row_bwd_impl<float, false, true>(z, b, n, lse, g, gb) : row_bwd_impl<float, false, false>(z, b, n, lse, g, gb);
+  }
+}
+RADIT_CLONES void row_bwd_bf16(bf16_t* z, const float* b, std::int64_t n, float lse, float g, float* gb) {
+  if (b) {
+    gb ? row_bwd_impl<bf16_t, true, true>(z, b, n, lse, g, gb) : row_bwd_impl<bf16_t, true, false>(z, b, n, lse, g, gb);
+  } else {
+    gb ? row_bwd_impl<bf16_t, false, true>(z, b, n, lse, g, gb) : row_bwd_impl<bf16_t, false, false>(z, b, n, lse, g, gb);
+  }
+}
+
+RADIT_INLINE LseState row_lse(const void* z, bool bf16, const float* b, std::int64_t n) {
+  return bf16 ? row_lse_bf16(static_cast<const bf16_t*>(z), b, n) : row_lse_f32(static_cast<const float*>(z), b, n);
+}
+
+std::int64_t target_at(std::intptr_t targets, int dtype, std::int64_t r) {
+  return dtype == static_cast<int>(DType::kInt64) ? reinterpret_cast<const std::int64_t*>(targets)[r]
+                                                  : reinterpret_cast<const std::int32_t*>(targets)[r];
+}
+
+int threads_for(std::int64_t rows, std::int64_t cols, int requested) {
+  if (requested < 1 || rows * cols < (std::int64_t(1) << 15)) return 1;
+  return static_cast<int>(rows < requested ? rows : requested);
+}
+
+void check_targets_dtype(int dtype, const char* fn) {
+  RADIT_CHECK(dtype == static_cast<int>(DType::kInt64) || dtype == static_cast<int>(DType::kInt32),
+              fn << ": targets must be int64 or int32 (dtype code 3 or 4), got code " << dtype);
+}
+
+void check_block(const BlockParams& p, const char* fn) {
+  RADIT_CHECK(p.rows >= 0, fn << ": rows must be >= 0, got " << p.rows);
+  RADIT_CHECK(p.cols >= 1, fn << ": cols must be >= 1, got " << p.cols);
+  RADIT_CHECK(p.ld >= p.cols, fn << ": logits row stride ld must be >= cols = " << p.cols << ", got " << p.ld);
+  RADIT_CHECK(p.col0 >= 0 && p.col0 + p.cols <= p.vocab,
+              fn << ": block [" << p.col0 << ", " << p.col0 + p.cols << ") must lie inside the vocabulary [0, "
+                 << p.vocab << ")");
+  RADIT_CHECK(p.logits_dtype == static_cast<int>(DType::kFloat32) ||
+                  p.logits_dtype == static_cast<int>(DType::kBFloat16),
+              fn << ": logits must be float32 or bfloat16 (dtype code 0 or 1), got code " << p.logits_dtype);
+  RADIT_CHECK(p.bias == 0 || p.bias_dtype == static_cast<int>(DType::kFloat32) ||
+                  p.bias_dtype == static_cast<int>(DType::kBFloat16),
+              fn << ": bias must be float32 or bfloat16 (dtype code 0 or 1), got code " << p.bias_dtype);
+  check_targets_dtype(p.targets_dtype, fn);
+  RADIT_CHECK(p.rows == 0 || (p.logits != 0 && p.targets != 0), fn << ": null logits or targets pointer");
+}
+
+// The block's bias entries as float32 (empty when there is no bias).
+std::vector<float> bias_block(const BlockParams& p) {
+  std::vector<float> out;
+  if (p.bias == 0) return out;
+  out.resize(static_cast<std::size_t>(p.cols));
+  if (p.bias_dtype == static_cast<int>(DType::kFloat32)) {
+    const float* b = reinterpret_cast<const float*>(p.bias) + p.col0;
+    for (std::int64_t j = 0; j < p.cols; ++j) out[j] = b[j];
+  } else {
+    const bf16_t* b = reinterpret_cast<const bf16_t*>(p.bias) + p.col0;
+    for (std::int64_t j = 0; j < p.cols; ++j) out[j] = load(b + j);
+  }
+  return out;
+}
+
+}  // namespace
+
+void fwd_block(const BlockParams& p, std::intptr_t row_max, std::intptr_t row_sum, std::intptr_t target_logit) {
+  check_block(p, "answer_logprobs_fwd_block");
+  RADIT_CHECK(p.rows == 0 || (row_max != 0 && row_sum != 0 && target_logit != 0),
+              "answer_logprobs_fwd_block: null row_max, row_sum or target_logit pointer");
+  const std::vector<float> bias = bias_block(p);
+  const float* b = bias.empty() ? nullptr : bias.data();
+  const bool bf16 = p.logits_dtype == static_cast<int>(DType::kBFloat16);
+  const std::size_t elt = bf16 ? 2 : 4;
+  float* mx = reinterpret_cast<float*>(row_max);
+  float* sm = reinterpret_cast<float*>(row_sum);
+  float* tl = reinterpret_cast<float*>(target_logit);
+  const int nt = threads_for(p.rows, p.cols, p.num_threads);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (std::int64_t r = 0; r < p.rows; ++r) {
+    const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
+    if (t == p.ignore_index) continue;
+    const char* row = reinterpret_cast<const char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
+    LseState st = lse_merge(LseState{mx[r], sm[r]}, row_lse(row, bf16, b, p.cols));
+    mx[r] = st.m;
+    sm[r] = st.s;
+    const std::int64_t j = t - p.col0;
+    if (j >= 0 && j < p.cols) {
+      float x = bf16 ? load(reinterpret_cast<const bf16_t*>(row) + j) : load(reinterpret_cast<const float*>(row) + j);
+      tl[r] = b ? x + b[j] : x;
+    }
+  }
+}
+
+void fwd_finalize(std::int64_t n, std::int64_t vocab, std::intptr_t targets, int targets_dtype,
+                  std::int64_t ignore_index, std::intptr_t row_max, std::intptr_t row_sum,
+                  std::intptr_t target_logit, std::intptr_t lse, std::intptr_t tok_logprob,
+                  std::intptr_t segment_ids, std::int64_t num_segments, std::intptr_t seg_logprob) {
+  const char* fn = "answer_logprobs_fwd_finalize";
+  RADIT_CHECK(n >= 0, fn << ": n must be >= 0, got " << n);
+  RADIT_CHECK(vocab >= 1, fn << ": vocab must be >= 1, got " << vocab);
+  check_targets_dtype(targets_dtype, fn);
+  RADIT_CHECK(n == 0 || (targets && row_max && row_sum && target_logit && lse && tok_logprob),
+              fn << ": null pointer argument");
+  for (std::int64_t r = 0; r < n; ++r) {
+    const std::int64_t t = target_at(targets, targets_dtype, r);
+    RADIT_CHECK(t == ignore_index || (t >= 0 && t < vocab),
+                fn << ": targets[" << r << "] = " << t << " is outside [0, " << vocab << ") and is not ignore_index = "
+                   << ignore_index);
+  }
+  const float* mx = reinterpret_cast<const float*>(row_max);
+  const float* sm = reinterpret_cast<const float*>(row_sum);
+  const float* tl = reinterpret_cast<const float*>(target_logit);
+  float* out_lse = reinterpret_cast<float*>(lse);
+  float* tok = reinterpret_cast<float*>(tok_logprob);
+  for (std::int64_t r = 0; r < n; ++r) {
+    const bool ignored = target_at(targets, targets_dtype, r) == ignore_index;
+    const float l = ignored ? 0.0f : lse_value(LseState{mx[r], sm[r]});
+    out_lse[r] = l;
+    tok[r] = ignored ? 0.0f : tl[r] - l;
+  }
+  if (segment_ids == 0) return;
+  RADIT_CHECK(num_segments >= 0, fn << ": num_segments must be >= 0, got " << num_segments);
+  RADIT_CHECK(num_segments == 0 || seg_logprob != 0, fn << ": null seg_logprob pointer");
+  const std::int64_t* seg = reinterpret_cast<const std::int64_t*>(segment_ids);
+  for (std::int64_t r = 0; r < n; ++r) {
+    RADIT_CHECK(seg[r] >= 0 && seg[r] < num_segments,
+                fn << ": segment_ids[" << r << "] = " << seg[r] << " is outside [0, " << num_segments << ")");
+  }
+  float* out = reinterpret_cast<float*>(seg_logprob);
+  for (std::int64_t s = 0; s < num_segments; ++s) out[s] = 0.0f;
+  for (std::int64_t r = 0; r < n; ++r) out[seg[r]] += tok[r];
+}
+
+void bwd_block(const BlockParams& p, std::intptr_t lse, std::intptr_t grad_tok, std::intptr_t grad_bias) {
+  check_block(p, "answer_logprobs_bwd_block");
+  RADIT_CHECK(p.rows == 0 || (lse != 0 && grad_tok != 0), "answer_logprobs_bwd_block: null lse or grad_tok pointer");
+  const std::vector<float> bias = bias_block(p);
+  const float* b = bias.empty() ? nullptr : bias.data();
+  const bool bf16 = p.logits_dtype == static_cast<int>(DType::kBFloat16);
+  const std::size_t elt = bf16 ? 2 : 4;
+  const float* l = reinterpret_cast<const float*>(lse);
+  const float* g = reinterpret_cast<const float*>(grad_tok);
+  const int nt = threads_for(p.rows, p.cols, p.num_threads);
+  // Per-thread column sums for the bias gradient, reduced after the parallel loop (deterministic order).
+  std::vector<float> acc(grad_bias ? static_cast<std::size_t>(nt) * static_cast<std::size_t>(p.cols) : 0, 0.0f);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    float* gb = grad_bias ? acc.data() + static_cast<std::size_t>(tid) * static_cast<std::size_t>(p.cols) : nullptr;
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < p.rows; ++r) {
+      char* row = reinterpret_cast<char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
+      const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
+      const float gr = g[r];
+      if (t == p.ignore_index || gr == 0.0f) {
+        std::memset(row, 0, static_cast<std::size_t>(p.cols) * elt);
+        continue;
+      }
+      const std::int64_t j = t - p.col0;
+      const bool has_t = j >= 0 && j < p.cols;
+      float xt = 0.0f;
+      if (has_t) {
+        xt = bf16 ? load(reinterpret_cast<bf16_t*>(row) + j) : load(reinterpret_cast<float*>(row) + j);
+        if (b) xt += b[j];
+      }
+      if (bf16) {
+        row_bwd_bf16(reinterpret_cast<bf16_t*>(row), b, p.cols, l[r], -gr, gb);
+      } else {
+        row_bwd_f32(reinterpret_cast<float*>(row), b, p.cols, l[r], -gr, gb);
+      }
+      if (has_t) {  // the one-hot term: dz_t = g (1 - p_t); the loop above added -g p_t to gb
+        const float dt = gr * (1.0f - fast_exp(xt - l[r]));
+        if (bf16) {
+          store(reinterpret_cast<bf16_t*>(row) + j, dt);
+        } else {
+          store(reinterpret_cast<float*>(row) + j, dt);
+        }
+        if (gb) gb[j] += gr;
+      }
+    }
+  }
+  if (grad_bias) {
+    float* out = reinterpret_cast<float*>(grad_bias) + p.col0;
+    for (int k = 0; k < nt; ++k) {
+      const float* a = acc.data() + static_cast<std::size_t>(k) * static_cast<std::size_t>(p.cols);
+      for (std::int64_t j = 0; j < p.cols; ++j) out[j] += a[j];
+    }
+  }
+}
+
+}  // namespace answer_logprobs
+}  // namespace radit
