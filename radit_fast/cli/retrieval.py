@@ -1,0 +1,180 @@
+"""``radit index build``, ``radit index info`` and ``radit retrieve``.
+
+    radit index build --corpus corpus.jsonl --out runs/idx [--encoder NAME] [--chunk-words 200]
+                      [--index-factory Flat] [--batch-size 64] [--device cpu|cuda] [--overwrite]
+    radit retrieve --index runs/idx --queries tasks.jsonl --k 10 --out retrieved.jsonl [--query-encoder PATH]
+
+Both run under ``torchrun --nproc_per_node N $(which radit) index build ...`` too (encoding is sharded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from radit_fast.io import RaditError
+
+logger = logging.getLogger("radit_fast.cli.retrieval")
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _encoder_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pooling", choices=["cls", "mean"], help="override the encoder's pooling")
+    p.add_argument("--normalize", type=_bool, metavar="{true,false}", help="override L2 normalisation")
+    p.add_argument("--max-length", type=_positive, help="max tokens per text (default: the encoder's)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast for encoding (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model folder")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    index = subparsers.add_parser("index", help="build and inspect retrieval indexes")
+    actions = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+
+    b = actions.add_parser("build", help="encode a corpus and build a FAISS index folder",
+                           description="Chunk a JSON-lines corpus {id, title, text}, encode it and build an index.")
+    b.add_argument("--corpus", required=True, type=Path, help="corpus JSON lines {id, title, text}")
+    b.add_argument("--out", required=True, type=Path, help="index folder to create")
+    b.add_argument("--encoder", help="encoder for queries and documents, HF name or folder (default: all-MiniLM-L6-v2)")
+    b.add_argument("--doc-encoder", help="document encoder when asymmetric (e.g. a DRAGON+ context encoder)")
+    b.add_argument("--query-encoder", help="query encoder recorded in the manifest when asymmetric")
+    b.add_argument("--chunk-words", type=_positive, default=200, help="max words per passage (default 200)")
+    b.add_argument("--index-factory", default="Flat",
+                   help="FAISS index_factory string, inner product (default Flat; e.g. IVF4096,Flat, IVF65536,PQ64, HNSW32)")
+    b.add_argument("--search-params", default="", help="default FAISS search parameters, e.g. nprobe=32")
+    b.add_argument("--train-size", type=_positive, help="vectors sampled to train IVF/PQ (default max(65536, 100 nlist))")
+    b.add_argument("--batch-size", type=_positive, default=64, help="texts per encoder batch (default 64)")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically, at the end)")
+    _encoder_options(b)
+    b.set_defaults(func=cmd_index_build)
+
+    i = actions.add_parser("info", help="check an index folder and print its manifest summary")
+    i.add_argument("--index", required=True, type=Path)
+    i.add_argument("--verify", choices=["sha256", "size", "none"], default="sha256")
+    i.set_defaults(func=cmd_index_info)
+
+    r = subparsers.add_parser("retrieve", help="retrieve top-k passages for KILT queries",
+                              description="Retrieve the top-k passages of each query ({id, input}) of a KILT file.")
+    r.add_argument("--index", required=True, type=Path, help="index folder from `radit index build`")
+    r.add_argument("--queries", required=True, type=Path, help="KILT JSON lines with id and input")
+    r.add_argument("--k", type=_positive, default=10, help="passages per query (default 10)")
+    r.add_argument("--out", required=True, type=Path, help="output JSON lines {id, passages: [{id, score, title, text}]}")
+    r.add_argument("--query-encoder", help="query encoder folder or name (default: the index's)")
+    r.add_argument("--allow-encoder-mismatch", action="store_true",
+                   help="use a query encoder of another lineage/pooling (dim must still match)")
+    r.add_argument("--search-params", help="FAISS search parameters, e.g. nprobe=64 (default: the index's)")
+    r.add_argument("--batch-size", type=_positive, default=64, help="queries per batch (default 64)")
+    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--verify", choices=["sha256", "size", "none"], default="sha256",
+                   help="index file checks on load (default sha256; size is instant for huge indexes)")
+    r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    r.add_argument("--trust-remote-code", action="store_true")
+    r.set_defaults(func=cmd_retrieve)
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from radit_fast.retrieval.build import IndexBuildConfig, build_index
+
+    cfg = IndexBuildConfig(
+        encoder=args.encoder, doc_encoder=args.doc_encoder, query_encoder=args.query_encoder,
+        pooling=args.pooling, normalize=args.normalize, max_length=args.max_length, chunk_words=args.chunk_words,
+        index_factory=args.index_factory, search_params=args.search_params, train_size=args.train_size,
+        batch_size=args.batch_size, device=args.device, precision=args.precision,
+        trust_remote_code=args.trust_remote_code,
+    )
+    out = build_index(args.corpus, args.out, cfg, overwrite=args.overwrite)
+    logger.info("index written to %s", out)
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from radit_fast.retrieval.manifest import read_manifest
+
+    m = read_manifest(args.index, verify=args.verify)
+    mem = m.get("memory", {})
+    print(json.dumps({
+        "count": m["count"], "dim": m["dim"], "index": m["index"], "doc_encoder": m["doc_encoder"]["name"],
+        "query_encoder": m["query_encoder"]["name"], "chunk_words": m.get("chunk_words"),
+        "predicted_ram_bytes": mem.get("predicted_ram_bytes"), "versions": m.get("versions"),
+    }, indent=2))
+    return 0
+
+
+def read_queries(path: Path) -> list[dict]:
+    """KILT queries: each line needs an ``id`` (string or int) and a non-empty string ``input``."""
+    from radit_fast.io import iter_jsonl
+
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        for key in ("id", "input"):
+            if key not in obj:
+                raise RaditError(f"{path}:{lineno}: missing field {key!r}")
+        if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+            raise RaditError(f"{path}:{lineno}: field 'id' must be a string")
+        if not isinstance(obj["input"], str) or not obj["input"].strip():
+            raise RaditError(f"{path}:{lineno}: field 'input' must be a non-empty string")
+        out.append(obj)
+    if not out:
+        raise RaditError(f"{path}: no queries")
+    return out
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from radit_fast.io import write_jsonl
+    from radit_fast.retrieval.metrics import provenance_doc_ids, retrieval_metrics
+    from radit_fast.retrieval.retriever import Retriever
+
+    queries = read_queries(args.queries)
+    retriever = Retriever.load(
+        args.index, args.query_encoder, device=args.device, verify=args.verify, search_params=args.search_params,
+        strict=not args.allow_encoder_mismatch, batch_size=args.batch_size, precision=args.precision,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.k > len(retriever.index):
+        raise RaditError(f"--k {args.k} is larger than the index ({len(retriever.index)} passages)")
+    ranked: list[list[str | None]] = []
+
+    def rows():
+        with tqdm(total=len(queries), desc="retrieving", unit=" queries", disable=None) as bar:
+            for s in range(0, len(queries), args.batch_size):
+                batch = queries[s : s + args.batch_size]
+                res = retriever.retrieve([q["input"] for q in batch], args.k)
+                for q, scores, passages in zip(batch, res.scores.tolist(), res.passages):
+                    hits = [{"id": p.id, "score": sc, "title": p.title, "text": p.text}
+                            for sc, p in zip(scores, passages) if p is not None]
+                    ranked.append([h["id"] for h in hits])
+                    yield {"id": str(q["id"]), "passages": hits}
+                bar.update(len(batch))
+
+    n = write_jsonl(args.out, rows())
+    logger.info("wrote %d results to %s", n, args.out)
+    gold = [provenance_doc_ids(q) for q in queries]
+    if any(gold):
+        ks = sorted({k for k in (1, 5, 10, 20, 100) if k <= args.k} | {args.k})
+        m = retrieval_metrics(ranked, gold, ks=ks)
+        line = "  ".join(f"{name} {m[name]:.4f}" for k in ks for name in (f"recall@{k}", f"hit@{k}"))
+        print(f"{line}  (document level, {m['queries']} of {len(queries)} queries with provenance)")
+    sys.stdout.flush()
+    return 0

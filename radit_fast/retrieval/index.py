@@ -1,0 +1,230 @@
+"""A built index folder: FAISS index (inner product), float16 document embeddings, passage store, manifest.
+
+Folder layout (written by :mod:`radit_fast.retrieval.build`)::
+
+    manifest.json        see radit_fast.retrieval.manifest
+    index.faiss          faiss.write_index of index_factory(dim, factory, METRIC_INNER_PRODUCT)
+    embeddings.f16.npy   float16 [count, dim] document embeddings, memory-mapped on load
+    passages.jsonl, offsets.npy, id_hash.npy, id_rows.npy     the passage store
+
+The FAISS index holds the float16-rounded embeddings (as float32), so an exact (Flat) search scores
+q . d with exactly the vectors :meth:`Index.doc_embeddings` returns: retrieval scores and the
+differentiable training scores E_q(x) . E_d(c) agree without re-encoding documents.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radit_fast.io import RaditError
+from radit_fast.retrieval.manifest import read_manifest
+from radit_fast.retrieval.store import PassageStore
+
+logger = logging.getLogger(__name__)
+
+FAISS_FILE = "index.faiss"
+EMBEDDINGS_FILE = "embeddings.f16.npy"
+ADD_BLOCK = 65536
+
+
+def make_faiss_index(factory: str, dim: int) -> Any:
+    """``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)`` with a one-line error for bad strings."""
+    import faiss
+
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "invalid"
+        raise RaditError(f"invalid --index-factory {factory!r} for dim {dim}: {reason}") from None
+
+
+def default_train_size(index: Any, n: int) -> int:
+    """Training sample for an index that needs training: max(65536, 100 * nlist), at most n."""
+    import faiss
+
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        nlist = 0
+    return min(n, max(65536, 100 * nlist))
+
+
+def train_and_add(index: Any, emb: np.ndarray, *, train_size: int | None = None, seed: int = 0,
+                  progress: bool = False) -> int:
+    """Train ``index`` (if it needs it) on a random sample of rows, then add every row in blocks.
+
+    ``emb`` is [n, d] of any float dtype (e.g. the float16 memmap); returns the training sample size.
+    """
+    from tqdm import tqdm
+
+    n = len(emb)
+    used = 0
+    if not index.is_trained:
+        used = min(n, train_size or default_train_size(index, n))
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=used, replace=False))
+        logger.info("training the index on %d of %d vectors", used, n)
+        try:
+            index.train(np.ascontiguousarray(emb[rows], dtype=np.float32))
+        except RuntimeError as e:
+            raise RaditError(f"cannot train the index on {used} vectors: {str(e).strip().splitlines()[-1]}") from None
+    with tqdm(total=n, desc="indexing", unit=" vectors", disable=None if progress else True) as bar:
+        for s in range(0, n, ADD_BLOCK):
+            block = np.ascontiguousarray(emb[s : s + ADD_BLOCK], dtype=np.float32)
+            index.add(block)
+            bar.update(len(block))
+    return used
+
+
+def faiss_gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def index_to_gpu(index: Any) -> Any:
+    """Copy a CPU index to all GPUs (sharded across them when there are several); unchanged without faiss-gpu."""
+    import faiss
+
+    if not faiss_gpu_available():
+        logger.warning("faiss has no GPU support here (install faiss-gpu); the index stays on the CPU")
+        return index
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = faiss.get_num_gpus() > 1
+    co.useFloat16 = True  # halves GPU memory for Flat/IVF-Flat storage; scores are rescored exactly
+    return faiss.index_cpu_to_all_gpus(index, co=co)
+
+
+def index_to_cpu(index: Any) -> Any:
+    import faiss
+
+    return faiss.index_gpu_to_cpu(index) if faiss_gpu_available() and "Gpu" in type(index).__name__ else index
+
+
+def set_search_params(index: Any, params: str) -> None:
+    """Apply FAISS run-time parameters, e.g. ``"nprobe=32"`` or ``"efSearch=128"`` (empty = none)."""
+    if not params:
+        return
+    import faiss
+
+    space = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ else faiss.ParameterSpace()
+    try:
+        space.set_index_parameters(index, params)
+    except RuntimeError as e:
+        raise RaditError(f"invalid search parameters {params!r}: {str(e).strip().splitlines()[-1]}") from None
+
+
+class Index:
+    """A loaded index folder; search with query embeddings, read stored document embeddings and passages.
+
+    >>> index = Index.load("runs/wiki-index")  # doctest: +SKIP
+    >>> scores, rows = index.search(q.numpy(), k=10)  # doctest: +SKIP
+    >>> d = index.doc_embeddings(rows)  # float32 [B, 10, dim], from the float16 matrix  # doctest: +SKIP
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], faiss_index: Any, embeddings: np.ndarray,
+                 store: PassageStore):
+        self.folder = folder
+        self.manifest = manifest
+        self.faiss_index = faiss_index
+        self.embeddings = embeddings
+        self.store = store
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, *, device: str = "cpu", verify: str = "sha256",
+             search_params: str | None = None) -> Index:
+        """Open an index folder; ``verify`` = sha256 | size | none (see manifest.read_manifest).
+
+        ``device="cuda"`` moves the FAISS index to the GPUs when faiss has GPU support.
+        ``search_params`` overrides the FAISS run-time parameters recorded at build time.
+        """
+        import faiss
+
+        folder = Path(folder)
+        manifest = read_manifest(folder, verify=verify)
+        n, dim = int(manifest["count"]), int(manifest["dim"])
+        try:
+            index = faiss.read_index(str(folder / FAISS_FILE))
+        except RuntimeError as e:
+            raise RaditError(f"{folder / FAISS_FILE}: unreadable FAISS index ({str(e).strip().splitlines()[-1]})") from None
+        try:
+            emb = np.load(folder / EMBEDDINGS_FILE, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise RaditError(f"{folder / EMBEDDINGS_FILE}: unreadable embeddings ({e})") from None
+        store = PassageStore(folder)
+        if index.ntotal != n or index.d != dim or emb.shape != (n, dim) or emb.dtype != np.float16 or len(store) != n:
+            raise RaditError(
+                f"{folder}: files disagree with the manifest (count {n}, dim {dim}): index {index.ntotal}x{index.d}, "
+                f"embeddings {emb.shape} {emb.dtype}, store {len(store)}"
+            )
+        if device.startswith("cuda"):
+            index = index_to_gpu(index)
+        params = manifest["index"].get("search_params", "") if search_params is None else search_params
+        set_search_params(index, params)
+        logger.info("loaded index %s: %d passages, dim %d, %s", folder, n, dim, manifest["index"]["factory"])
+        return cls(folder, manifest, index, emb, store)
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (scores float32 [B, k] descending, rows int64 [B, k], -1 = no result)."""
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise RaditError(f"queries must have shape [B, {self.dim}], got {list(q.shape)}")
+        if k < 1:
+            raise RaditError(f"k must be >= 1, got {k}")
+        if k > len(self):
+            raise RaditError(f"k={k} is larger than the index ({len(self)} passages)")
+        scores, rows = self.faiss_index.search(q, k)
+        return scores, rows.astype(np.int64, copy=False)
+
+    def doc_embeddings(self, rows: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+        """Stored document embeddings as float32 [*rows.shape, dim] (rows < 0 give zero vectors).
+
+        These are constants (the document encoder is frozen); gradients flow through the query side of
+        ``q @ d``. Reads only the requested rows of the memory-mapped float16 matrix.
+        """
+        r = torch.as_tensor(rows, dtype=torch.long).cpu()
+        flat = r.reshape(-1).numpy()
+        if flat.size and flat.max() >= len(self):
+            raise IndexError(f"row {int(flat.max())} out of range (index has {len(self)} passages)")
+        valid = flat >= 0
+        vec = torch.from_numpy(np.asarray(self.embeddings[np.where(valid, flat, 0)], dtype=np.float32))
+        vec[torch.from_numpy(~valid)] = 0.0
+        out = vec.reshape(*r.shape, self.dim)
+        return out if device is None else out.to(device)
+
+    def check_query_encoder(self, identity: dict[str, Any], *, strict: bool = True) -> None:
+        """Refuse a query encoder whose dim differs, or (``strict``) whose lineage, pooling or normalisation differ.
+
+        Lineage matches when the fingerprints are equal, the encoder was fine-tuned from the index's query
+        encoder (``base_fingerprint``), or the names are equal.
+        """
+        expected = self.manifest["query_encoder"]
+        if int(identity["dim"]) != self.dim:
+            raise RaditError(
+                f"query encoder {identity['name']} has dim {identity['dim']} but index {self.folder} has dim {self.dim}"
+            )
+        fps = {expected.get("fingerprint"), expected.get("base_fingerprint")} - {None}
+        same = identity.get("fingerprint") in fps or identity.get("base_fingerprint") in fps
+        same = same or identity.get("name") == expected.get("name")
+        problems = [] if same else [f"it is {identity['name']!r}, the index expects {expected.get('name')!r}"]
+        for key in ("pooling", "normalize"):
+            if key in expected and identity.get(key) != expected[key]:
+                problems.append(f"{key} {identity.get(key)!r} != {expected[key]!r}")
+        if problems:
+            msg = f"query encoder does not match index {self.folder}: " + "; ".join(problems)
+            if strict:
+                raise RaditError(msg + " (pass --allow-encoder-mismatch to use it anyway)")
+            logger.warning(msg)

@@ -1,0 +1,143 @@
+"""``manifest.json`` of an index folder: what was built, with what, and the checksums that guard it.
+
+The manifest records the encoders (name, fingerprint, pooling, normalisation, dim), the passage count,
+the FAISS factory string, chunking, library versions, predicted memory and each file's size and sha256.
+:func:`read_manifest` refuses a missing folder, a missing or corrupt manifest, a missing file, a file
+whose size or checksum changed, with one-line :class:`RaditError` messages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from radit_fast.io import RaditError, write_json
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "radit-index/1"
+VERIFY_MODES = ("sha256", "size", "none")
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import faiss
+    import numpy
+    import torch
+    import transformers
+
+    import radit_fast
+
+    return {
+        "radit_fast": radit_fast.__version__,
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def file_records(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any], files: list[str]) -> dict[str, Any]:
+    """Add format, versions and file checksums to ``manifest`` and write it into ``folder``."""
+    manifest = {"format": FORMAT, **manifest, "versions": library_versions(), "files": file_records(folder, files)}
+    write_json(folder / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike, verify: str = "sha256") -> dict[str, Any]:
+    """Load and check an index folder's manifest; ``verify`` = sha256 (default) | size | none."""
+    folder = Path(folder)
+    if verify not in VERIFY_MODES:
+        raise RaditError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if not folder.is_dir():
+        raise RaditError(f"{folder}: no such index folder")
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise RaditError(f"{folder}: not an index folder (no {MANIFEST_FILE}; build one with `radit index build`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RaditError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise RaditError(f"{path}: unsupported index format {found!r} (expected {FORMAT!r})")
+    for key in ("count", "dim", "files", "doc_encoder", "query_encoder", "index"):
+        if key not in manifest:
+            raise RaditError(f"{path}: corrupt manifest (missing {key!r})")
+    for name, rec in manifest["files"].items():
+        f = folder / name
+        if not f.is_file():
+            raise RaditError(f"{folder}: index file {name} is missing (rebuild the index)")
+        if verify == "none":
+            continue
+        if f.stat().st_size != rec["bytes"]:
+            raise RaditError(f"{f}: size {f.stat().st_size} != {rec['bytes']} in the manifest (corrupt or modified)")
+        if verify == "sha256" and sha256_file(f) != rec["sha256"]:
+            raise RaditError(f"{f}: sha256 checksum mismatch (corrupt or modified; rebuild the index)")
+    return manifest
+
+
+def estimate_index_bytes(factory: str, n: int, d: int) -> int | None:
+    """Rough in-memory size of a FAISS index built with ``factory`` on n vectors of dim d (None = unknown).
+
+    Flat: 4nd. IVF{L},Flat: 4nd + 8n (ids) + 4dL (centroids). IVF{L},PQ{m}[x{b}]: n(mb/8 + 8) + 4dL
+    + 4d 2^b (codebooks). IVF{L},SQ8 / SQfp16: n(d + 8) / n(2d + 8) + 4dL. HNSW{M}[,Flat]: 4nd + about
+    8Mn (2M level-0 links of 4 bytes, ~10% more for the upper levels). PQ{m}: nm + 4d 256. ``OPQ``/``PCA``
+    prefixes add a d x d' matrix. Real sizes are in the manifest's ``memory`` entry once built.
+    """
+    parts = [p.strip() for p in factory.replace(" ", "").split(",") if p.strip()]
+    extra = 0
+    while parts and re.fullmatch(r"(OPQ|PCAR?|PCAW?R?|RR)\d+(_\d+)?", parts[0]):
+        m = re.fullmatch(r"[A-Z]+(\d+)(?:_(\d+))?", parts[0])
+        d_out = int(m.group(2) or m.group(1)) if parts[0].startswith("OPQ") else int(m.group(1))
+        extra += 4 * d * d_out
+        d = d_out
+        parts = parts[1:]
+    if not parts:
+        return None
+    ivf = re.fullmatch(r"IVF(\d+)(?:_HNSW\d+)?", parts[0])
+    if ivf:
+        nlist = int(ivf.group(1))
+        codes = _code_bytes(parts[1] if len(parts) > 1 else "Flat", d)
+        if codes is None:
+            return None
+        per_vec, fixed = codes
+        return extra + n * (per_vec + 8) + fixed + 4 * d * nlist
+    hnsw = re.fullmatch(r"HNSW(\d+)", parts[0])
+    if hnsw:
+        codes = _code_bytes(parts[1] if len(parts) > 1 else "Flat", d)
+        if codes is None:
+            return None
+        return extra + n * (codes[0] + int(8.8 * int(hnsw.group(1)))) + codes[1]
+    if len(parts) == 1:
+        codes = _code_bytes(parts[0], d)
+        return None if codes is None else extra + n * codes[0] + codes[1]
+    return None
+
+
+def _code_bytes(code: str, d: int) -> tuple[int, int] | None:
+    """(bytes per vector, fixed bytes) of a FAISS code string."""
+    if code == "Flat":
+        return 4 * d, 0
+    if code == "SQ8":
+        return d, 8 * d
+    if code == "SQfp16":
+        return 2 * d, 0
+    m = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", code)
+    if m:
+        sub, bits = int(m.group(1)), int(m.group(2) or 8)
+        return -(-sub * bits // 8), 4 * d * (1 << bits)
+    return None

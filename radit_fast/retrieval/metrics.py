@@ -1,0 +1,66 @@
+"""Retrieval metrics against KILT provenance, at the document level.
+
+A passage id ``"{doc}#{n}"`` counts as its document ``doc`` (the part before ``'#'``), and so does a gold
+provenance id. For a query with gold documents G and top-k passages P_k (in rank order):
+
+    recall@k = |G ∩ doc(P_k)| / |G|          hit@k (KILT success@k, DPR top-k accuracy) = [G ∩ doc(P_k) ≠ ∅]
+
+both averaged over the queries that have provenance (queries without any are skipped and counted).
+
+>>> gold = [{"7"}, {"1", "2"}, set()]
+>>> ranked = [["7#0", "3"], ["2#1", "9"], ["5"]]
+>>> retrieval_metrics(ranked, gold, ks=(1, 2))
+{'recall@1': 0.75, 'hit@1': 1.0, 'recall@2': 0.75, 'hit@2': 1.0, 'queries': 2}
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+from radit_fast.retrieval.corpus import doc_id
+
+
+def provenance_doc_ids(example: dict[str, Any]) -> set[str]:
+    """Gold document ids of a KILT example: ``output[*].provenance[*].id`` (or ``wikipedia_id``)."""
+    out: set[str] = set()
+    outputs = example.get("output") or []
+    if isinstance(outputs, dict):
+        outputs = [outputs]
+    for o in outputs if isinstance(outputs, list) else []:
+        for prov in (o.get("provenance") or []) if isinstance(o, dict) else []:
+            if isinstance(prov, dict):
+                pid = prov.get("id", prov.get("wikipedia_id"))
+                if pid is not None and str(pid) != "":
+                    out.add(doc_id(str(pid)))
+    return out
+
+
+def recall_at_k(ranked_ids: Sequence[Sequence[str | None]], gold: Sequence[Collection[str]], k: int) -> float:
+    """Mean document-level recall@k over queries with gold ids (nan when none has any)."""
+    return retrieval_metrics(ranked_ids, gold, ks=(k,))[f"recall@{k}"]
+
+
+def retrieval_metrics(ranked_ids: Sequence[Sequence[str | None]], gold: Sequence[Collection[str]],
+                      ks: Iterable[int] = (1, 5, 10, 20, 100)) -> dict[str, float | int]:
+    """``{"recall@k", "hit@k" for each k, "queries": number of queries with gold ids}``."""
+    if len(ranked_ids) != len(gold):
+        raise ValueError(f"{len(ranked_ids)} rankings but {len(gold)} gold sets")
+    ks = sorted(set(int(k) for k in ks))
+    sums = {k: [0.0, 0.0] for k in ks}
+    n = 0
+    for ranked, g in zip(ranked_ids, gold):
+        g = {doc_id(str(x)) for x in g}
+        if not g:
+            continue
+        n += 1
+        docs = [doc_id(p) if p is not None else None for p in ranked]
+        for k in ks:
+            found = g.intersection(docs[:k])
+            sums[k][0] += len(found) / len(g)
+            sums[k][1] += 1.0 if found else 0.0
+    out: dict[str, float | int] = {}
+    for k in ks:
+        out[f"recall@{k}"] = sums[k][0] / n if n else float("nan")
+        out[f"hit@{k}"] = sums[k][1] / n if n else float("nan")
+    out["queries"] = n
+    return out
