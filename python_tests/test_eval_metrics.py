@@ -55,6 +55,7 @@ def test_recall_document_level():
     assert recall_at_k(["A#0", "B#2", "C#1"], ["C"], 3) == 1.0
     assert recall_at_k(["A#0"], ["A#5"], 1) == 1.0      # provenance given as another chunk of A
     assert recall_at_k(["A#0"], [], 1) is None
+    assert recall_at_k(["A#0", "B"], ["A", "C"], 2) == 0.5      # half of the gold documents found
     with pytest.raises(ValueError):
         recall_at_k(["A"], ["A"], 0)
 

@@ -4,9 +4,9 @@ Conventions (those of the SQuAD v1.1 evaluation script and KILT):
 
 * ``normalize_answer``: lower-case, drop punctuation, drop the articles "a", "an", "the", collapse spaces.
 * ``exact_match`` / ``token_f1`` of one prediction take the maximum over the gold answers.
-* ``recall_at_k``: an example counts as a hit when any of its top-k retrieved passages belongs to a document
-  named in its provenance (document level, as KILT's R-Precision/recall@k on page ids). Examples without
-  provenance are left out of the mean; when no example has provenance the metric is absent (``None``).
+* ``recall_at_k``: the fraction of an example's provenance documents found among its top-k retrieved
+  passages (document level, KILT); examples without provenance are left out of the mean; when no example
+  has provenance the metric is absent (``None``).
 
 Every per-example function returns a float in [0, 1]; ``mean`` of an empty list is ``None``, not 0, so a
 missing metric is never mistaken for a zero score.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = frozenset(string.punctuation)
@@ -83,30 +83,24 @@ def accuracy(prediction: str, golds: Sequence[str]) -> float:
     return exact_match(prediction, golds)
 
 
-def document_id(passage_id: str, separator: str = "#") -> str:
-    """The document a passage (chunk) belongs to: the part of its id before ``separator``.
+def recall_at_k(retrieved_ids: Sequence[str | None], provenance_ids: Iterable[str], k: int) -> float | None:
+    """Document-level recall@k of one example: the fraction of its provenance documents among the documents
+    of its top-k passages; None without provenance.
 
-    Falls back to the whole id when there is no separator (a corpus whose documents are single passages).
-    """
-    return str(passage_id).split(separator, 1)[0]
-
-
-def recall_at_k(retrieved_ids: Sequence[str], provenance_ids: Iterable[str], k: int, *,
-                to_document: Callable[[str], str] = document_id) -> float | None:
-    """Document-level hit of the top-k retrieved passages against the provenance; None without provenance.
-
-    Both sides are mapped to documents with ``to_document`` so a provenance given as a passage id or as a
-    document id matches any chunk of that document.
+    Computed by :func:`radit_fast.retrieval.metrics.retrieval_metrics` (a passage id ``"doc#n"`` counts
+    as ``doc``, and so does a provenance id), so evaluation and retrieval report the same number.
 
     >>> recall_at_k(["d1#0", "d2#3"], ["d2"], 1), recall_at_k(["d1#0", "d2#3"], ["d2"], 2)
     (0.0, 1.0)
     """
+    from radit_fast.retrieval.metrics import retrieval_metrics
+
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    gold = {to_document(p) for p in provenance_ids}
+    gold = list(provenance_ids)
     if not gold:
         return None
-    return float(any(to_document(r) in gold for r in list(retrieved_ids)[:k]))
+    return float(retrieval_metrics([list(retrieved_ids)], [gold], ks=(k,))[f"recall@{k}"])
 
 
 def mean(values: Iterable[float | None]) -> float | None:
