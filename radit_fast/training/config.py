@@ -119,6 +119,8 @@ class RaItConfig(TrainConfig):
         _positive(self, "k", "max_length", "bucket_window", "lora_r", "lora_alpha")
         if not 0.0 <= self.corpus_fraction < 1.0:
             raise RaditError(f"--corpus-fraction must be in [0, 1), got {self.corpus_fraction}")
+        if self.lora and self.fsdp:
+            raise RaditError("--lora with --fsdp is not supported (LoRA models fit one device: use DDP)")
 
 
 @dataclass

@@ -171,3 +171,29 @@ def load_params(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 p.copy_(distribute_tensor(t.to(p.dtype), p.device_mesh, p.placements))
             else:
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+def main_then_broadcast(env: DistEnv, fn: Any) -> Any:
+    """Run ``fn()`` on rank 0 only and give its result to every process; if it raises, every process
+    raises (a RaditError keeps its message), so no process waits forever for a failed peer."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            if not env.distributed:
+                raise
+            error = e
+    if not env.distributed:
+        return result
+    box = [(None if error is None else (type(error).__name__, str(error)), result)]
+    dist.broadcast_object_list(box, src=0)
+    err, result = box[0]
+    if error is not None:
+        raise error
+    if err is not None:
+        from radit_fast.io import RaditError
+
+        raise RaditError(err[1]) if err[0] in ("RaditError", "CheckpointError") else RuntimeError(
+            f"rank 0 failed: {err[0]}: {err[1]}")
+    return result

@@ -1,0 +1,217 @@
+"""Inputs of the tuning stages: examples, the index and its retriever, self-supervised corpus items,
+fingerprints for resume and caches. Thin adapters over ``radit_fast.data`` and ``radit_fast.retrieval``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from radit_fast.io import RaditError
+
+log = logging.getLogger(__name__)
+
+CORPUS_MIN_WORDS = 12      # passages shorter than this make no self-supervised item
+CORPUS_ANSWER_WORDS = 24   # at most this many words of continuation as y
+CORPUS_QUERY_WORDS = 48    # at most this many words of beginning as x
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_examples(path: str | os.PathLike) -> list[Any]:
+    """Task examples (``radit_fast.data.tasks.Example``); every one must have an answer."""
+    from radit_fast.data.tasks import load_tasks
+
+    return load_tasks(path, require_answers=True)
+
+
+def passage_text(passage: Any) -> str:
+    """How a passage reads as the LM's background: the same ``title text`` string the encoder saw."""
+    from radit_fast.retrieval.corpus import encoder_text
+
+    return encoder_text(passage.title, passage.text)
+
+
+class IndexSource:
+    """The index folder plus a query encoder (default: the one its manifest records)."""
+
+    def __init__(self, folder: str | os.PathLike, query_encoder: Any = None, *, device: str = "cpu",
+                 verify: str = "sha256") -> None:
+        from radit_fast.retrieval.retriever import Retriever
+
+        self.folder = Path(folder)
+        self.retriever = Retriever.load(folder, query_encoder, device=device, verify=verify)
+        self.index = self.retriever.index
+        self.store = self.index.store
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.index.manifest
+
+    def retrieve_rows(self, queries: list[str], k: int, *, exclude: list[int] | None = None,
+                      batch: int = 256) -> np.ndarray:
+        """Top-k passage rows ``[n, k]`` (int64, -1 = none) of each query, without gradient.
+
+        ``exclude[i]``: a row never returned for query i (the source passage of a corpus item).
+        """
+        k = min(k, len(self.index))
+        extra = 1 if exclude is not None else 0
+        want = min(k + extra, len(self.index))
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        for s in range(0, len(queries), batch):
+            with torch.no_grad():
+                q = self.retriever.encode_queries(queries[s:s + batch])
+            _, rows = self.index.search(q, want)
+            scores = self.retriever.score(q, torch.from_numpy(rows)).detach()
+            order = scores.argsort(dim=1, descending=True, stable=True).numpy()
+            rows = np.take_along_axis(rows, order, axis=1)
+            for i, row in enumerate(rows):
+                if exclude is not None:
+                    row = row[row != exclude[s + i]]
+                row = row[row >= 0][:k]
+                out[s + i, :len(row)] = row
+        return out
+
+    def texts(self, rows: np.ndarray) -> list[list[str]]:
+        """Background texts of a ``[n, k]`` row matrix (missing rows left out)."""
+        return [[passage_text(p) for p in self.store.get(r for r in row if r >= 0)] for row in rows]
+
+    def retrieve_texts(self, queries: list[str], k: int, *, exclude: list[int] | None = None) -> list[list[str]]:
+        return self.texts(self.retrieve_rows(queries, k, exclude=exclude))
+
+
+def open_index(folder: str | os.PathLike, query_encoder: Any = None, *, device: str = "cpu") -> IndexSource:
+    """Open and verify an index folder (RaditError for a missing/corrupt index or a mismatched encoder)."""
+    return IndexSource(folder, query_encoder, device=device)
+
+
+@dataclass(frozen=True)
+class CorpusItem:
+    """A self-supervised example: a passage's beginning (``input``) and its continuation (``answer``)."""
+
+    id: str
+    input: str
+    answer: str
+    passage_row: int
+    context: str | None = None
+
+    @property
+    def answers(self) -> list[str]:
+        return [self.answer]
+
+
+def split_passage(text: str) -> tuple[str, str] | None:
+    """``(beginning, continuation)`` of a passage: the first half of its words (at most
+    ``CORPUS_QUERY_WORDS``) and up to ``CORPUS_ANSWER_WORDS`` following words; None when too short."""
+    words = text.split()
+    if len(words) < CORPUS_MIN_WORDS:
+        return None
+    cut = min(len(words) // 2, CORPUS_QUERY_WORDS)
+    return " ".join(words[:cut]), " ".join(words[cut:cut + CORPUS_ANSWER_WORDS])
+
+
+def corpus_items(index: IndexSource, n: int, *, seed: int, corpus: str | None = None) -> list[CorpusItem]:
+    """``n`` self-supervised items from distinct passages drawn with ``seed`` from the index's passage store
+    (or from a corpus JSON-lines file)."""
+    if n <= 0:
+        return []
+    if corpus is not None:
+        from radit_fast.retrieval.corpus import iter_corpus
+
+        passages = [p for _, p in iter_corpus(corpus)]
+        rows_of = {}
+        try:
+            rows_of = {p.id: index.store.row_of(p.id) for p in passages}
+        except KeyError:
+            pass
+        get = passages.__getitem__
+        total = len(passages)
+    else:
+        get = index.store.__getitem__
+        total = len(index.store)
+        rows_of = None
+    rng = np.random.default_rng([seed, 0xC0])
+    items: list[CorpusItem] = []
+    for row in rng.permutation(total):
+        p = get(int(row))
+        split = split_passage(p.text)
+        if split is None:
+            continue
+        store_row = int(row) if rows_of is None else rows_of.get(p.id, -1)
+        items.append(CorpusItem(id=f"corpus:{p.id}", input=split[0], answer=split[1], passage_row=store_row))
+        if len(items) == n:
+            break
+    if len(items) < n:
+        log.warning("only %d of %d self-supervised corpus items (passages too short)", len(items), n)
+    return items
+
+
+def decoder_layer_types(model: nn.Module) -> tuple[type, ...]:
+    """Classes of the repeated blocks (FSDP units): those named in ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    inner = getattr(model, "get_base_model", lambda: model)()
+    names |= set(getattr(inner, "_no_split_modules", None) or [])
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    from radit_fast.training.checkpoint import sha256_file as _sha
+
+    return _sha(path)
+
+
+def model_identity(name_or_path: str | None) -> dict[str, Any]:
+    """A cheap identity of a model folder: its config and the sizes of its weight files (no weights read)."""
+    from radit_fast.models import _is_default, default_lm_dir
+
+    p = default_lm_dir() if _is_default(name_or_path) else Path(str(name_or_path))
+    ident: dict[str, Any] = {"name": "default" if _is_default(name_or_path) else str(name_or_path)}
+    if p.is_dir():
+        cfg = p / "config.json"
+        if cfg.is_file():
+            ident["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+        ident["weights"] = sorted((f.name, f.stat().st_size) for f in p.glob("*.safetensors"))
+    elif p.is_file():
+        ident["file_bytes"] = p.stat().st_size
+    return ident
+
+
+def fingerprint(cfg: Any, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Identity of the data and models of a run: a resumed run must see the same."""
+    idx = Path(cfg.index) / "manifest.json"
+    fp = {"train_sha256": sha256_file(cfg.train),
+          "index_manifest_sha256": sha256_file(idx) if idx.is_file() else None,
+          "lm": model_identity(cfg.lm)}
+    if getattr(cfg, "corpus", None):
+        fp["corpus_sha256"] = sha256_file(cfg.corpus)
+    return {**fp, **(extra or {})}
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def unsharded_copy(lm: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain CPU copy of an FSDP-sharded LM holding the gathered ``state`` (for ``save_pretrained``)."""
+    from transformers import AutoModelForCausalLM
+
+    copy = AutoModelForCausalLM.from_config(lm.config)
+    missing, unexpected = copy.load_state_dict(state, strict=False)
+    real_missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise RaditError(f"cannot rebuild the FSDP model for saving: missing {real_missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    if getattr(copy.config, "tie_word_embeddings", False):
+        copy.tie_weights()
+    return copy
