@@ -1,0 +1,131 @@
+"""Scoring and generation with parallel retrieval augmentation: REPLUG ensemble over k prompts, multiple
+choice by ensemble likelihood, mixture/rescore decoding, k=0, gold context, demonstrations, metrics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from test_training_fixtures import tiny_setup
+from radit_fast.data.prompts import format_prompt
+from radit_fast.data.tasks import Example, load_tasks
+from radit_fast.evaluation.engine import LMEngine
+from radit_fast.evaluation.evaluate import evaluate_examples, retrieve
+from radit_fast.evaluation.scoring import (Augmentation, EvalSettings, augmentation_for, pick_demonstrations,
+                                           score_multiple_choice)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from radit_fast.retrieval.retriever import Retriever
+
+    paths = tiny_setup(tmp_path_factory.mktemp("eval_tiny"))
+    model = AutoModelForCausalLM.from_pretrained(paths["lm"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(paths["lm"])
+    return {"paths": paths, "model": model, "tok": tok, "retriever": Retriever.load(paths["index"])}
+
+
+def _seq_logprob(model, tok, text, answer):
+    p = tok(text, add_special_tokens=False)["input_ids"]
+    a = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([p + a])).logits[0].float().log_softmax(-1)
+    return sum(float(logp[len(p) - 1 + t, c]) for t, c in enumerate(a))
+
+
+def test_multiple_choice_is_replug_ensemble(setup):
+    model, tok = setup["model"], setup["tok"]
+    ex = Example(id="m1", input="What is the capital of France?", answers=["Paris"], choices=["Rome", "Paris", "Oslo"])
+    chunks = ["Paris is the capital of France.", "Rome is in Italy.", "Oslo is in Norway."]
+    scores = [0.9, 0.2, -0.4]
+    settings = EvalSettings(k=3, retriever_temperature=0.5, impl="torch")
+    eng = LMEngine(model, pad_id=tok.pad_token_id, batch_size=2, max_rows=2)
+    res = score_multiple_choice(eng, tok, [ex], [Augmentation(chunks, scores)], settings, {False: [], True: []})[0]
+    prior = torch.tensor(scores).div(0.5).log_softmax(0)
+    want = []
+    for c in ex.choices:
+        lm = torch.tensor([_seq_logprob(model, tok, format_prompt(ch, ex.input), c) for ch in chunks])
+        want.append(float(torch.logsumexp(prior + lm, 0)))
+    assert res["logprobs"] == pytest.approx(want, abs=1e-4)
+    assert res["prediction"] == ex.choices[max(range(3), key=lambda i: want[i])]
+
+
+def test_choice_score_mean_divides_by_length(setup):
+    model, tok = setup["model"], setup["tok"]
+    ex = Example(id="m", input="Which country?", answers=["Czechia"], choices=["Czechia", "Italy"])
+    eng = LMEngine(model, pad_id=tok.pad_token_id)
+    aug = [Augmentation([None], [0.0])]
+    s = score_multiple_choice(eng, tok, [ex], aug, EvalSettings(k=0), {})[0]
+    m = score_multiple_choice(eng, tok, [ex], aug, EvalSettings(k=0, choice_score="mean"), {})[0]
+    n_tok = [len(tok(" " + c, add_special_tokens=False)["input_ids"]) for c in ex.choices]
+    assert [a / n for a, n in zip(s["logprobs"], n_tok)] == pytest.approx(m["logprobs"], abs=1e-5)
+
+
+def test_augmentation_rules():
+    ret = [("a#0", "A text", 0.5), ("b", "B text", 0.4), ("c", "C text", 0.1)]
+    plain = Example(id="1", input="q", answers=["x"])
+    assert augmentation_for(plain, ret, 2).chunks == ["A text", "B text"]
+    assert augmentation_for(plain, ret, 2).passage_ids == ["a#0", "b"]
+    assert augmentation_for(plain, ret, 0).chunks == [None]
+    gold = Example(id="2", input="q", answers=["x"], context="gold")
+    assert augmentation_for(gold, ret, 3).chunks == ["gold"]
+
+
+def test_demonstrations_fixed_and_per_kind():
+    train = [Example(id=f"g{i}", input=f"q{i}", answers=[f"a{i}"]) for i in range(5)]
+    train += [Example(id=f"m{i}", input=f"mq{i}", answers=["x"], choices=["x", "y"]) for i in range(3)]
+    d = pick_demonstrations(train, 2, seed=3)
+    assert len(d[False]) == 2 and len(d[True]) == 2
+    assert all(q.startswith("q") for q, _ in d[False]) and all(q.startswith("mq") for q, _ in d[True])
+    assert d == pick_demonstrations(train, 2, seed=3)
+    assert pick_demonstrations(train, 0) == {False: [], True: []}
+
+
+@pytest.mark.parametrize("decode", ["mixture", "rescore"])
+def test_evaluate_end_to_end(setup, decode):
+    examples = load_tasks(setup["paths"]["train"])[:6]
+    mc = Example(id="mc", input="What is the capital of Italy?", answers=["Rome"], choices=["Rome", "Oslo"],
+                 provenance=["cap2"])
+    examples = examples + [mc]
+    retrieved = retrieve(setup["retriever"], examples, 3, progress=False)
+    assert all(len(r) == 10 for r in retrieved)           # max(k, 10) for recall@10
+    settings = EvalSettings(k=3, max_new_tokens=4, decode=decode, batch_size=4, max_length=96)
+    preds, metrics = evaluate_examples(setup["model"], setup["tok"], examples, retrieved, settings,
+                                       train=examples[:2], progress=False)
+    assert [p["id"] for p in preds] == [e.id for e in examples]
+    assert set(metrics) >= {"em", "f1", "accuracy", "recall@1", "recall@3", "recall@10", "n_examples"}
+    assert metrics["n_generation"] == 6 and metrics["n_multiple_choice"] == 1
+    assert preds[-1]["prediction"] in mc.choices and len(preds[-1]["choice_logprobs"]) == 2
+    assert all(len(p["passages"]) == 3 for p in preds)
+    for name in ("em", "f1", "accuracy", "recall@1"):
+        assert 0.0 <= metrics[name] <= 1.0
+    # recall@1 from the ranked ids
+    hit = [float(r[0][0].split("#")[0] in e.provenance) for r, e in zip(retrieved, examples)]
+    assert metrics["recall@1"] == pytest.approx(sum(hit) / len(hit))
+
+
+def test_lm_only_has_no_recall(setup):
+    examples = load_tasks(setup["paths"]["train"])[:3]
+    preds, metrics = evaluate_examples(setup["model"], setup["tok"], examples, None,
+                                       EvalSettings(k=0, max_new_tokens=3), progress=False)
+    assert "recall@1" not in metrics and "em" in metrics
+    assert all(p["passages"] == [] for p in preds)
+    with pytest.raises(ValueError, match="needs retrieval"):
+        evaluate_examples(setup["model"], setup["tok"], examples, None, EvalSettings(k=2), progress=False)
+
+
+def test_greedy_mixture_with_one_chunk_is_plain_greedy(setup):
+    """k = 1: the mixture is the LM itself, so decoding equals HF greedy generation."""
+    model, tok = setup["model"], setup["tok"]
+    ex = load_tasks(setup["paths"]["train"])[0]
+    settings = EvalSettings(k=1, max_new_tokens=5)
+    preds, _ = evaluate_examples(model, tok, [ex], [[("x", "Paris is nice.", 1.0)]], settings, progress=False)
+    ids = tok(format_prompt("Paris is nice.", ex.input), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
+    assert preds[0]["prediction"] == text
+    assert not math.isnan(preds[0]["f1"])

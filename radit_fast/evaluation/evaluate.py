@@ -1,0 +1,128 @@
+"""Evaluate an LM (optionally with a retriever) on a task split: predictions and metrics.
+
+:func:`retrieve` runs the query encoder and the index once per split (top ``max(k, 10)`` passages, so
+recall@10 exists even when fewer chunks augment the prompts); :func:`evaluate_examples` augments,
+scores multiple-choice examples, generates answers for the others and computes the metrics:
+
+* generation examples (no ``choices``): ``em`` and ``f1`` (SQuAD normalisation, max over gold answers);
+* multiple-choice examples: ``accuracy`` (argmax of the ensemble likelihood over the options);
+* examples with provenance, when retrieval ran: ``recall@1``, ``recall@k`` and ``recall@10``
+  (document level).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from radit_fast.data.tasks import Example
+from radit_fast.evaluation import metrics as M
+from radit_fast.evaluation.engine import LMEngine
+from radit_fast.evaluation.generation import generate_answers
+from radit_fast.evaluation.scoring import (EvalSettings, augmentation_for, pick_demonstrations,
+                                           score_multiple_choice)
+
+log = logging.getLogger(__name__)
+
+RECALL_AT = (1, 10)
+Retrieved = list[tuple[str, str, float]]  # (passage id, background text, retriever score), best first
+
+
+def background_text(title: str, text: str) -> str:
+    """The background an LM sees for a passage: ``"{title}: {text}"`` (the text alone without a title)."""
+    return f"{title}: {text}" if title else text
+
+
+def retrieve(retriever: Any, examples: Sequence[Example], k: int, *, batch_size: int = 256,
+             progress: bool = True, desc: str = "retrieving") -> list[Retrieved]:
+    """Top ``max(k, 10)`` passages (capped at the index size) of each example's input.
+
+    ``retriever``: a :class:`radit_fast.retrieval.retriever.Retriever` (the index with its own query
+    encoder, or with a tuned one).
+    """
+    depth = min(max(k, max(RECALL_AT)), len(retriever.index))
+    out: list[Retrieved] = []
+    with tqdm(total=len(examples), desc=desc, unit=" queries", disable=not progress, leave=False) as bar:
+        for s in range(0, len(examples), batch_size):
+            part = examples[s:s + batch_size]
+            res = retriever.retrieve([ex.input for ex in part], depth)
+            scores = res.scores.detach().float().cpu().tolist()
+            for b in range(len(part)):
+                out.append([(p.id, background_text(p.title, p.text), sc)
+                            for p, sc in zip(res.passages[b], scores[b]) if p is not None])
+            bar.update(len(part))
+    return out
+
+
+def example_metrics(ex: Example, prediction: str, retrieved_ids: Sequence[str] | None, k: int) -> dict[str, float | None]:
+    """The metrics of one example (see the module docstring); None marks a metric that does not apply."""
+    out: dict[str, float | None] = {}
+    if ex.choices is not None:
+        out["accuracy"] = M.accuracy(prediction, ex.answers)
+    else:
+        out["em"] = M.exact_match(prediction, ex.answers)
+        out["f1"] = M.token_f1(prediction, ex.answers)
+    if retrieved_ids is not None and ex.provenance:
+        for at in sorted({*RECALL_AT, k} - {0}):
+            if at <= len(retrieved_ids) or at in RECALL_AT:
+                out[f"recall@{at}"] = M.recall_at_k(retrieved_ids, ex.provenance, at)
+    return out
+
+
+def evaluate_examples(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example],
+                      retrieved: Sequence[Retrieved] | None, settings: EvalSettings, *,
+                      train: Sequence[Example] | None = None, progress: bool = True,
+                      desc: str = "eval") -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Predictions (one dict per example, in order) and the mean metrics of a split.
+
+    ``retrieved``: each example's ranked passages from :func:`retrieve` (None: no retriever; only
+    ``k = 0`` or examples with a gold context are then possible). ``train`` supplies the demonstrations
+    when ``settings.shots > 0``.
+    """
+    settings.validate()
+    if settings.k > 0 and retrieved is None and any(not ex.context for ex in examples):
+        raise ValueError("k > 0 needs retrieval results (or examples with a gold context)")
+    if retrieved is not None and len(retrieved) != len(examples):
+        raise ValueError(f"{len(examples)} examples but {len(retrieved)} retrieval results")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = LMEngine(model, pad_id=int(pad), batch_size=settings.batch_size, max_rows=settings.max_rows,
+                      impl=settings.impl)
+    demos = pick_demonstrations(train, settings.shots, seed=settings.seed, show_choices=settings.show_choices)
+    augs = [augmentation_for(ex, retrieved[b] if retrieved is not None else None, settings.k)
+            for b, ex in enumerate(examples)]
+    mc = [b for b, ex in enumerate(examples) if ex.choices is not None]
+    gen = [b for b, ex in enumerate(examples) if ex.choices is None]
+    results: list[dict[str, Any]] = [{} for _ in examples]
+    n_prompts = lambda idx: sum(len(augs[b].chunks) for b in idx)  # noqa: E731
+    if mc:
+        with tqdm(total=n_prompts(mc), desc=f"{desc}: multiple choice", unit=" prompts", disable=not progress,
+                  leave=False) as bar:
+            for b, r in zip(mc, score_multiple_choice(engine, tokenizer, [examples[b] for b in mc],
+                                                      [augs[b] for b in mc], settings, demos, progress=bar)):
+                results[b] = {"prediction": r["prediction"], "choice_logprobs": r["logprobs"]}
+    if gen:
+        with tqdm(total=n_prompts(gen), desc=f"{desc}: generation", unit=" prompts", disable=not progress,
+                  leave=False) as bar:
+            for b, r in zip(gen, generate_answers(engine, tokenizer, [examples[b] for b in gen],
+                                                  [augs[b] for b in gen], settings, demos, progress=bar)):
+                results[b] = r
+    predictions, per_example = [], []
+    for b, ex in enumerate(examples):
+        ids = [p for p, _, _ in retrieved[b]] if retrieved is not None else None
+        m = example_metrics(ex, results[b]["prediction"], ids, settings.k)
+        per_example.append(m)
+        row: dict[str, Any] = {"id": ex.id, "input": ex.input, "prediction": results[b]["prediction"],
+                               "answers": ex.answers}
+        row.update({name: v for name, v in m.items() if v is not None})
+        row["passages"] = augs[b].passage_ids
+        row["retriever_scores"] = augs[b].scores if augs[b].passage_ids else []
+        row.update({k: v for k, v in results[b].items() if k != "prediction"})
+        predictions.append(row)
+    agg = M.aggregate(per_example)
+    agg["n_examples"] = len(examples)
+    agg["n_generation"] = len(gen)
+    agg["n_multiple_choice"] = len(mc)
+    return predictions, agg

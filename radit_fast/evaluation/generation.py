@@ -1,0 +1,88 @@
+"""Greedy answer generation with parallel retrieval augmentation.
+
+Two decoders (DESIGN.md section 1):
+
+* ``"mixture"`` (default): decode token by token from the token-level ensemble of the k augmented prompts,
+  ``p(y_t | x, y_<t) = sum_i w_i p_LM(y_t | c_i o x, y_<t)`` with ``w = softmax(s / tau_R)`` (optionally
+  re-weighted by each chunk's running likelihood); one KV cache per augmented prompt, all examples of a
+  batch decoded together.
+* ``"rescore"`` (the paper's alternative): decode each augmented prompt greedily on its own, then score
+  every distinct candidate with the REPLUG ensemble over all k prompts and keep the best.
+
+Generation stops at the end-of-sequence token or at the first newline (answers are one line).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from radit_fast.data.tasks import Example
+from radit_fast.evaluation.engine import LMEngine
+from radit_fast.evaluation.scoring import Augmentation, EvalSettings, prompt_ids, score_candidates
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=8)
+def _newline_ids(tokenizer: Any) -> frozenset[int]:
+    vocab = tokenizer.get_vocab()
+    ids = set()
+    for _, i in vocab.items():
+        if "\n" in tokenizer.decode([i]):
+            ids.add(int(i))
+    return frozenset(ids)
+
+
+def stop_ids(tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids and every token whose text contains a newline."""
+    ids = set(_newline_ids(tokenizer))
+    eos = tokenizer.eos_token_id
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    return frozenset(ids)
+
+
+def clean_answer(text: str) -> str:
+    """The first line of a generated text, stripped."""
+    return text.split("\n", 1)[0].strip()
+
+
+def generate_answers(engine: LMEngine, tokenizer: Any, examples: Sequence[Example], augs: Sequence[Augmentation],
+                     settings: EvalSettings, demos: dict[bool, list[tuple[str, str]]], *,
+                     progress: Any = None) -> list[dict[str, Any]]:
+    """Generate one answer per example; returns ``{"prediction": str, ...}`` per example.
+
+    ``"rescore"`` also returns the per-chunk ``"candidates"`` and their ensemble ``"logprobs"``.
+    """
+    stops = stop_ids(tokenizer)
+    prompts = [[prompt_ids(tokenizer, ex, chunk, settings, demos.get(ex.choices is not None, []),
+                           settings.max_new_tokens) for chunk in aug.chunks]
+               for ex, aug in zip(examples, augs)]
+    if settings.decode == "mixture":
+        weights = [[s / settings.retriever_temperature for s in aug.scores] for aug in augs]
+        tokens = engine.generate(prompts, weights, max_new_tokens=settings.max_new_tokens, stop_ids=stops,
+                                 reweight=settings.reweight, progress=progress)
+        return [{"prediction": clean_answer(tokenizer.decode(t, skip_special_tokens=True))} for t in tokens]
+    # rescore: each augmented prompt decoded alone (a mixture of one), candidates rescored by the ensemble
+    flat = [[p] for ps in prompts for p in ps]
+    tokens = engine.generate(flat, [[0.0]] * len(flat), max_new_tokens=settings.max_new_tokens, stop_ids=stops,
+                             progress=progress)
+    candidates, i = [], 0
+    for ps in prompts:
+        texts = [clean_answer(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens[i:i + len(ps)]]
+        i += len(ps)
+        uniq = list(dict.fromkeys(t for t in texts if t)) or [""]
+        candidates.append(uniq)
+    # Empty candidates (the model stopped at once) cannot be scored; they only win when nothing else exists.
+    scorable = [b for b, c in enumerate(candidates) if c != [""]]
+    out: list[dict[str, Any]] = [{"prediction": "", "candidates": [], "logprobs": []} for _ in examples]
+    if scorable:
+        scored = score_candidates(engine, tokenizer, [examples[b] for b in scorable], [augs[b] for b in scorable],
+                                  [candidates[b] for b in scorable], settings, demos)
+        for b, s in zip(scorable, scored):
+            out[b] = {"prediction": s["prediction"], "candidates": s["candidates"], "logprobs": s["logprobs"]}
+    return out

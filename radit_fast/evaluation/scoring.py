@@ -1,0 +1,191 @@
+"""Parallel retrieval augmentation and the REPLUG ensemble for evaluation (DESIGN.md section 1).
+
+For an example x with retrieved chunks c_1..c_k (scores s_i), each chunk is prepended to x *separately*
+(``Background: c_i\\n\\n[demonstrations]Q: x\\nA:``); the k augmented prompts are scored by the LM and
+ensembled:
+
+    log p(y | x) = logsumexp_i( log_softmax(s / tau_R)_i + log p_LM(y | c_i o x) )
+
+``k = 0`` is the LM alone (one prompt, no background); an example carrying a gold ``context`` uses it as
+its only background (reading comprehension), whatever k. Answer log-likelihoods come from the engine's
+fused LM-head path (no ``N x V`` logits); the ensemble is :func:`radit_fast.ops.replug.replug_logprob`
+over a ``[B, k]`` grid with a mask for examples that have fewer than k chunks.
+
+Multiple choice: every option ``o`` is scored as ``log p(" o" | x)`` by the ensemble (the option's
+token log-probs summed, or averaged with ``choice_score="mean"``); the prediction is the argmax.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from radit_fast.data.prompts import build_prompt, question_text
+from radit_fast.data.tasks import Example
+from radit_fast.evaluation.engine import LMEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    """How examples are augmented, scored and decoded (the paper's inference settings are the defaults)."""
+
+    k: int = 10                         # retrieved chunks per example (0: no retrieval)
+    shots: int = 0                      # demonstrations from the train file, prepended to each prompt
+    max_length: int = 512               # tokens per augmented prompt incl. the answer (chunk truncated)
+    max_new_tokens: int = 32            # generation budget
+    retriever_temperature: float = 1.0  # tau_R of p_R(c|x) = softmax(s / tau_R)
+    decode: str = "mixture"             # "mixture" (token-level ensemble) | "rescore" (per chunk + ensemble)
+    reweight: bool = False              # mixture: posterior re-weighting by each chunk's running likelihood
+    choice_score: str = "sum"           # "sum" | "mean" log-prob of an option's tokens
+    show_choices: bool = False          # list the options (A. ..., B. ...) under the question
+    batch_size: int = 16                # augmented prompts per forward pass
+    max_rows: int = 64                  # continuation rows per forward pass (multiple choice, rescoring)
+    impl: str = "auto"                  # backend of the fused ops
+    seed: int = 0                       # choice of demonstrations
+
+    def validate(self) -> None:
+        from radit_fast.io import RaditError
+
+        if self.k < 0:
+            raise RaditError(f"--k must be >= 0, got {self.k}")
+        if self.shots < 0:
+            raise RaditError(f"--shots must be >= 0, got {self.shots}")
+        for name in ("max_length", "max_new_tokens", "batch_size", "max_rows"):
+            if getattr(self, name) < 1:
+                raise RaditError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.retriever_temperature > 0:
+            raise RaditError(f"--retriever-temperature must be > 0, got {self.retriever_temperature}")
+        if self.decode not in ("mixture", "rescore"):
+            raise RaditError(f"--decode must be mixture or rescore, got {self.decode!r}")
+        if self.choice_score not in ("sum", "mean"):
+            raise RaditError(f"--choice-score must be sum or mean, got {self.choice_score!r}")
+
+
+@dataclass
+class Augmentation:
+    """The backgrounds of one example and their retriever scores (``chunks == [None]``: no background)."""
+
+    chunks: list[str | None]
+    scores: list[float]
+    passage_ids: list[str] = field(default_factory=list)
+
+
+def augmentation_for(example: Example, retrieved: Sequence[tuple[str, str, float]] | None, k: int) -> Augmentation:
+    """Backgrounds of ``example``: its gold context, else its top-k ``(passage_id, text, score)``, else none."""
+    if example.context:
+        return Augmentation([example.context], [0.0])
+    if k == 0 or not retrieved:
+        return Augmentation([None], [0.0])
+    top = list(retrieved)[:k]
+    return Augmentation([t for _, t, _ in top], [float(s) for _, _, s in top], [p for p, _, _ in top])
+
+
+def pick_demonstrations(train: Sequence[Example] | None, shots: int, *, seed: int = 0,
+                        show_choices: bool = False) -> dict[bool, list[tuple[str, str]]]:
+    """``shots`` fixed (question, answer) demonstrations per task kind (True: multiple choice).
+
+    Drawn once with ``seed`` from the train split, so every evaluated example of a kind sees the same ones.
+    """
+    out: dict[bool, list[tuple[str, str]]] = {False: [], True: []}
+    if not shots or not train:
+        return out
+    order = list(train)
+    random.Random(seed).shuffle(order)
+    for mc in (False, True):
+        pool = [ex for ex in order if (ex.choices is not None) == mc]
+        out[mc] = [(question_text(ex, show_choices=show_choices), ex.answer) for ex in pool[:shots]]
+    return out
+
+
+def answer_ids(tokenizer: Any, answer: str) -> list[int]:
+    """Token ids of ``" " + answer`` as :func:`radit_fast.data.prompts.build_instance` appends them."""
+    return list(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer: Any, example: Example, chunk: str | None, settings: EvalSettings,
+               shots: Sequence[tuple[str, str]], reserve: int) -> list[int]:
+    q = question_text(example, show_choices=settings.show_choices)
+    return build_prompt(tokenizer, chunk, q, max_length=settings.max_length, shots=shots, reserve=reserve,
+                        example_id=example.id).input_ids
+
+
+def ensemble_logprobs(lm_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, *,
+                      temperature: float, impl: str = "auto") -> torch.Tensor:
+    """REPLUG ensemble ``[B]`` of per-chunk answer log-likelihoods ``[B, k]`` (missing chunks masked)."""
+    from radit_fast.ops.replug import replug_logprob
+
+    return replug_logprob(lm_logprobs, scores, temperature=temperature, mask=mask, impl=impl)
+
+
+def _grid(values: Sequence[Sequence[float]], width: int, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = torch.full((len(values), max(1, width)), fill, dtype=torch.float32)
+    mask = torch.zeros_like(grid, dtype=torch.bool)
+    for b, row in enumerate(values):
+        grid[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.float32)
+        mask[b, : len(row)] = True
+    return grid, mask
+
+
+def score_candidates(engine: LMEngine, tokenizer: Any, examples: Sequence[Example],
+                     augs: Sequence[Augmentation], candidates: Sequence[Sequence[str]],
+                     settings: EvalSettings, demos: dict[bool, list[tuple[str, str]]],
+                     *, progress: Any = None) -> list[dict[str, Any]]:
+    """Ensemble log-likelihood of every candidate answer of every example.
+
+    Returns per example ``{"candidates": [...], "logprobs": [ensemble per candidate],
+    "chunk_logprobs": [[per chunk] per candidate], "prediction": argmax candidate}``; with
+    ``choice_score="mean"`` the per-chunk scores are divided by the candidate's token count first.
+    """
+    prompts: list[list[int]] = []
+    conts: list[list[list[int]]] = []
+    owner: list[int] = []
+    cand_ids = [[answer_ids(tokenizer, c) for c in cands] for cands in candidates]
+    for b, (ex, aug) in enumerate(zip(examples, augs)):
+        if not candidates[b]:
+            raise ValueError(f"example {ex.id}: no candidate to score")
+        reserve = max(len(c) for c in cand_ids[b])
+        shots = demos.get(ex.choices is not None, [])
+        for chunk in aug.chunks:
+            prompts.append(prompt_ids(tokenizer, ex, chunk, settings, shots, reserve))
+            conts.append(cand_ids[b])
+            owner.append(b)
+    flat = engine.score(prompts, conts, progress=progress)
+    # per example: [n_cand][k] log-likelihoods
+    per_ex: list[list[list[float]]] = [[[] for _ in candidates[b]] for b in range(len(examples))]
+    for row, b in zip(flat, owner):
+        for c, v in enumerate(row):
+            n_tok = len(cand_ids[b][c]) if settings.choice_score == "mean" else 1
+            per_ex[b][c].append(v / n_tok)
+    # One [sum_b n_cand_b, k] grid through the ensemble op.
+    lm_rows = [chunks for b in range(len(examples)) for chunks in per_ex[b]]
+    score_rows = [augs[b].scores for b in range(len(examples)) for _ in candidates[b]]
+    width = max(len(r) for r in lm_rows)
+    lm, mask = _grid(lm_rows, width)
+    sc, _ = _grid(score_rows, width)
+    ens = ensemble_logprobs(lm, sc, mask, temperature=settings.retriever_temperature, impl=settings.impl).tolist()
+    out, i = [], 0
+    for b in range(len(examples)):
+        n = len(candidates[b])
+        vals = ens[i:i + n]
+        i += n
+        best = max(range(n), key=lambda c: (vals[c], -c))
+        out.append({"candidates": list(candidates[b]), "logprobs": vals, "chunk_logprobs": per_ex[b],
+                    "prediction": candidates[b][best]})
+    return out
+
+
+def score_multiple_choice(engine: LMEngine, tokenizer: Any, examples: Sequence[Example],
+                          augs: Sequence[Augmentation], settings: EvalSettings,
+                          demos: dict[bool, list[tuple[str, str]]], *, progress: Any = None) -> list[dict[str, Any]]:
+    """Predict each multiple-choice example's option by ensemble likelihood (argmax over its choices)."""
+    for ex in examples:
+        if not ex.choices:
+            raise ValueError(f"example {ex.id} has no choices")
+    return score_candidates(engine, tokenizer, examples, augs, [ex.choices for ex in examples], settings, demos,
+                            progress=progress)
