@@ -21,6 +21,7 @@ from radit_fast.io import RaditError
 #: Modules (under radit_fast.cli) that register subcommands, in help order.
 COMMANDS = [
     "retrieval",
+    "train",
 ]
 
 EXIT_USER_ERROR = 2

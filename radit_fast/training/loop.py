@@ -233,7 +233,9 @@ class Trainer:
             dt = time.perf_counter() - t0
             final_loss = totals["loss_sum"] / max(totals.get("loss_norm", 1.0), 1e-12)
             window.add(dt, totals)
-            row = {"step": step + 1, "loss": final_loss, "lr": lr, "grad_norm": grad_norm,
+            parts = {k[:-4]: v / max(totals.get("loss_norm", 1.0), 1e-12) for k, v in totals.items()
+                     if k.endswith("_sum") and k != "loss_sum"}
+            row = {"step": step + 1, "loss": final_loss, **parts, "lr": lr, "grad_norm": grad_norm,
                    "step_time_s": round(dt, 4), **window.rates()}
             if bar is not None:
                 bar.update(1)

@@ -104,7 +104,9 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
     n_corpus = 0
     if cfg.corpus_fraction > 0:
         want = round(len(instances) * cfg.corpus_fraction / (1.0 - cfg.corpus_fraction))
-        items = sources.corpus_items(index, want, seed=cfg.seed, corpus=cfg.corpus)
+        items = [f for f in (sources.fit_corpus_item(it, tokenizer, cfg.max_length // 2)
+                             for it in sources.corpus_items(index, want, seed=cfg.seed, corpus=cfg.corpus))
+                 if f is not None]
         backgrounds = index.retrieve_texts([it.input for it in items], 1, exclude=[it.passage_row for it in items])
         for c, (it, bg) in enumerate(zip(items, backgrounds)):
             rng = random.Random(f"{cfg.seed}/corpus/{c}") if cfg.randomize_markers else None

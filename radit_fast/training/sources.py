@@ -157,6 +157,29 @@ def corpus_items(index: IndexSource, n: int, *, seed: int, corpus: str | None = 
     return items
 
 
+def fit_corpus_item(item: CorpusItem, tokenizer: Any, budget: int) -> CorpusItem | None:
+    """Shorten a corpus item until ``x`` and ``y`` take at most ``budget`` tokens together (the rest of
+    ``max_length`` is left for the background): words are dropped from the front of ``x`` and the end of
+    ``y``, keeping the two adjacent. None when nothing sensible is left."""
+    from dataclasses import replace
+
+    def n_tok(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    x, y = item.input.split(), item.answer.split()
+    while x and y:
+        nx, ny = n_tok(" ".join(x)), n_tok(" " + " ".join(y))
+        if nx + ny + 8 <= budget:  # 8: markers and separators
+            return replace(item, input=" ".join(x), answer=" ".join(y))
+        if ny > nx / 2 and len(y) > 1:
+            y = y[:-1]
+        elif len(x) > 1:
+            x = x[1:]
+        else:
+            break
+    return None
+
+
 def decoder_layer_types(model: nn.Module) -> tuple[type, ...]:
     """Classes of the repeated blocks (FSDP units): those named in ``_no_split_modules``."""
     names = set(getattr(model, "_no_split_modules", None) or [])

@@ -1,0 +1,73 @@
+"""``radit train-lm`` (stage 1, RA-IT) and ``radit train-retriever`` (stage 2, R-IT with LSR).
+
+    radit train-lm --train T.jsonl --index DIR --out OUT [--lm NAME] [--k 3] [--max-steps 100] ...
+    radit train-retriever --train T.jsonl --index DIR --out OUT [--lm NAME] [--k 10] ...
+
+Every option can also come from ``--config run.yaml`` (or ``.toml``); flags override the file. Each run
+writes ``OUT/radit_config.yaml`` (the resolved configuration), ``OUT/metrics.jsonl`` and checkpoints;
+``--resume`` continues the last checkpoint. Distributed: ``torchrun --nproc_per_node N $(which radit)
+train-lm ...`` (DDP; ``--fsdp`` shards the LM).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_EPILOG = ("Options may also be set in --config FILE (YAML or TOML; keys are the option names with _ or -, "
+           "optionally under a [train_lm] / [train_retriever] section); command-line flags win.")
+
+
+def _common(p: argparse.ArgumentParser, cls: type) -> None:
+    from radit_fast.training.config import add_config_arguments
+
+    p.add_argument("--config", type=Path, help="YAML or TOML file with any of the options below")
+    p.add_argument("--train", help="training examples, KILT-style JSON lines {id, input, output, [context]}")
+    p.add_argument("--index", help="index folder built by `radit index build`")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--lm", help="causal LM name or folder (default: the embedded SmolLM2-135M-Instruct)")
+    add_config_arguments(p, cls)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from radit_fast.training.config import RaItConfig, RetrieverConfig
+
+    lm = subparsers.add_parser(
+        "train-lm", help="stage 1: retrieval-augmented instruction tuning of the LM (RA-IT)", epilog=_EPILOG,
+        description="Fine-tune the LM on 'Background: chunk / Q: x / A: y' instances, one per retrieved "
+                    "chunk, with the loss on the answer tokens only. OUT is a save_pretrained folder.")
+    _common(lm, RaItConfig)
+    lm.set_defaults(func=_train_lm)
+
+    r = subparsers.add_parser(
+        "train-retriever", help="stage 2: LM-supervised retrieval fine-tuning of the query encoder (R-IT)",
+        epilog=_EPILOG,
+        description="Score the top-k chunks of each example with the frozen LM, and distil the LM's preference "
+                    "into the query encoder (LSR). OUT is a query-encoder folder for --query-encoder.")
+    _common(r, RetrieverConfig)
+    r.set_defaults(func=_train_retriever)
+
+
+def _train_lm(args: argparse.Namespace) -> int:
+    from radit_fast.training import train_lm
+    from radit_fast.training.config import RaItConfig, config_from_args
+
+    out = train_lm(config_from_args(RaItConfig, args))
+    _done(out)
+    return 0
+
+
+def _train_retriever(args: argparse.Namespace) -> int:
+    from radit_fast.training import train_retriever
+    from radit_fast.training.config import RetrieverConfig, config_from_args
+
+    out = train_retriever(config_from_args(RetrieverConfig, args))
+    _done(out)
+    return 0
+
+
+def _done(out: Path) -> None:
+    import logging
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger("radit_fast.cli.train").info("wrote %s", out)

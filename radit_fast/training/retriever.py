@@ -1,0 +1,242 @@
+"""Stage 2, R-IT: LM-supervised retrieval (LSR) fine-tuning of the query encoder.
+
+1. Retrieve the top-k chunks of every training example (task examples, plus optional self-supervised
+   corpus items) with the initial query encoder.
+2. Score every (example, chunk) with the frozen LM: ``l_i = log p_LM(y | c_i o x)`` (sum over answer
+   tokens, fused LM head, no logits) — once, cached on disk by :mod:`radit_fast.training.lsr_cache`.
+3. Train the query encoder on ``lsr_loss(s, lsr_scores(l, |y|, kind), ...)`` with
+   ``s_i = E_q(x) . E_d(c_i)`` where ``E_d(c_i)`` comes from the index's stored document embeddings: the
+   gradient reaches the query encoder, the document side and the index folder never change. Optional
+   second objective ``e2e_weight * -log sum_i softmax(s/tau_R)_i exp(l_i)`` (REPLUG ensemble likelihood).
+
+The loss is summed over the examples of each micro-batch and divided by the global batch size.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from radit_fast.io import RaditError
+from radit_fast.training import lsr_cache, sources
+from radit_fast.training.config import RetrieverConfig
+from radit_fast.training.distributed import (DistEnv, all_reduce_sum, cleanup, init_distributed,
+                                             main_then_broadcast)
+from radit_fast.training.loop import Callback, Trainer, prepare_out
+from radit_fast.training.plan import DataPlan
+
+log = logging.getLogger(__name__)
+
+
+class LsrObjective(nn.Module):
+    """``forward(micro_batch)``: query embeddings -> scores against stored document embeddings -> LSR loss.
+
+    Holds the trainable query encoder (``TextEncoder``) and a reference to the index (not a submodule: its
+    embeddings are constants read from the memory map).
+    """
+
+    def __init__(self, query_encoder: nn.Module, index: Any, cfg: RetrieverConfig) -> None:
+        super().__init__()
+        self.query_encoder = query_encoder
+        self._index = index
+        self.cfg = cfg
+
+    def scores(self, tokens: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """``[b, k]`` differentiable ``E_q(x) . E_d(c)``; -inf where ``rows`` is -1."""
+        q = self.query_encoder(**tokens).float()
+        d = self._index.doc_embeddings(rows, device=q.device)
+        s = torch.einsum("bd,bkd->bk", q, d)
+        return s.masked_fill(rows.to(q.device) < 0, float("-inf"))
+
+    def forward(self, mb: dict[str, Any]) -> dict[str, Any]:
+        from radit_fast.ops.lsr import lsr_loss, lsr_scores
+        from radit_fast.ops.replug import replug_logprob
+
+        cfg = self.cfg
+        s = self.scores(mb["tokens"], mb["rows"])
+        sums, lengths = mb["lm_logprobs"].to(s.device), mb["lengths"].to(s.device)
+        mask = lengths > 0
+        target = lsr_scores(sums, lengths, kind=cfg.score_kind)
+        kl = lsr_loss(s, target, retriever_temperature=cfg.retriever_temperature,
+                      lm_temperature=cfg.lm_temperature, mask=mask, direction=cfg.direction, reduction="sum",
+                      impl=cfg.impl)
+        loss_sum = kl
+        out: dict[str, Any] = {"kl_sum": kl.detach()}
+        if cfg.e2e_weight > 0:
+            ll = replug_logprob(sums.masked_fill(~mask, float("-inf")), s, temperature=cfg.retriever_temperature,
+                                mask=mask, impl=cfg.impl)
+            nll = -ll.sum()
+            loss_sum = loss_sum + cfg.e2e_weight * nll
+            out["e2e_nll_sum"] = nll.detach()
+        b = float(len(lengths))
+        out.update({"loss": loss_sum * (mb["world"] / mb["norm"]), "loss_sum": loss_sum.detach(),
+                    "loss_norm": b, "examples": b})
+        return out
+
+
+@dataclass
+class RItData:
+    queries: list[str]            # x of each training item (task examples first, then corpus items)
+    rows: np.ndarray              # int64 [n, k] retrieved passage rows (-1 = none)
+    lm_logprobs: np.ndarray       # float32 [n, k] log p_LM(y | c o x)
+    lengths: np.ndarray           # int64 [n, k] answer tokens (0 = missing chunk)
+    n_task: int
+    cache_path: str
+    eval_queries: list[str]
+    eval_gold: list[list[str]]    # provenance passage/document ids of each evaluation example
+
+
+def _items(cfg: RetrieverConfig, index: sources.IndexSource, tokenizer: Any) -> tuple[list[Any], int]:
+    examples = sources.load_examples(cfg.train)
+    items: list[Any] = list(examples)
+    if cfg.corpus_fraction > 0:
+        want = round(len(examples) * cfg.corpus_fraction / (1.0 - cfg.corpus_fraction))
+        fitted = (sources.fit_corpus_item(it, tokenizer, cfg.max_length // 2)
+                  for it in sources.corpus_items(index, want, seed=cfg.seed, corpus=cfg.corpus))
+        items += [it for it in fitted if it is not None]
+    return items, len(examples)
+
+
+def build_data(cfg: RetrieverConfig, env: DistEnv, index: sources.IndexSource, tokenizer: Any,
+               lm_loader: Any) -> RItData:
+    """Retrieve (rank 0), then score with the frozen LM (sharded over processes) or read the cache."""
+    items, n_task = main_then_broadcast(env, lambda: _items(cfg, index, tokenizer))
+    for ex in items[:n_task]:
+        if ex.context:
+            log.debug("example %s has a gold context; R-IT scores retrieved chunks only", ex.id)
+
+    def retrieve() -> np.ndarray:
+        exclude = [-2] * n_task + [it.passage_row for it in items[n_task:]]
+        return index.retrieve_rows([it.input for it in items], cfg.k,
+                                   exclude=exclude if len(items) > n_task else None)
+
+    rows = main_then_broadcast(env, retrieve)
+    if (rows >= 0).sum(axis=1).min() < 2:
+        bad = int(np.argmin((rows >= 0).sum(axis=1)))
+        raise RaditError(f"example {items[bad].id}: fewer than 2 chunks retrieved; LSR needs a distribution "
+                         "over at least 2 (check the index)")
+    key = lsr_cache.key_for(cfg, index, items, rows)
+    cache_dir = lsr_cache.default_dir(cfg)
+    cached = main_then_broadcast(env, lambda: lsr_cache.load(cache_dir, key))
+    if cached is None:
+        texts = index.texts(rows)
+        lp, ln = lsr_cache.score_items(lm_loader, tokenizer, items, texts, cfg, env)
+        if env.is_main:
+            lsr_cache.save(cache_dir, key, rows=rows, lm_logprobs=lp, lengths=ln,
+                           meta={"n": len(items), "k": rows.shape[1], "ids": [it.id for it in items]})
+    else:
+        lp, ln = cached
+        log.info("LSR targets read from the cache %s", lsr_cache.entry(cache_dir, key))
+    eval_q, eval_gold = [], []
+    if cfg.eval_file:
+        ev = sources.load_examples(cfg.eval_file)[: cfg.eval_examples]
+        eval_q = [e.input for e in ev]
+        eval_gold = [list(e.provenance) for e in ev]
+    return RItData([it.input for it in items], rows, lp, ln, n_task, str(lsr_cache.entry(cache_dir, key)),
+                   eval_q, eval_gold)
+
+
+class RetrieverStage:
+    """The :class:`~radit_fast.training.loop.Stage` of R-IT."""
+
+    shard_modules: tuple[type, ...] = ()
+
+    def __init__(self, cfg: RetrieverConfig, env: DistEnv, index: sources.IndexSource, data: RItData,
+                 fingerprint: dict[str, Any]) -> None:
+        self.cfg, self.env, self.index, self.data = cfg, env, index, data
+        self.encoder = index.retriever.query_encoder
+        self.encoder.requires_grad_(True)
+        self.module = LsrObjective(self.encoder, index.index, cfg)
+        self._fingerprint = fingerprint
+        self.plan = DataPlan(len(data.queries), cfg.batch_size, seed=cfg.seed)
+        cfg.micro_batch_size(env.world_size)
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self._fingerprint
+
+    def micro_batches(self, step: int) -> list[dict[str, Any]]:
+        d = self.data
+        out = []
+        for idx in self.plan.micro_batches(step, rank=self.env.rank, world_size=self.env.world_size,
+                                           grad_accum=self.cfg.grad_accum):
+            tokens = self.encoder.tokenizer([d.queries[i] for i in idx], padding=True, truncation=True,
+                                            max_length=min(self.cfg.query_max_length, self.encoder.max_length),
+                                            return_tensors="pt")
+            dev = self.encoder.device
+            out.append({"tokens": {k: v.to(dev) for k, v in tokens.items()},
+                        "rows": torch.from_numpy(d.rows[idx]), "lm_logprobs": torch.from_numpy(d.lm_logprobs[idx]),
+                        "lengths": torch.from_numpy(d.lengths[idx]), "norm": float(self.cfg.batch_size),
+                        "world": self.env.world_size})
+        return out
+
+    def evaluate(self, module: nn.Module) -> dict[str, float] | None:
+        """Recall@k of the evaluation examples' provenance (passage or document ids) with the current encoder."""
+        d = self.data
+        if not d.eval_queries:
+            return None
+        from radit_fast.retrieval.corpus import doc_id
+
+        mine = range(self.env.rank, len(d.eval_queries), self.env.world_size)
+        hits = total = 0.0
+        q = self.encoder.encode([d.eval_queries[i] for i in mine]) if len(mine) else None
+        if q is not None:
+            _, rows = self.index.index.search(q, self.cfg.k)
+            for i, row in zip(mine, rows):
+                gold = set(d.eval_gold[i]) | {doc_id(g) for g in d.eval_gold[i]}
+                if not gold:
+                    continue
+                got = {p.id for p in self.index.store.get(r for r in row if r >= 0)}
+                got |= {doc_id(g) for g in got}
+                hits += float(bool(gold & got))
+                total += 1.0
+        hits, total = all_reduce_sum([hits, total], self.env)
+        return {f"eval_recall@{self.cfg.k}": hits / total if total else float("nan"), "eval_examples": total}
+
+    def save_final(self, out: Path, gathered: dict[str, torch.Tensor] | None) -> None:
+        self.encoder.save_pretrained(out)
+
+
+def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None = None,
+                    lm: nn.Module | None = None, tokenizer: Any = None) -> Path:
+    """Run stage 2 and return ``config.out``: a query-encoder folder (``TextEncoder.save_pretrained``:
+    safetensors, tokenizer, ``radit_encoder.json``) usable as ``radit retrieve --query-encoder OUT``,
+    plus ``radit_config.yaml``, ``metrics.jsonl`` and ``checkpoints/``.
+
+    ``lm``/``tokenizer``: an already loaded frozen LM for the LSR scoring (else ``config.lm``; it is
+    loaded only when the targets are not cached).
+    """
+    config.validate()
+    env = init_distributed(config.device)
+    try:
+        sources.set_threads(config.threads)
+        prepare_out(config, env)
+        index = sources.open_index(config.index, config.query_encoder, device=str(env.device))
+        if tokenizer is None:
+            from radit_fast.models import load_tokenizer
+
+            tokenizer = load_tokenizer(config.lm)
+
+        def lm_loader() -> nn.Module:
+            if lm is not None:
+                return lm
+            from radit_fast.models import load_lm
+
+            return load_lm(config.lm, device=env.device)[0]
+
+        data = build_data(config, env, index, tokenizer, lm_loader)
+        fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, extra={
+            "query_encoder": index.retriever.query_encoder.identity()["fingerprint"],
+            "items": len(data.queries), "lsr_targets": Path(data.cache_path).name}))
+        stage = RetrieverStage(config, env, index, data, fingerprint)
+        Trainer(config, stage, env, callbacks=callbacks).fit()
+    finally:
+        cleanup(env)
+    return Path(config.out)
