@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "answer_logprobs/answer_logprobs.h"
+#include "answer_logprobs/answer_logprobs_cuda.h"
 #include "ensemble/ensemble.h"
 
 namespace py = pybind11;
