@@ -1,0 +1,336 @@
+"""Triton kernels of ``answer_logprobs``: log p(target | hidden) without materialising the N x V logits.
+
+Math. For a row n with hidden h_n [d], target t_n and the logits z_nv = h_n . w_v + b_v over the vocabulary,
+
+    lse_n = log sum_v exp(z_nv),        tok_n = z_{n t_n} - lse_n   (0 where t_n == ignore_index).
+
+Gradient. With g_n = d loss / d tok_n (0 at ignored rows) and p_nv = exp(z_nv - lse_n),
+
+    d tok_n / d z_nv = [v == t_n] - p_nv      so     dz_nv = g_n * ([v == t_n] - p_nv),
+    grad_hidden = dz @ W   [N, d],     grad_weight = dz^T @ H   [V, d],     grad_bias = sum_n dz_n.   [V]
+
+(For the negative log-likelihood, g = -1 and dz = p - onehot, the familiar cross-entropy gradient.)
+
+Forward design (split V across programs + a tiny merge kernel). One program per (BLOCK_N rows, BLOCK_V
+vocabulary) tile: tl.dot over d in BLOCK_D steps with fp32 accumulation, then the tile's row max and
+sum exp go to a partial buffer [n_vblocks, N] and the target logit is stored by the one tile that holds
+the target. A merge kernel folds the partials with the online-logsumexp rule. At N=8192, d=4096,
+V=128256 bf16 on an H100 this gives 64 x 501 = 32k matmul-shaped tiles (one program per row block
+looping over V would launch only 64 programs for 132 SMs); programs are ordered in groups of GROUP
+row blocks so a group's hidden rows stay in L2 while the weight streams. The partial buffer is 8 bytes
+per row and vocabulary block (33 MB there), read once by the merge kernel.
+
+Backward design (split V into chunks, atomic-free). For each vocabulary chunk of width C (chosen so the
+chunk's dz buffer holds at most ``DZ_CHUNK_ELEMENTS`` elements, 256 MB in bf16): a kernel recomputes
+the logit tiles and writes dz in the input dtype (bf16 dz feeds the tensor cores; fp32 stays fp32)
+plus per-row-block column sums for grad_bias; then one tiled matmul kernel (fp32 accumulation) does
+grad_hidden (+)= dz_c @ W_c (reduction over the chunk) and grad_weight_c = dz_c^T @ H (reduction over
+N). Every output element is reduced in registers by one program: no atomics (a fused tile kernel
+with fp32 atomic_add would issue N*d*V*(1/BLOCK_N + 1/BLOCK_V) atomics, ~50 G at the shape above, and
+be bound by L2 atomic throughput), deterministic results, and both products run at matmul speed; the
+extra traffic is 3 passes over the bf16 dz (~6 GB at that shape, ~2 ms at 3 TB/s beside ~35 ms of
+math). Memory is O(N*d + V*d + N*C), never O(N*V).
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are cast to fp32 before tl.dot (the interpreter's bf16
+dot is wrong) and small fixed block sizes are used; no autotuning anywhere (fixed configs chosen by
+``_config`` from the dtype and the device).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Upper bound on the elements of the backward's dz chunk buffer [N, C] (tests lower it to force chunks).
+DZ_CHUNK_ELEMENTS = 1 << 27
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    block_n: int  # rows (tokens) per tile; the M block of the matmul kernel
+    block_v: int  # vocabulary entries per tile; the N block of the matmul kernel
+    block_d: int  # reduction step
+    group: int  # row blocks per L2 group
+    num_warps: int
+    num_stages: int
+
+
+def _config(dtype: torch.dtype, device: torch.device) -> _Config:
+    """Fixed tile configuration (no autotuning: it fails under the interpreter and costs start-up)."""
+    if device.type != "cuda":  # the interpreter: small tiles so tests cover several blocks of each
+        return _Config(16, 32, 16, 4, 1, 1)
+    if dtype == torch.float32:
+        return _Config(64, 128, 32, 8, 4, 3)
+    # bf16 on sm_80/sm_90: 128x256x64 with 8 warps and 3 stages = 144 KB of shared memory.
+    return _Config(128, 256, 64, 8, 8, 3)
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot input precision: fp32 follows torch's TF32 switch; "tf32" is Triton's default and only
+    affects fp32 operands (bf16 always runs on the bf16 tensor cores)."""
+    if device.type != "cuda" or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP: tl.constexpr):
+    """Map a linear program id to (m block, n block) in groups of GROUP m blocks (L2 reuse)."""
+    per_group = GROUP * num_n
+    first_m = (pid // per_group) * GROUP
+    group_m = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                CAST_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """z[BLOCK_N, BLOCK_V] = h[offs_n] @ w[offs_v]^T + b[offs_v] in fp32; -inf in columns v >= V."""
+    n_mask = offs_n < N
+    v_mask = offs_v < V
+    h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
+    w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        offs_d = k + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_cols + offs_d[:, None] * stride_wd, mask=d_mask[:, None] & v_mask[None, :], other=0.0)
+        if CAST_F32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(v_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _fwd_tile_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_m_ptr, part_s_ptr, tgt_ptr,
+                     N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAST_F32: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, CAST_F32, PRECISION)
+    n_mask = offs_n < N
+    m = tl.max(z, axis=1)  # finite: every vocabulary block holds at least one valid column
+    s = tl.sum(tl.exp(z - m[:, None]), axis=1)
+    tl.store(part_m_ptr + pid_v * N + offs_n, m, mask=n_mask)
+    tl.store(part_s_ptr + pid_v * N + offs_n, s, mask=n_mask)
+    # The target logit: stored only by the tile whose vocabulary range holds the target.
+    t = tl.load(t_ptr + offs_n, mask=n_mask, other=-1)
+    hit = offs_v[None, :] == t[:, None]
+    z_t = tl.sum(tl.where(hit, z, 0.0), axis=1)
+    in_tile = (t >= pid_v * BLOCK_V) & (t < pid_v * BLOCK_V + BLOCK_V) & (t < V)
+    tl.store(tgt_ptr + offs_n, z_t, mask=n_mask & in_tile)
+
+
+@triton.jit
+def _fwd_merge_kernel(part_m_ptr, part_s_ptr, tgt_ptr, t_ptr, tok_ptr, lse_ptr, N, num_vblocks, ignore_index,
+                      BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    run_m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    run_s = tl.zeros((BLOCK,), tl.float32)
+    for j in range(0, num_vblocks):  # online logsumexp merge, as radit::lse_merge
+        m = tl.load(part_m_ptr + j * N + offs, mask=mask, other=float("-inf"))
+        s = tl.load(part_s_ptr + j * N + offs, mask=mask, other=0.0)
+        new_m = tl.maximum(run_m, m)
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        run_s = run_s * tl.exp(run_m - safe_m) + s * tl.exp(m - safe_m)
+        run_m = new_m
+    empty = run_m == float("-inf")
+    lse = tl.where(empty, float("-inf"), run_m + tl.log(tl.where(empty, 1.0, run_s)))
+    t = tl.load(t_ptr + offs, mask=mask, other=ignore_index)
+    z_t = tl.load(tgt_ptr + offs, mask=mask, other=0.0)
+    tok = tl.where(t == ignore_index, 0.0, z_t - lse)
+    tl.store(lse_ptr + offs, lse, mask=mask)
+    tl.store(tok_ptr + offs, tok, mask=mask)
+
+
+@triton.jit
+def _dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, gb_part_ptr,
+                    N, V, D, v_start, chunk_width, stride_hn, stride_hd, stride_wv, stride_wd, stride_dz,
+                    HAS_BIAS: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAST_F32: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """dz[n, v - v_start] = g_n ([v == t_n] - exp(z_nv - lse_n)) for v in [v_start, v_start + chunk_width)."""
+    pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(chunk_width, BLOCK_V), GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+    offs_v = v_start + offs_c
+    c_mask = (offs_c < chunk_width) & (offs_v < V)
+    n_mask = offs_n < N
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, CAST_F32, PRECISION)
+    lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0)
+    t = tl.load(t_ptr + offs_n, mask=n_mask, other=-1)
+    p = tl.exp(z - lse[:, None])  # 0 in the -inf columns beyond V
+    onehot = tl.where(offs_v[None, :] == t[:, None], 1.0, 0.0)
+    keep = n_mask[:, None] & c_mask[None, :] & (g != 0.0)[:, None]
+    dz = tl.where(keep, g[:, None] * (onehot - p), 0.0)
+    dz_ptrs = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz + offs_c[None, :]
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+    if NEED_BIAS_GRAD:  # per-row-block column sums, added up by the launcher (deterministic, no atomics)
+        tl.store(gb_part_ptr + pid_n * V + offs_v, tl.sum(dz, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, NC, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   stride_cm, stride_cn, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                   CAST_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """c[M, NC] (+)= a[M, K] @ b[K, NC], fp32 accumulation and fp32 c; transposes are strides."""
+    pid_m, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_NC), GROUP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_NC + tl.arange(0, BLOCK_NC)
+    m_mask = offs_m < M
+    c_mask = offs_c < NC
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + offs_c.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_NC), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_rows + offs_k.to(tl.int64)[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        b = tl.load(b_cols + offs_k.to(tl.int64)[:, None] * stride_bk, mask=k_mask[:, None] & c_mask[None, :],
+                    other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_c[None, :] * stride_cn
+    mask = m_mask[:, None] & c_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0)
+    tl.store(c_ptrs, acc, mask=mask)
+
+
+def _prepare(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"answer_logprobs: hidden must be [N, d] and weight [V, d], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"answer_logprobs: hidden and weight must both be float32 or bfloat16, got "
+                         f"{hidden.dtype} and {weight.dtype}")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"answer_logprobs: targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"answer_logprobs: bias must be [V]={weight.shape[0]}, got {tuple(bias.shape)}")
+    h = hidden.contiguous()
+    w = weight.contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    t = targets.to(torch.int64).contiguous()
+    return h, w, b, t
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, cfg: _Config,
+            cast_f32: bool, precision: str) -> None:
+    """c (+)= a @ b with the strides of the given views (c fp32)."""
+    (M, K), NC = a.shape, b.shape[1]
+    if M == 0 or NC == 0:
+        return
+    grid = (triton.cdiv(M, cfg.block_n) * triton.cdiv(NC, cfg.block_v),)
+    _matmul_kernel[grid](a, b, c, M, NC, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                         c.stride(0), c.stride(1), ACCUMULATE=accumulate, BLOCK_M=cfg.block_n,
+                         BLOCK_NC=cfg.block_v, BLOCK_K=cfg.block_d, GROUP=cfg.group, CAST_F32=cast_f32,
+                         PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def triton_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+               ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs ``tok [N]`` (fp32, 0 at ignored rows) and ``lse [N]`` (fp32).
+
+    hidden [N, d] and weight [V, d] are both fp32 or both bf16; bias is None or [V]; targets int64 [N]
+    with values in [0, V) or ``ignore_index`` (a target outside both yields NaN in ``tok``).
+    """
+    h, w, b, t = _prepare(hidden, weight, bias, targets)
+    N, D = h.shape
+    V = w.shape[0]
+    dev = h.device
+    tok = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    if N == 0:
+        return tok, lse
+    cfg = _config(h.dtype, dev)
+    num_nb, num_vb = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
+    part_m = torch.empty(num_vb, N, dtype=torch.float32, device=dev)
+    part_s = torch.empty(num_vb, N, dtype=torch.float32, device=dev)
+    tgt = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
+    _fwd_tile_kernel[(num_nb * num_vb,)](
+        h, w, h if b is None else b, t, part_m, part_s, tgt, N, V, D, h.stride(0), h.stride(1), w.stride(0),
+        w.stride(1), HAS_BIAS=b is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        GROUP=cfg.group, CAST_F32=_interpreted(), PRECISION=_precision(h.dtype, dev), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    block = 128 if dev.type == "cuda" else 16
+    _fwd_merge_kernel[(triton.cdiv(N, block),)](part_m, part_s, tgt, t, tok, lse, N, num_vb, ignore_index,
+                                                BLOCK=block, num_warps=4)
+    return tok, lse
+
+
+def dz_chunk_width(N: int, V: int, block_v: int) -> int:
+    """Vocabulary columns per backward chunk: a multiple of block_v with N * width <= DZ_CHUNK_ELEMENTS."""
+    width = (DZ_CHUNK_ELEMENTS // max(N, 1)) // block_v * block_v
+    return max(block_v, min(width, triton.cdiv(V, block_v) * block_v))
+
+
+def triton_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+               lse: torch.Tensor, grad_tok: torch.Tensor, ignore_index: int, need_hidden: bool,
+               need_weight: bool, need_bias: bool
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (fp32) of sum_n grad_tok[n] * tok[n] w.r.t. hidden [N, d], weight [V, d] and bias [V].
+
+    ``lse`` is the forward's [N] output; ``grad_tok`` [N] fp32 must be 0 at ignored rows. A gradient
+    that is not needed (or bias None) comes back as None.
+    """
+    del ignore_index  # ignored rows carry grad_tok = 0, which zeroes their dz
+    h, w, b, t = _prepare(hidden, weight, bias, targets)
+    N, D = h.shape
+    V = w.shape[0]
+    dev = h.device
+    need_bias = need_bias and b is not None
+    lse = lse.to(torch.float32).contiguous()
+    g = grad_tok.to(torch.float32).contiguous()
+    grad_h = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_hidden else None
+    grad_w = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_weight else None
+    grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
+    if N == 0 or not (need_hidden or need_weight or need_bias):
+        return grad_h, grad_w, grad_b
+    cfg = _config(h.dtype, dev)
+    cast_f32, precision = _interpreted(), _precision(h.dtype, dev)
+    num_nb = triton.cdiv(N, cfg.block_n)
+    width = dz_chunk_width(N, V, cfg.block_v)
+    dz = torch.empty(N, width, dtype=h.dtype, device=dev)
+    gb_part = torch.empty(num_nb, V, dtype=torch.float32, device=dev) if need_bias else None
+    for v0 in range(0, V, width):
+        cw = min(width, V - v0)
+        _dlogits_kernel[(num_nb * triton.cdiv(cw, cfg.block_v),)](
+            h, w, h if b is None else b, t, lse, g, dz, g if gb_part is None else gb_part,
+            N, V, D, v0, cw, h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz.stride(0),
+            HAS_BIAS=b is not None, NEED_BIAS_GRAD=need_bias, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+            BLOCK_D=cfg.block_d, GROUP=cfg.group, CAST_F32=cast_f32, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        dz_c = dz[:, :cw]
+        if need_hidden:  # grad_hidden += dz_c @ W[v0:v0+cw]
+            _matmul(dz_c, w[v0:v0 + cw], grad_h, v0 > 0, cfg, cast_f32, precision)
+        if need_weight:  # grad_weight[v0:v0+cw] = dz_c^T @ H
+            _matmul(dz_c.t(), h, grad_w[v0:v0 + cw], False, cfg, cast_f32, precision)
+    if need_bias:
+        grad_b = gb_part.sum(0)
+    return grad_h, grad_w, grad_b
