@@ -122,6 +122,8 @@ def lsr_launch(retriever_scores, lm_scores, retriever_temperature, lm_temperatur
     loss = torch.empty(B, dtype=torch.float32, device=dev)
     grad = torch.empty(B, k, dtype=torch.float32, device=dev) if with_grad else None
     code = DIRECTIONS.index(direction)
+    if B == 0:
+        return loss, grad
     if impl == "triton":
         from radit_fast.triton.ensemble import lsr_triton
 

@@ -38,6 +38,8 @@ def mixture_launch(logits: torch.Tensor, log_weights: torch.Tensor, impl: str):
         logits = logits.contiguous()
     out = torch.empty(B, V, dtype=torch.float32, device=logits.device)
     c = torch.empty(B, k, dtype=torch.float32, device=logits.device)
+    if B == 0:
+        return out, c
     if impl == "triton":
         from radit_fast.triton.ensemble import mixture_triton
 

@@ -129,6 +129,8 @@ def replug_launch(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, tem
     out = torch.empty(B, dtype=torch.float32, device=dev)
     g_lm = torch.empty(B, k, dtype=torch.float32, device=dev) if with_grad else None
     g_s = torch.empty(B, k, dtype=torch.float32, device=dev) if with_grad else None
+    if B == 0:
+        return out, g_lm, g_s
     mask_u8 = mask.view(torch.uint8) if mask is not None else None
     if impl == "triton":
         from radit_fast.triton.ensemble import replug_triton
