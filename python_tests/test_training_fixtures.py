@@ -89,7 +89,8 @@ def tiny_encoder(folder: Path, *, seed: int = 0) -> Path:
     tok.save_pretrained(folder)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=4, max_position_embeddings=128)
+                     num_attention_heads=4, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)  # deterministic: 1 vs 2 processes compare exactly
     BertModel(cfg).save_pretrained(folder)
     (folder / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Transformer"},
                                                      {"type": "sentence_transformers.models.Pooling"},
@@ -115,15 +116,17 @@ def tiny_setup(root: Path, *, n_tasks: int = 12, context_every: int = 0) -> dict
 
 
 def cached_setup(root: Path) -> dict[str, Path]:
-    """:func:`tiny_setup` copied from a per-process cache (building the index takes a second)."""
-    cache = Path(os.environ.get("RADIT_TEST_TINY", "/tmp/radit-training-tiny"))
-    if not (cache / "index" / "manifest.json").is_file():
-        tmp = cache.with_name(cache.name + f".{os.getpid()}")
-        tiny_setup(tmp)
-        try:
-            os.replace(tmp, cache)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+    """:func:`tiny_setup` copied from a per-machine cache (built once, under a lock). The index records its
+    encoder by path, so the cache is built in place and the copies keep pointing at its encoder."""
+    import fcntl
+
+    cache = Path(os.environ.get("RADIT_TEST_TINY", "/tmp/radit-training-tiny-v2"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(cache) + ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if not (cache / "index" / "manifest.json").is_file():
+            shutil.rmtree(cache, ignore_errors=True)
+            tiny_setup(cache)
     shutil.copytree(cache, root, dirs_exist_ok=True)
     return {k: root / v for k, v in {"lm": "lm", "encoder": "encoder", "corpus": "corpus.jsonl",
                                      "train": "train.jsonl", "index": "index"}.items()}
