@@ -102,5 +102,39 @@ PYBIND11_MODULE(_C, m) {
   // ---- END answer_logprobs ----
 
   // ---- BEGIN ensemble (owned by csrc/ensemble) ----
+  // Tensor arguments are tuples (data_ptr, stride0, stride1, dtype code); the mask tuple has data_ptr 0 when
+  // absent. Outputs are contiguous float32 buffers given by data_ptr (0 = do not compute).
+  {
+    namespace en = radit::ensemble;
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.def("replug_forward_cpu", &en::replug_forward_cpu, nogil,
+          "REPLUG marginal out[B] = logsumexp_i(log_softmax(scores/t)_i + lm_i) over present chunks, and "
+          "optionally d out/d lm and d out/d scores ([B, k] each).",
+          py::arg("B"), py::arg("k"), py::arg("lm"), py::arg("scores"), py::arg("mask"), py::arg("temperature"),
+          py::arg("out"), py::arg("grad_lm"), py::arg("grad_scores"));
+    m.def("lsr_forward_cpu", &en::lsr_forward_cpu, nogil,
+          "Per-row LSR KL loss[B] (direction 0: KL(p_LSR||p_R), 1: KL(p_R||p_LSR)) and optionally its "
+          "gradient w.r.t. the retriever scores [B, k].",
+          py::arg("B"), py::arg("k"), py::arg("scores"), py::arg("lm_scores"), py::arg("mask"),
+          py::arg("retriever_temperature"), py::arg("lm_temperature"), py::arg("direction"), py::arg("loss"),
+          py::arg("grad_scores"));
+    m.def("mixture_forward_cpu", &en::mixture_forward_cpu, nogil,
+          "Token mixture out[B, V] = logsumexp_i(w_i + log_softmax(logits_i)); also writes c[B, k] = "
+          "w_i - logsumexp_v(logits_i).",
+          py::arg("B"), py::arg("k"), py::arg("V"), py::arg("logits"), py::arg("log_weights"), py::arg("c"),
+          py::arg("out"));
+#ifdef RADIT_WITH_CUDA
+    m.def("replug_forward_cuda", &en::replug_forward_cuda, nogil, "CUDA replug_forward_cpu (on `stream`).",
+          py::arg("B"), py::arg("k"), py::arg("lm"), py::arg("scores"), py::arg("mask"), py::arg("temperature"),
+          py::arg("out"), py::arg("grad_lm"), py::arg("grad_scores"), py::arg("stream"));
+    m.def("lsr_forward_cuda", &en::lsr_forward_cuda, nogil, "CUDA lsr_forward_cpu (on `stream`).", py::arg("B"),
+          py::arg("k"), py::arg("scores"), py::arg("lm_scores"), py::arg("mask"), py::arg("retriever_temperature"),
+          py::arg("lm_temperature"), py::arg("direction"), py::arg("loss"), py::arg("grad_scores"),
+          py::arg("stream"));
+    m.def("mixture_forward_cuda", &en::mixture_forward_cuda, nogil, "CUDA mixture_forward_cpu (on `stream`).",
+          py::arg("B"), py::arg("k"), py::arg("V"), py::arg("logits"), py::arg("log_weights"), py::arg("c"),
+          py::arg("out"), py::arg("stream"));
+#endif
+  }
   // ---- END ensemble ----
 }
