@@ -55,3 +55,133 @@ def test_in_place_step_keeps_partial_work_until_done(tmp_path):
     res = r.run("train", {"lr": 1}, lambda d: (d / "ckpt").read_text(), atomic=False)
     assert res.result == "step 5" and not res.cached
     assert StepRunner(tmp_path).run("train", {"lr": 1}, lambda d: 1 / 0, atomic=False).cached
+
+
+# --------------------------------------------------------------------------- radit run end to end
+import json  # noqa: E402
+
+from test_training_fixtures import CITIES, corpus_rows, tiny_encoder, tiny_lm, write_jsonl  # noqa: E402
+
+from radit_fast.io import RaditError  # noqa: E402
+
+
+def _tasks(idx, *, mc=False):
+    rows = []
+    for i in idx:
+        city, country = CITIES[i]
+        if mc:
+            rows.append({"id": f"mc{i}", "input": f"Which city is the capital of {country}?",
+                         "output": [{"answer": city, "provenance": [{"id": f"cap{i}"}]}],
+                         "choices": sorted({city, CITIES[(i + 1) % len(CITIES)][0]})})
+        else:
+            rows.append({"id": f"q{i}", "input": f"What is the capital of {country}?",
+                         "output": [{"answer": city, "provenance": [{"id": f"cap{i}"}]}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run_inputs")
+    return {"lm": tiny_lm(root / "lm"), "encoder": tiny_encoder(root / "encoder"),
+            "corpus": write_jsonl(root / "corpus.jsonl", corpus_rows()),
+            "train": write_jsonl(root / "train.jsonl", _tasks(range(0, 6)) + _tasks(range(0, 4), mc=True)),
+            "dev": write_jsonl(root / "dev.jsonl", _tasks(range(6, 9)) + _tasks(range(6, 8), mc=True)),
+            "test": write_jsonl(root / "test.jsonl", _tasks(range(9, 12)) + _tasks(range(9, 12), mc=True))}
+
+
+TINY_FILE = {"run": {"chunk_words": 20, "select_every": 2},
+             "eval": {"k": 2, "max_new_tokens": 3, "max_length": 96},
+             "train_lm": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "k": 2, "max_length": 96,
+                          "lr": 1e-3, "progress": False},
+             "train_retriever": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "k": 3, "max_length": 96,
+                                 "lr": 1e-3, "progress": False}}
+
+
+def test_radit_run_end_to_end_and_resume(tiny_run_inputs, tmp_path, capsys):
+    from radit_fast.cli.main import main
+
+    cfg = tmp_path / "run.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(TINY_FILE))
+    inp = {k: str(v) for k, v in tiny_run_inputs.items()}
+    out = tmp_path / "run"
+    argv = ["run", "--corpus", inp["corpus"], "--train", inp["train"], "--dev", inp["dev"], "--test", inp["test"],
+            "--out", str(out), "--lm", inp["lm"], "--encoder", inp["encoder"], "--config", str(cfg),
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| ra_dit |" in printed and "Expected ordering" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["rows"]) == ["lm_only", "replug", "ra_it", "r_it", "ra_dit"]
+    for name, row in report["rows"].items():
+        assert {"em", "f1", "accuracy"} <= set(row)
+        assert ("recall@1" in row) == (name != "lm_only")
+        assert "recall@10" in row or name == "lm_only"
+    assert report["rows"]["replug"]["recall@1"] == report["rows"]["ra_it"]["recall@1"]   # same retriever
+    assert report["rows"]["r_it"]["recall@1"] == report["rows"]["ra_dit"]["recall@1"]
+    sel = report["selection"]
+    assert set(sel["train_lm"]["candidates"]) == {"2", "4"} and sel["train_lm"]["step"] in (2, 4)
+    assert set(sel["train_retriever"]["candidates"]) == {"2", "4"}
+    assert (out / "report.md").is_file() and (out / "report.png").is_file()
+    assert (out / "train_lm" / "selected" / "config.json").is_file()
+    assert len((out / "eval_ra_dit" / "predictions.jsonl").read_text().splitlines()) == 6
+    # every step is cached: a rerun recomputes nothing and gives the same report
+    first = {k: v for k, v in report.items() if k != "timings"}
+    markers = {p: p.stat().st_mtime_ns for p in out.glob("*/step.json")}
+    assert main(argv) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert {k: v for k, v in again.items() if k != "timings"} == first
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/step.json")} == markers
+    # an interrupted step (here: its marker removed) is the only one redone
+    (out / "eval_r_it" / "step.json").unlink()
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/step.json") if p.parent.name != "eval_r_it"} == \
+        {p: t for p, t in markers.items() if p.parent.name != "eval_r_it"}
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("no_answer", "no answer"),
+    ("unknown_field", "unknown field"),
+    ("empty", "no examples"),
+    ("shared_id", "share 1 example id"),
+])
+def test_radit_run_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, capsys, bad, msg):
+    from radit_fast.cli.main import main
+
+    test = tmp_path / "test.jsonl"
+    rows = _tasks(range(9, 12))
+    if bad == "no_answer":
+        rows[1]["output"] = [{"provenance": [{"id": "cap1"}]}]
+    elif bad == "unknown_field":
+        rows[0]["question"] = "?"
+    elif bad == "empty":
+        rows = []
+    elif bad == "shared_id":
+        rows[0]["id"] = "q0"  # also in train
+    write_jsonl(test, rows)
+    inp = {k: str(v) for k, v in tiny_run_inputs.items()}
+    out = tmp_path / "run"
+    code = main(["run", "--corpus", inp["corpus"], "--train", inp["train"], "--dev", inp["dev"],
+                 "--test", str(test), "--out", str(out), "--lm", inp["lm"], "--encoder", inp["encoder"]])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and err.count("\n") == 1
+    assert not out.exists()          # nothing computed, nothing written
+
+
+def test_radit_eval_checks(tiny_run_inputs, tmp_path, capsys):
+    from radit_fast.cli.main import main
+
+    inp = {k: str(v) for k, v in tiny_run_inputs.items()}
+    code = main(["eval", "--test", inp["test"], "--out", str(tmp_path / "e"), "--lm", inp["lm"]])
+    assert code == 2 and "--k > 0 needs --index" in capsys.readouterr().err
+    code = main(["eval", "--test", inp["test"], "--out", str(tmp_path / "e"), "--shots", "1", "--k", "0"])
+    assert code == 2 and "--shots needs --train" in capsys.readouterr().err
+    code = main(["eval", "--test", inp["train"], "--train", inp["train"], "--out", str(tmp_path / "e"), "--k", "0"])
+    assert code == 2 and "share" in capsys.readouterr().err
+    code = main(["eval", "--test", inp["test"], "--out", str(tmp_path / "e"), "--k", "0", "--lm", inp["lm"],
+                 "--max-new-tokens", "2", "--no-progress", "--limit", "2"])
+    assert code == 0
+    preds = (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 2 and "em" in json.loads(preds[0])
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]["n_examples"] == 2

