@@ -65,6 +65,9 @@ class DistContext:
 
     def close(self) -> None:
         if self._owns_group and dist.is_initialized():
+            # every exit path is aligned by run_step, so all ranks get here; a barrier first keeps gloo
+            # from tearing down a connection its peer still uses (which aborts the process)
+            dist.barrier()
             dist.destroy_process_group()
             self._owns_group = False
 
@@ -73,6 +76,12 @@ class DistContext:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class PeerFailure(RaditError):
+    """Another rank failed; that rank (or rank 0) reports the cause, so the CLI stays quiet on this one."""
+
+    quiet_on_nonzero_rank = True
 
 
 def run_step(ctx: DistContext, name: str, fn: Callable[[], Any]) -> list[Any]:
@@ -91,5 +100,5 @@ def run_step(ctx: DistContext, name: str, fn: Callable[[], Any]) -> list[Any]:
         raise exc
     for rank, (err, _) in enumerate(outcomes):
         if err is not None:
-            raise RaditError(f"{name} failed on rank {rank}: {err}")
+            raise PeerFailure(f"{name} failed on rank {rank}: {err}")
     return [res for _, res in outcomes]
