@@ -10,28 +10,18 @@ import torch
 
 from radit_fast.io import RaditError
 from radit_fast.retrieval import Index, Passage, build_index_from_embeddings, precomputed_identity
+from radit_fast.retrieval.index import exact_topk
 from radit_fast.retrieval.manifest import estimate_index_bytes
+from radit_fast.retrieval.metrics import topk_mismatches
 
 
-def check_knn_with_ties(data: np.ndarray, queries: np.ndarray, scores: np.ndarray, rows: np.ndarray,
-                        ref_scores: np.ndarray, atol: float = 1e-4) -> None:
-    """Result (scores, rows) of a top-k search equals a reference top-k up to permutations among ties.
-
-    Like faiss contrib/evaluation.py check_ref_knn_with_draws, but checked against the data itself: the rows
-    of each query are distinct, their true float64 scores equal the reported scores, the reported scores
-    are sorted descending and equal the reference top-k scores (so only equal-score rows may be swapped).
-    """
-    bad = []
-    for i in range(len(queries)):
-        true = data[rows[i]].astype(np.float64) @ queries[i].astype(np.float64)
-        ok = (len(set(rows[i].tolist())) == len(rows[i]) and np.allclose(true, scores[i], atol=atol)
-              and np.all(np.diff(scores[i]) <= atol) and np.allclose(np.sort(scores[i]), np.sort(ref_scores[i]), atol=atol))
-        if not ok:
-            bad.append(i)
+def check_knn_with_ties(data, queries, scores, rows, ref_scores, atol=1e-4):
+    """Equal to the reference top-k up to permutations among tied scores (see metrics.topk_mismatches)."""
+    bad = topk_mismatches(data, queries, scores, rows, ref_scores, atol)
     if bad:
         i = bad[0]
-        raise AssertionError(f"{len(bad)} queries differ; first {i}: rows {rows[i]}, scores {scores[i]}, "
-                             f"reference scores {ref_scores[i]}")
+        raise AssertionError(f"{len(bad)} of {len(queries)} queries differ; first {i}: rows {rows[i]}, "
+                             f"scores {scores[i]}, reference scores {ref_scores[i]}")
 
 
 def _synthetic(n=300, d=16, seed=0, ties=True):
@@ -68,6 +58,19 @@ def test_exact_search_equals_torch_topk_with_ties(flat):
     # the duplicated rows really produce ties, and queries that are data rows find themselves first
     assert any(len(set(s.tolist())) < k for s in scores)
     assert np.allclose(scores[:5, 0], (q[:5] * q[:5]).sum(1))
+
+
+def test_reference_topk_is_blockwise_exact_and_the_checker_catches_errors(flat):
+    x, q, _ = flat
+    full_s, full_i = torch.topk(torch.from_numpy(q) @ torch.from_numpy(x).T, 7, dim=1)
+    s, i = exact_topk(torch.from_numpy(q), torch.from_numpy(x), 7, block=13)
+    check_knn_with_ties(x, q, s.numpy(), i.numpy(), full_s.numpy())
+    wrong = i.numpy().copy()
+    wrong[:, 0] = wrong[:, -1]  # a duplicate row: caught even when scores tie
+    assert topk_mismatches(x, q, s.numpy(), wrong, full_s.numpy()) == list(range(len(q)))
+    lower = s.numpy().copy()
+    lower[3] -= 0.5
+    assert 3 in topk_mismatches(x, q, lower, i.numpy(), full_s.numpy())
 
 
 def test_doc_embeddings_are_the_stored_float16_matrix(flat):

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from radit_fast.retrieval.corpus import doc_id
 
 
@@ -64,3 +66,28 @@ def retrieval_metrics(ranked_ids: Sequence[Sequence[str | None]], gold: Sequence
         out[f"hit@{k}"] = sums[k][1] / n if n else float("nan")
     out["queries"] = n
     return out
+
+
+def topk_mismatches(data: np.ndarray, queries: np.ndarray, scores: np.ndarray, rows: np.ndarray,
+                    ref_scores: np.ndarray, atol: float = 1e-4) -> list[int]:
+    """Queries whose top-k result (scores, rows) differs from a reference top-k beyond permutations of ties.
+
+    In the spirit of faiss ``contrib/evaluation.py::check_ref_knn_with_draws``, but checked against the data:
+    a query's result is correct when its rows are distinct, their true float64 scores ``data[row] . query``
+    equal the reported scores, the scores are sorted descending and equal the reference top-k scores as a
+    sorted list (all within ``atol``). So rows with equal scores may be swapped or exchanged at the k-th
+    place, and nothing else.
+    """
+    bad = []
+    for i in range(len(queries)):
+        r = rows[i]
+        true = data[r].astype(np.float64) @ queries[i].astype(np.float64)
+        ok = (
+            len(set(r.tolist())) == len(r)
+            and np.allclose(true, scores[i], atol=atol)
+            and bool(np.all(np.diff(scores[i]) <= atol))
+            and np.allclose(np.sort(scores[i]), np.sort(ref_scores[i]), atol=atol)
+        )
+        if not ok:
+            bad.append(i)
+    return bad
