@@ -105,6 +105,23 @@ def lsr_loss_rows_torch(retriever_scores, lm_scores, retriever_temperature, lm_t
     return torch.where(infinite, torch.full_like(kl, float("inf")), kl)
 
 
+def naive_lsr_loss(retriever_scores, lm_scores, *, retriever_temperature=1.0, lm_temperature=0.01, mask=None,
+                   direction="lsr_to_retriever", reduction="mean"):
+    """The plain PyTorch expression (baseline of benchmarks): masked entries filled with the dtype's minimum,
+    ``F.kl_div`` with log targets, autograd through temporaries."""
+    z = retriever_scores / retriever_temperature
+    u = lm_scores.detach() / lm_temperature
+    if mask is not None:
+        z = z.masked_fill(~mask, torch.finfo(z.dtype).min)
+        u = u.masked_fill(~mask, torch.finfo(u.dtype).min)
+    log_p, log_q = torch.log_softmax(z, -1), torch.log_softmax(u, -1)
+    if direction == "lsr_to_retriever":  # kl_div(input, target) = KL(target || input)
+        rows = torch.nn.functional.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    else:
+        rows = torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    return _reduce(rows, reduction)
+
+
 def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return rows.mean()

@@ -30,6 +30,11 @@ def mixture_logprobs_torch(logits: torch.Tensor, log_weights: torch.Tensor) -> t
     return safe_logsumexp(joint, dim=1)
 
 
+def naive_mixture_logprobs(logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """The plain PyTorch expression (baseline of benchmarks): a float32 [B, k, V] log_softmax and its sum."""
+    return torch.logsumexp(log_weights.float().unsqueeze(-1) + torch.log_softmax(logits.float(), -1), 1)
+
+
 # ---- launcher (no autograd) ----
 def mixture_launch(logits: torch.Tensor, log_weights: torch.Tensor, impl: str):
     """Runs the fused kernels: (out [B, V] f32, c [B, k] f32) with c_i = w_i - logsumexp_v(logits_i)."""
@@ -55,17 +60,17 @@ def mixture_launch(logits: torch.Tensor, log_weights: torch.Tensor, impl: str):
 
 
 def mixture_backward(grad_out, logits, c, out):
-    """Closed-form gradient (grad_logits [B, k, V] f32, grad_log_weights [B, k] f32); see the module doc."""
+    """Closed-form gradient (grad_logits [B, k, V] f32, grad_log_weights [B, k] f32); see the module doc.
+
+    Two [B, k, V] float32 temporaries (pi, then the softmax), updated in place. pi = exp(c + x - out) is NaN
+    only for -inf - -inf (a token no chunk can produce, or a dropped chunk at such a token): those are 0.
+    """
     g = grad_out.to(torch.float32).unsqueeze(1)  # [B, 1, V]
     x = logits.to(torch.float32)
-    a = c.unsqueeze(-1) + x
-    o = out.unsqueeze(1)
-    dead = (a == NEG_INF) | (o == NEG_INF)
-    pi = torch.where(dead, torch.zeros_like(a), torch.exp(a - torch.where(o == NEG_INF, torch.zeros_like(o), o)))
-    gpi = g * pi
+    gpi = torch.exp((c.unsqueeze(-1) + x).sub_(out.unsqueeze(1))).nan_to_num_(0.0).mul_(g)
     s = gpi.sum(-1)  # [B, k]
-    p = masked_log_softmax(x, None).exp()
-    return gpi - p * s.unsqueeze(-1), s
+    p = torch.softmax(x, -1).nan_to_num_(0.0)  # an all -inf row has no mass
+    return gpi.sub_(p.mul_(s.unsqueeze(-1))), s
 
 
 # ---- autograd ----

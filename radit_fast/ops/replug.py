@@ -120,6 +120,15 @@ def replug_logprob_torch(lm_logprobs: torch.Tensor, retriever_scores: torch.Tens
     return safe_logsumexp(joint, dim=-1)
 
 
+def naive_replug_logprob(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, *, temperature: float = 1.0,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain PyTorch expression (baseline of benchmarks): no -inf guards, autograd through temporaries."""
+    z = retriever_scores / temperature
+    if mask is not None:
+        z = z.masked_fill(~mask, NEG_INF)
+    return torch.logsumexp(torch.log_softmax(z, -1) + lm_logprobs, -1)
+
+
 # ---- launcher (no autograd) ----
 def replug_launch(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, temperature: float,
                   mask: torch.Tensor | None, impl: str, with_grad: bool):
