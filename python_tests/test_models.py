@@ -72,6 +72,18 @@ def test_split_matches_full_model(tok, kind, attn):
     assert models.answer_logprobs_reference(model, batches["padded"][0]).allclose(ref.float(), atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_split_bf16_within_the_models_own_error(tok, attn):
+    """In bf16, the split path (padded and packed) errs no more than the model's own bf16 forward does."""
+    ref = _reference(models.load_lm(str(tiny_model_dir("llama")))[0], _instances(tok))
+    model, _ = models.load_lm(str(tiny_model_dir("llama")), dtype=torch.bfloat16, attn_implementation=attn)
+    insts = _instances(tok)
+    own = (_reference(model, insts) - ref).abs().max().item()
+    for batch in (collate_padded(insts, tok.pad_token_id), collate_packed(insts, tok.pad_token_id, max_tokens=80)):
+        err = (_split_logprobs(model, batch) - ref).abs().max().item()
+        assert err <= 2 * own + 1e-3, f"split error {err:.3e} vs the model's own bf16 error {own:.3e}"
+
+
 def test_hidden_states_shapes_and_gradients(tok):
     model, _ = models.load_lm(str(tiny_model_dir("llama")))
     insts = _instances(tok, n=3)
@@ -126,6 +138,7 @@ def test_packed_attention_mask():
                            [0, 0, 1, 1, 1, 0],
                            [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(allowed, expect)
+    assert torch.equal(models.packed_attention_mask(seq, torch.bool)[0, 0], expect)
     assert models.packed_attention_mask(seq, torch.bfloat16).dtype == torch.bfloat16
 
 

@@ -14,10 +14,12 @@
   soft-cap their logits (Gemma-2 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite
   ``logits_scaling``) are refused with a RaditError rather than silently scored wrong.
 * Packed sequences (:func:`pack_forward`): several instances share one row, positions restart at 0 in
-  each, and attention stays inside each instance. With eager/sdpa attention this passes a 4D additive
-  block-diagonal causal mask ``[R, 1, L, L]`` (transformers >= 4.45 uses a 4D mask as is); with
-  flash-attention it passes only the restarting ``position_ids`` (transformers then uses varlen kernels).
-  Both give the per-instance results of unpacked runs (tested to 1e-5 in fp32).
+  each, and attention stays inside each instance. With eager/sdpa attention this passes a 4D
+  block-diagonal causal mask ``[R, 1, L, L]`` (transformers uses a 4D mask as is); with flash-attention
+  (or flex) it passes only the restarting ``position_ids``, from which transformers derives the blocks
+  itself (varlen kernels for flash-attention). Both give the per-instance results of unpacked runs
+  (tested to 1e-5 in fp32). The mask costs O(L^2) memory and sdpa/eager compute the full L x L scores,
+  so pack into rows of about ``max_length`` tokens (``collate_packed(max_tokens=...)``), not one long row.
 """
 from __future__ import annotations
 
@@ -274,8 +276,10 @@ def attention_implementation(model: nn.Module) -> str:
 
 
 def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask ``[R, 1, L, L]``: 0 where query ``i`` may see key ``j`` (same instance, ``j <= i``),
-    the dtype's lowest value elsewhere.
+    """4D mask ``[R, 1, L, L]`` of where query ``i`` may see key ``j`` (same instance, ``j <= i``).
+
+    ``dtype=torch.bool``: True where allowed (what transformers builds for sdpa); a float dtype: additive,
+    0 where allowed and the dtype's lowest value elsewhere (what eager attention adds to its scores).
 
     ``sequence_ids [R, L]`` numbers the instance of each token; padding shares one id (e.g. -1) and so
     only sees padding, which keeps every row of the mask non-empty (no NaN from an all-masked softmax).
@@ -286,6 +290,8 @@ def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> tor
     same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril_()
     allowed = same & causal
+    if dtype == torch.bool:
+        return allowed[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
@@ -305,9 +311,10 @@ def answer_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_ma
         position_ids: ``[B, T]`` positions; for packed rows they restart at 0 in each instance.
         sequence_ids: ``[B, T]`` instance number of each token for packed rows (padding: -1); attention
             is then kept inside each instance.
-        packing: how packed rows reach the attention: ``"mask"`` (4D block-diagonal causal mask, for
-            eager/sdpa), ``"position_ids"`` (only the restarting positions; transformers derives the
-            blocks, flash-attention runs varlen) or ``"auto"`` (position_ids for flash-attention, else mask).
+        packing: how packed rows reach the attention: ``"mask"`` (4D block-diagonal causal mask: additive
+            float for eager, bool for the others), ``"position_ids"`` (only the restarting positions;
+            transformers derives the blocks itself, and flash-attention runs its varlen kernels) or
+            ``"auto"`` (mask for eager and sdpa, position_ids for flash-attention, flex and the rest).
 
     Returns:
         ``[N, d]`` (or ``[B, T, d]``) in the model's dtype, differentiable w.r.t. the model's parameters.
@@ -317,10 +324,11 @@ def answer_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_ma
     if sequence_ids is not None:
         if position_ids is None:
             raise ValueError("packed rows (sequence_ids) need position_ids that restart in each instance")
+        impl = attention_implementation(model)
         if packing == "auto":
-            packing = "position_ids" if attention_implementation(model).startswith("flash") else "mask"
+            packing = "mask" if impl in ("eager", "sdpa") else "position_ids"
         if packing == "mask":
-            dtype = next(body.parameters()).dtype
+            dtype = next(body.parameters()).dtype if impl == "eager" else torch.bool
             attention_mask = packed_attention_mask(sequence_ids.to(input_ids.device), dtype)
         elif packing == "position_ids":
             attention_mask = None
