@@ -53,15 +53,26 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         created = True
+        # Kept for the life of the process (both stages may run in one torchrun worker: re-creating a group
+        # on the same rendezvous is not reliable), destroyed at exit.
+        import atexit
+
+        atexit.register(_destroy)
         log.info("rank %d/%d joined the %s process group", rank, world, backend)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, initialized_here=created)
 
 
-def cleanup(env: DistEnv) -> None:
-    if env.initialized_here and dist.is_initialized():
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cleanup(env: DistEnv) -> None:
+    """End of a stage: wait for every process (the group itself lives until the process exits)."""
+    if env.distributed and dist.is_initialized():
+        dist.barrier()
 
 
 def barrier(env: DistEnv) -> None:
@@ -94,7 +105,7 @@ def any_process(flag: bool, env: DistEnv) -> bool:
 
 
 def wrap_model(module: nn.Module, env: DistEnv, *, fsdp: bool = False,
-               shard_modules: tuple[type, ...] = ()) -> nn.Module:
+               shard_modules: tuple[type, ...] = (), find_unused_parameters: bool = False) -> nn.Module:
     """DDP (default) or FSDP2 (``fully_shard`` on each ``shard_modules`` instance, then the root).
 
     Single process: the module itself. The wrapped module's ``forward`` must be what the training step
@@ -112,8 +123,13 @@ def wrap_model(module: nn.Module, env: DistEnv, *, fsdp: bool = False,
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import inspect
+
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DDP(module, device_ids=ids, broadcast_buffers=False)
+    # Buffers (rotary tables) are equal on every process: no per-forward broadcast.
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else {"broadcast_buffers": False})
+    return DDP(module, device_ids=ids, find_unused_parameters=find_unused_parameters, **sync)
 
 
 def no_sync(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

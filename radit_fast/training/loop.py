@@ -148,7 +148,8 @@ class Trainer:
         if resume is not None:
             load_params(module, resume.params)
             start = resume.step
-        wrapped = wrap_model(module, env, fsdp=cfg.fsdp, shard_modules=stage.shard_modules)
+        wrapped = wrap_model(module, env, fsdp=cfg.fsdp, shard_modules=stage.shard_modules,
+                             find_unused_parameters=getattr(stage, "find_unused_parameters", False))
         optimizer = self._optimizer(module)
         if resume is not None and resume.optimizer is not None:
             if cfg.fsdp and env.distributed:

@@ -145,12 +145,16 @@ class RetrieverStage:
     """The :class:`~radit_fast.training.loop.Stage` of R-IT."""
 
     shard_modules: tuple[type, ...] = ()
+    find_unused_parameters = False  # the pooler (unused by CLS/mean pooling) is frozen below
 
     def __init__(self, cfg: RetrieverConfig, env: DistEnv, index: sources.IndexSource, data: RItData,
                  fingerprint: dict[str, Any]) -> None:
         self.cfg, self.env, self.index, self.data = cfg, env, index, data
         self.encoder = index.retriever.query_encoder
         self.encoder.requires_grad_(True)
+        pooler = getattr(self.encoder.model, "pooler", None)
+        if isinstance(pooler, nn.Module):  # BERT's pooler is not part of the CLS/mean embedding
+            pooler.requires_grad_(False)
         self.module = LsrObjective(self.encoder, index.index, cfg)
         self._fingerprint = fingerprint
         self.plan = DataPlan(len(data.queries), cfg.batch_size, seed=cfg.seed)
