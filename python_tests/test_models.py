@@ -152,6 +152,15 @@ def test_load_errors(tmp_path):
         models.load_lm(str(tmp_path / "x.gguf"))
 
 
+def test_damaged_default_cache(monkeypatch, tmp_path):
+    broken = tmp_path / "smollm2-135m-instruct"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    monkeypatch.setenv("RADIT_CACHE", str(tmp_path))
+    with pytest.raises(RaditError, match="remove .*smollm2-135m-instruct to convert again"):
+        models.load_lm("default")
+
+
 def test_cache_location(monkeypatch, tmp_path):
     monkeypatch.setenv("RADIT_CACHE", str(tmp_path))
     assert models.default_lm_dir() == tmp_path / "smollm2-135m-instruct"

@@ -203,7 +203,8 @@ def load_lm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=_offline(),
                                                          trust_remote_code=trust_remote_code, **kwargs)
         except (OSError, ValueError) as e:  # transformers reports unusable checkpoints as ValueError
-            raise RaditError(_not_found(path, e)) from None
+            hint = f" (a damaged cache: remove {path} to convert again)" if _is_default(name_or_path) else ""
+            raise RaditError(_not_found(path, e) + hint) from None
         tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     model.to(device)
     model.eval()
