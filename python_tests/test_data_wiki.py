@@ -91,8 +91,11 @@ def test_deterministic_and_stable_splits(tmp_path, demo):
     bigger = wiki_demo.make_demo_data(tmp_path / "bigger", seed=0, n_train=400, n_dev=50, n_test=100,
                                       task="desc2title")
     assert bigger["desc2title_test"].read_bytes() == demo["desc2title_test"].read_bytes()
-    other = wiki_demo.make_demo_data(tmp_path / "other", seed=1, n_train=10, n_dev=5, n_test=5, task="desc2title")
-    assert other["desc2title_test"].read_bytes() != demo["desc2title_test"].read_bytes()
+    usable = wiki_demo.desc2title_examples(_articles())
+    seed0 = wiki_demo.split_examples(usable, seed=0, n_train=300, n_dev=50, n_test=100)
+    seed1 = wiki_demo.split_examples(usable, seed=1, n_train=300, n_dev=50, n_test=100)
+    assert [e.id for e in seed0["test"]] == [e.id for e in load_tasks(demo["desc2title_test"])]
+    assert [e.id for e in seed0["test"]] != [e.id for e in seed1["test"]]
 
 
 def test_errors_and_atomicity(tmp_path):
