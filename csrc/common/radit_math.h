@@ -81,10 +81,19 @@ RADIT_HOST_DEVICE float kl_grad_second_logit(float p, float q, float sum_p) { re
 
 // KL(p || q) with p = softmax(z) and q fixed, r_i = log p_i - log q_i:
 //   dKL/dz_j = sum_i p_i (delta_ij - p_j) r_i + sum_i p_i (delta_ij - p_j) = p_j (r_j - KL).
-// 0 where p_j = 0; the caller zeroes rows whose KL is +inf (gradient undefined there).
-RADIT_HOST_DEVICE float kl_grad_first_logit(float log_p, float log_q, float kl) {
+// p_j = exp(log p_j) is passed in (kernels that keep the exponentials reuse them). 0 where p_j = 0; the caller
+// zeroes rows whose KL is +inf (gradient undefined there).
+RADIT_HOST_DEVICE float kl_grad_first_logit(float p, float log_p, float log_q, float kl) {
   if (log_p == -INFINITY) return 0.0f;
-  return expf(log_p) * ((log_p - log_q) - kl);
+  return p * ((log_p - log_q) - kl);
+}
+
+// One term p (log p - log q) of KL(p || q) with p = exp(log p) passed in: 0 where log p = -inf (0 log 0 = 0),
+// +inf where only log q = -inf (mass where the other distribution has none).
+RADIT_HOST_DEVICE float kl_term_p(float p, float log_p, float log_q) {
+  if (log_p == -INFINITY) return 0.0f;
+  if (log_q == -INFINITY) return INFINITY;
+  return p * (log_p - log_q);
 }
 
 }  // namespace radit

@@ -196,7 +196,7 @@ inline void check_rows_nonempty_host(const View& mask, std::int64_t B, std::int6
   for (std::int64_t b = 0; b < B; ++b) {
     bool any = false;
     for (std::int64_t i = 0; i < k && !any; ++i) any = present(mask, b, i);
-    RADIT_CHECK(any, "mask: row " << b << " has no present chunk (all k entries are False)");
+    RADIT_CHECK(any, "mask row " << b << " has no present chunk (all k entries are False)");
   }
 }
 

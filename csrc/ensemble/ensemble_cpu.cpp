@@ -18,34 +18,63 @@ namespace {
 // Rows per OpenMP task are tiny (k ~ 10): only go parallel for enough rows to pay for the fork.
 constexpr std::int64_t kParallelRows = 512;
 
+// Row buffers of one thread: masked-in logits, their max-shifted exponentials and the log-probabilities.
+struct RowBuf {
+  std::vector<float> x, y, ex, ey;
+  explicit RowBuf(std::int64_t k) : x(k), y(k), ex(k), ey(k) {}
+};
+
+inline float row_max(const float* v, std::int64_t k) {
+  float m = -INFINITY;
+  for (std::int64_t i = 0; i < k; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// e[i] = exp(v[i] - m) (0 for v[i] = -inf) and returns logsumexp(v) = m + log(sum e); -inf when m = -inf.
+inline float row_exp_lse(const float* v, float m, float* e, std::int64_t k) {
+  if (m == -INFINITY) {
+    std::fill(e, e + k, 0.0f);
+    return -INFINITY;
+  }
+  float s = 0.0f;
+  for (std::int64_t i = 0; i < k; ++i) {
+    e[i] = exp_minus(v[i], m);
+    s += e[i];
+  }
+  return lse_value(LseState{m, s});
+}
+
+// Two passes over each row held in thread-local buffers (max, then exponentials): no data-dependent merges,
+// and the exponentials of the forward pass are reused for the gradients.
 template <class TL, class TS>
 void replug_rows(const ReplugParams& p) {
   const float t = p.temperature;
-#pragma omp parallel for schedule(static) if (p.B >= kParallelRows)
-  for (std::int64_t b = 0; b < p.B; ++b) {
-    LseState prior = lse_empty();
-    for (std::int64_t i = 0; i < p.k; ++i)
-      if (present(p.mask, b, i)) prior = lse_push(prior, load<TS>(p.scores, b, i) / t);
-    const float lse_z = lse_value(prior);
-    LseState joint = lse_empty();
-    for (std::int64_t i = 0; i < p.k; ++i) {
-      if (!present(p.mask, b, i)) continue;
-      const float log_p = log_softmax_entry(load<TS>(p.scores, b, i) / t, lse_z);
-      joint = lse_push(joint, log_mul(log_p, load<TL>(p.lm, b, i)));
-    }
-    const float m = lse_value(joint);
-    p.out[b] = m;
-    if (p.grad_lm == nullptr) continue;
-    for (std::int64_t i = 0; i < p.k; ++i) {
-      float gl = 0.0f, gs = 0.0f;
-      if (present(p.mask, b, i)) {
-        const float log_p = log_softmax_entry(load<TS>(p.scores, b, i) / t, lse_z);
-        const float post = exp_minus(log_mul(log_p, load<TL>(p.lm, b, i)), m);
-        gl = post;
-        gs = replug_grad_score(post, exp_minus(log_p, 0.0f), t, m);
+  const std::int64_t k = p.k;
+#pragma omp parallel if (p.B >= kParallelRows)
+  {
+    RowBuf buf(k);
+    float *z = buf.x.data(), *a = buf.y.data(), *ez = buf.ex.data(), *ea = buf.ey.data();
+#pragma omp for schedule(static)
+    for (std::int64_t b = 0; b < p.B; ++b) {
+      for (std::int64_t i = 0; i < k; ++i) z[i] = present(p.mask, b, i) ? load<TS>(p.scores, b, i) / t : -INFINITY;
+      const float lse_z = row_exp_lse(z, row_max(z, k), ez, k);
+      for (std::int64_t i = 0; i < k; ++i)
+        a[i] = z[i] == -INFINITY ? -INFINITY : log_mul(log_softmax_entry(z[i], lse_z), load<TL>(p.lm, b, i));
+      const float m = row_exp_lse(a, row_max(a, k), ea, k);
+      p.out[b] = m;
+      if (p.grad_lm == nullptr) continue;
+      // prior_i = ez_i / sum(ez) = exp(z_i - lse_z); posterior_i = ea_i / sum(ea) = exp(a_i - m).
+      float sz = 0.0f, sa = 0.0f;
+      for (std::int64_t i = 0; i < k; ++i) {
+        sz += ez[i];
+        sa += ea[i];
       }
-      p.grad_lm[b * p.k + i] = gl;
-      p.grad_scores[b * p.k + i] = gs;
+      const float inv_sz = sz > 0.0f ? 1.0f / sz : 0.0f, inv_sa = sa > 0.0f ? 1.0f / sa : 0.0f;
+      for (std::int64_t i = 0; i < k; ++i) {
+        const float post = ea[i] * inv_sa;  // masked and -inf entries: ea = ez = 0
+        p.grad_lm[b * k + i] = post;
+        p.grad_scores[b * k + i] = z[i] == -INFINITY ? 0.0f : replug_grad_score(post, ez[i] * inv_sz, t, m);
+      }
     }
   }
 }
@@ -54,36 +83,45 @@ template <class TS, class TL>
 void lsr_rows(const LsrParams& p) {
   const float tr = p.retriever_temperature, tl = p.lm_temperature;
   const bool forward_kl = p.direction == KlDirection::kLsrToRetriever;  // KL(q || p)
-#pragma omp parallel for schedule(static) if (p.B >= kParallelRows)
-  for (std::int64_t b = 0; b < p.B; ++b) {
-    LseState zs = lse_empty(), us = lse_empty();
-    for (std::int64_t i = 0; i < p.k; ++i) {
-      if (!present(p.mask, b, i)) continue;
-      zs = lse_push(zs, load<TS>(p.scores, b, i) / tr);
-      us = lse_push(us, load<TL>(p.lm_scores, b, i) / tl);
-    }
-    const float lse_z = lse_value(zs), lse_u = lse_value(us);
-    float kl = 0.0f, sum_q = 0.0f;
-    for (std::int64_t i = 0; i < p.k; ++i) {
-      if (!present(p.mask, b, i)) continue;
-      const float log_p = log_softmax_entry(load<TS>(p.scores, b, i) / tr, lse_z);
-      const float log_q = log_softmax_entry(load<TL>(p.lm_scores, b, i) / tl, lse_u);
-      kl += forward_kl ? kl_term(log_q, log_p) : kl_term(log_p, log_q);
-      sum_q += exp_minus(log_q, 0.0f);
-    }
-    p.loss[b] = kl;
-    if (p.grad_scores == nullptr) continue;
-    const bool finite = kl < INFINITY;
-    for (std::int64_t i = 0; i < p.k; ++i) {
-      float g = 0.0f;
-      if (finite && present(p.mask, b, i)) {
-        const float log_p = log_softmax_entry(load<TS>(p.scores, b, i) / tr, lse_z);
-        const float log_q = log_softmax_entry(load<TL>(p.lm_scores, b, i) / tl, lse_u);
-        g = forward_kl ? kl_grad_second_logit(exp_minus(log_q, 0.0f), exp_minus(log_p, 0.0f), sum_q)
-                       : kl_grad_first_logit(log_p, log_q, kl);
-        g /= tr;
+  const std::int64_t k = p.k;
+#pragma omp parallel if (p.B >= kParallelRows)
+  {
+    RowBuf buf(k);
+    float *z = buf.x.data(), *u = buf.y.data(), *ez = buf.ex.data(), *eu = buf.ey.data();
+#pragma omp for schedule(static)
+    for (std::int64_t b = 0; b < p.B; ++b) {
+      for (std::int64_t i = 0; i < k; ++i) {
+        const bool on = present(p.mask, b, i);
+        z[i] = on ? load<TS>(p.scores, b, i) / tr : -INFINITY;
+        u[i] = on ? load<TL>(p.lm_scores, b, i) / tl : -INFINITY;
       }
-      p.grad_scores[b * p.k + i] = g;
+      const float lse_z = row_exp_lse(z, row_max(z, k), ez, k);
+      const float lse_u = row_exp_lse(u, row_max(u, k), eu, k);
+      float sz = 0.0f, su = 0.0f;
+      for (std::int64_t i = 0; i < k; ++i) {
+        sz += ez[i];
+        su += eu[i];
+      }
+      const float inv_sz = sz > 0.0f ? 1.0f / sz : 0.0f, inv_su = su > 0.0f ? 1.0f / su : 0.0f;
+      float kl = 0.0f, sum_q = 0.0f;
+      for (std::int64_t i = 0; i < k; ++i) {
+        ez[i] *= inv_sz;  // p_i
+        eu[i] *= inv_su;  // q_i
+        z[i] = log_softmax_entry(z[i], lse_z);  // log p_i
+        u[i] = log_softmax_entry(u[i], lse_u);  // log q_i
+        kl += forward_kl ? kl_term_p(eu[i], u[i], z[i]) : kl_term_p(ez[i], z[i], u[i]);
+        sum_q += eu[i];
+      }
+      p.loss[b] = kl;
+      if (p.grad_scores == nullptr) continue;
+      const bool finite = kl < INFINITY;
+      for (std::int64_t i = 0; i < k; ++i) {
+        float g = 0.0f;
+        if (finite && present(p.mask, b, i))
+          g = (forward_kl ? kl_grad_second_logit(eu[i], ez[i], sum_q) : kl_grad_first_logit(ez[i], z[i], u[i], kl)) /
+              tr;
+        p.grad_scores[b * k + i] = g;
+      }
     }
   }
 }
@@ -100,7 +138,7 @@ void mixture_impl(const MixtureParams& p) {
     for (std::int64_t v = 0; v < p.V; ++v) mx = std::max(mx, to_float(row[v]));
     float s = 0.0f;
     if (mx != -INFINITY)
-      for (std::int64_t v = 0; v < p.V; ++v) s += std::exp(to_float(row[v]) - mx);
+      for (std::int64_t v = 0; v < p.V; ++v) s += expf(to_float(row[v]) - mx);
     const float lse = lse_value(LseState{mx, s});
     const float wi = load<TW>(p.log_weights, b, i);
     p.c[r] = (lse == -INFINITY) ? -INFINITY : log_mul(wi, -lse);
@@ -126,7 +164,7 @@ void mixture_impl(const MixtureParams& p) {
       const T* row = logits + b * p.logits_s0 + i * p.logits_s1 + v0;
       for (std::int64_t j = 0; j < n; ++j) {
         const float safe_m = mx[j] == -INFINITY ? 0.0f : mx[j];
-        sm[j] += std::exp(ci + to_float(row[j]) - safe_m);
+        sm[j] += expf(ci + to_float(row[j]) - safe_m);
       }
     }
     float* o = p.out + b * p.V + v0;

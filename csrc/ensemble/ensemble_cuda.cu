@@ -97,7 +97,7 @@ __global__ void lsr_kernel(LsrParams p) {
       const float log_p = log_softmax_entry(load<TS>(p.scores, b, i) / tr, lse_z);
       const float log_q = log_softmax_entry(load<TL>(p.lm_scores, b, i) / tl, lse_u);
       g = forward_kl ? kl_grad_second_logit(exp_minus(log_q, 0.0f), exp_minus(log_p, 0.0f), sum_q)
-                     : kl_grad_first_logit(log_p, log_q, kl);
+                     : kl_grad_first_logit(exp_minus(log_p, 0.0f), log_p, log_q, kl);
       g /= tr;
     }
     p.grad_scores[b * p.k + i] = g;

@@ -219,8 +219,8 @@ def lsr_loss(retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriev
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     device = common_device(op, retriever_scores=retriever_scores, lm_scores=lm_scores, mask=mask)
-    mask = check_mask(op, mask, (B, k))
     impl = pick_impl(op, impl, device, retriever_scores, lm_scores, cuda_kernel="lsr_forward_cuda")
+    mask = check_mask(op, mask, (B, k), rows=impl != "cpu")
     if impl == "torch":
         rows = lsr_loss_rows_torch(retriever_scores, lm_scores, retriever_temperature, lm_temperature, mask,
                                    direction)

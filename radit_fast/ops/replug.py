@@ -45,15 +45,18 @@ def check_temperature(op: str, name: str, value: float) -> float:
     return value
 
 
-def check_mask(op: str, mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
-    """``mask`` is None or a bool [B, k] tensor with at least one True per row (True = chunk present)."""
+def check_mask(op: str, mask: torch.Tensor | None, shape: tuple[int, int], rows: bool = True) -> torch.Tensor | None:
+    """``mask`` is None or a bool [B, k] tensor with at least one True per row (True = chunk present).
+
+    ``rows=False`` skips the per-row check (one device sync on GPU) for the cpu backend, whose entry points
+    check the rows themselves with the same message."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"{op}: mask must be a bool tensor of shape [B, k] = {list(shape)}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{op}: mask must have shape [B, k] = {list(shape)}, got {list(mask.shape)}")
-    if mask.numel() and not bool(mask.any(dim=1).all()):
+    if rows and mask.numel() and not bool(mask.any(dim=1).all()):
         row = int((~mask.any(dim=1)).nonzero()[0, 0])
         raise ValueError(f"{op}: mask row {row} has no present chunk (all k entries are False)")
     return mask
@@ -213,8 +216,8 @@ def replug_logprob(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, *,
     check_bk(op, "retriever_scores", retriever_scores, (B, k))
     temperature = check_temperature(op, "temperature", temperature)
     device = common_device(op, lm_logprobs=lm_logprobs, retriever_scores=retriever_scores, mask=mask)
-    mask = check_mask(op, mask, (B, k))
     impl = pick_impl(op, impl, device, lm_logprobs, retriever_scores, cuda_kernel="replug_forward_cuda")
+    mask = check_mask(op, mask, (B, k), rows=impl != "cpu")
     if impl == "torch":
         return replug_logprob_torch(lm_logprobs, retriever_scores, temperature, mask)
     with_grad = torch.is_grad_enabled() and (lm_logprobs.requires_grad or retriever_scores.requires_grad)
