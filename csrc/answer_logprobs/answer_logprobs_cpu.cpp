@@ -94,63 +94,56 @@ RADIT_INLINE float fast_exp(float x) {
   return x < lo ? 0.0f : out;
 }
 
-// (max, sum exp(x - max)) of one row x_j = z_j (+ b_j).
-template <typename T, bool HasBias>
-RADIT_INLINE LseState row_lse_impl(const T* z, const float* b, std::int64_t n) {
+// (max, sum exp(x - max)) of one float32 row x_j = z_j (+ b_j).
+template <bool HasBias>
+RADIT_INLINE LseState row_lse_impl(const float* z, const float* b, std::int64_t n) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (std::int64_t j = 0; j < n; ++j) {
-    float x = load(z + j);
-    if (HasBias) x += b[j];
+    const float x = HasBias ? z[j] + b[j] : z[j];
     m = x > m ? x : m;
   }
   if (m == -INFINITY) return lse_empty();
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (std::int64_t j = 0; j < n; ++j) {
-    float x = load(z + j);
-    if (HasBias) x += b[j];
+    const float x = HasBias ? z[j] + b[j] : z[j];
     s += fast_exp(x - m);
   }
   return LseState{m, s};
 }
 
-// In place z_j <- scale * exp(z_j (+ b_j) - lse); adds the values to gb (column sums) when given.
-template <typename T, bool HasBias, bool GradBias>
-RADIT_INLINE void row_bwd_impl(T* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
+// In place z_j <- scale * exp(z_j (+ b_j) - lse) on a float32 row; adds the values to gb when given.
+template <bool HasBias, bool GradBias>
+RADIT_INLINE void row_bwd_impl(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
 #pragma omp simd
   for (std::int64_t j = 0; j < n; ++j) {
-    float x = load(z + j);
-    if (HasBias) x += b[j];
-    float d = scale * fast_exp(x - lse);
-    store(z + j, d);
+    const float x = HasBias ? z[j] + b[j] : z[j];
+    const float d = scale * fast_exp(x - lse);
+    z[j] = d;
     if (GradBias) gb[j] += d;
   }
 }
 
-RADIT_CLONES LseState row_lse_f32(const float* z, const float* b, std::int64_t n) {
-  return b ? row_lse_impl<float, true>(z, b, n) : row_lse_impl<float, false>(z, b, n);
+// The row kernels below are compiled once per instruction set (target_clones). bfloat16 rows are widened
+// into a float32 scratch row first (and narrowed back in the backward pass): simple loops vectorise.
+RADIT_CLONES LseState row_lse(const float* z, const float* b, std::int64_t n) {
+  return b ? row_lse_impl<true>(z, b, n) : row_lse_impl<false>(z, b, n);
 }
-RADIT_CLONES LseState row_lse_bf16(const bf16_t* z, const float* b, std::int64_t n) {
-  return b ? row_lse_impl<bf16_t, true>(z, b, n) : row_lse_impl<bf16_t, false>(z, b, n);
-}
-RADIT_CLONES void row_bwd_f32(float* z, const float* b, std::int64_t n, float lse, float g, float* gb) {
+RADIT_CLONES void row_bwd(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
   if (b) {
-    gb ? row_bwd_impl<float, true, true>(z, b, n, lse, g, gb) : row_bwd_impl<float, true, false>(z, b, n, lse, g, gb);
+    gb ? row_bwd_impl<true, true>(z, b, n, lse, scale, gb) : row_bwd_impl<true, false>(z, b, n, lse, scale, gb);
   } else {
-    gb ? row_bwd_impl<float, false, true>(z, b, n, lse, g, gb) : row_bwd_impl<float, false, false>(z, b, n, lse, g, gb);
+    gb ? row_bwd_impl<false, true>(z, b, n, lse, scale, gb) : row_bwd_impl<false, false>(z, b, n, lse, scale, gb);
   }
 }
-RADIT_CLONES void row_bwd_bf16(bf16_t* z, const float* b, std::int64_t n, float lse, float g, float* gb) {
-  if (b) {
-    gb ? row_bwd_impl<bf16_t, true, true>(z, b, n, lse, g, gb) : row_bwd_impl<bf16_t, true, false>(z, b, n, lse, g, gb);
-  } else {
-    gb ? row_bwd_impl<bf16_t, false, true>(z, b, n, lse, g, gb) : row_bwd_impl<bf16_t, false, false>(z, b, n, lse, g, gb);
-  }
+RADIT_CLONES void widen_row(const bf16_t* in, float* out, std::int64_t n) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < n; ++j) out[j] = load(in + j);
 }
-
-RADIT_INLINE LseState row_lse(const void* z, bool bf16, const float* b, std::int64_t n) {
-  return bf16 ? row_lse_bf16(static_cast<const bf16_t*>(z), b, n) : row_lse_f32(static_cast<const float*>(z), b, n);
+RADIT_CLONES void narrow_row(const float* in, bf16_t* out, std::int64_t n) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < n; ++j) store(out + j, in[j]);
 }
 
 std::int64_t target_at(std::intptr_t targets, int dtype, std::int64_t r) {
@@ -214,18 +207,24 @@ void fwd_block(const BlockParams& p, std::intptr_t row_max, std::intptr_t row_su
   float* sm = reinterpret_cast<float*>(row_sum);
   float* tl = reinterpret_cast<float*>(target_logit);
   const int nt = threads_for(p.rows, p.cols, p.num_threads);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (std::int64_t r = 0; r < p.rows; ++r) {
-    const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
-    if (t == p.ignore_index) continue;
-    const char* row = reinterpret_cast<const char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
-    LseState st = lse_merge(LseState{mx[r], sm[r]}, row_lse(row, bf16, b, p.cols));
-    mx[r] = st.m;
-    sm[r] = st.s;
-    const std::int64_t j = t - p.col0;
-    if (j >= 0 && j < p.cols) {
-      float x = bf16 ? load(reinterpret_cast<const bf16_t*>(row) + j) : load(reinterpret_cast<const float*>(row) + j);
-      tl[r] = b ? x + b[j] : x;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> scratch(bf16 ? static_cast<std::size_t>(p.cols) : 0);
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < p.rows; ++r) {
+      const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
+      if (t == p.ignore_index) continue;
+      const char* raw = reinterpret_cast<const char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
+      const float* row = reinterpret_cast<const float*>(raw);
+      if (bf16) {
+        widen_row(reinterpret_cast<const bf16_t*>(raw), scratch.data(), p.cols);
+        row = scratch.data();
+      }
+      const LseState st = lse_merge(LseState{mx[r], sm[r]}, row_lse(row, b, p.cols));
+      mx[r] = st.m;
+      sm[r] = st.s;
+      const std::int64_t j = t - p.col0;
+      if (j >= 0 && j < p.cols) tl[r] = b ? row[j] + b[j] : row[j];
     }
   }
 }
@@ -290,36 +289,30 @@ void bwd_block(const BlockParams& p, std::intptr_t lse, std::intptr_t grad_tok, 
     const int tid = 0;
 #endif
     float* gb = grad_bias ? acc.data() + static_cast<std::size_t>(tid) * static_cast<std::size_t>(p.cols) : nullptr;
+    std::vector<float> scratch(bf16 ? static_cast<std::size_t>(p.cols) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t r = 0; r < p.rows; ++r) {
-      char* row = reinterpret_cast<char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
+      char* raw = reinterpret_cast<char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
       const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
       const float gr = g[r];
       if (t == p.ignore_index || gr == 0.0f) {
-        std::memset(row, 0, static_cast<std::size_t>(p.cols) * elt);
+        std::memset(raw, 0, static_cast<std::size_t>(p.cols) * elt);
         continue;
+      }
+      float* row = reinterpret_cast<float*>(raw);
+      if (bf16) {
+        widen_row(reinterpret_cast<const bf16_t*>(raw), scratch.data(), p.cols);
+        row = scratch.data();
       }
       const std::int64_t j = t - p.col0;
       const bool has_t = j >= 0 && j < p.cols;
-      float xt = 0.0f;
-      if (has_t) {
-        xt = bf16 ? load(reinterpret_cast<bf16_t*>(row) + j) : load(reinterpret_cast<float*>(row) + j);
-        if (b) xt += b[j];
-      }
-      if (bf16) {
-        row_bwd_bf16(reinterpret_cast<bf16_t*>(row), b, p.cols, l[r], -gr, gb);
-      } else {
-        row_bwd_f32(reinterpret_cast<float*>(row), b, p.cols, l[r], -gr, gb);
-      }
+      const float xt = has_t ? (b ? row[j] + b[j] : row[j]) : 0.0f;
+      row_bwd(row, b, p.cols, l[r], -gr, gb);
       if (has_t) {  // the one-hot term: dz_t = g (1 - p_t); the loop above added -g p_t to gb
-        const float dt = gr * (1.0f - fast_exp(xt - l[r]));
-        if (bf16) {
-          store(reinterpret_cast<bf16_t*>(row) + j, dt);
-        } else {
-          store(reinterpret_cast<float*>(row) + j, dt);
-        }
+        row[j] = gr * (1.0f - fast_exp(xt - l[r]));
         if (gb) gb[j] += gr;
       }
+      if (bf16) narrow_row(row, reinterpret_cast<bf16_t*>(raw), p.cols);
     }
   }
   if (grad_bias) {

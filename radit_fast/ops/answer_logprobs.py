@@ -39,8 +39,9 @@ __all__ = [
 ]
 
 OP = "answer_logprobs"
-# Vocabulary entries per block of the cpu backend (the GEMM's output width) and the cap on the bytes of
-# its logits block buffer [rows, cols]; rows shrink below N when N * cols would exceed the cap.
+# Tiles of the cpu backend: at most CPU_BLOCK_ROWS rows x CPU_BLOCK_COLS vocabulary entries per GEMM output
+# block, and at most CPU_BLOCK_BYTES bytes for the block buffer (rows shrink to fit).
+CPU_BLOCK_ROWS = 4096
 CPU_BLOCK_COLS = 4096
 CPU_BLOCK_BYTES = 32 << 20
 # Vocabulary entries per block of the torch reference.
@@ -203,7 +204,7 @@ def _torch_bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_
 # ----------------------------------------------------------------------------------------------------------
 def _cpu_blocks(n: int, v: int, elt: int) -> tuple[int, int]:
     cols = min(v, CPU_BLOCK_COLS)
-    rows = max(1, min(n, CPU_BLOCK_BYTES // (cols * elt)))
+    rows = max(1, min(n, CPU_BLOCK_ROWS, CPU_BLOCK_BYTES // (cols * elt)))
     return rows, cols
 
 
@@ -222,12 +223,13 @@ def _cpu_fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segme
     m = torch.full((n,), -math.inf)
     s, tl = torch.zeros(n), torch.zeros(n)
     threads = torch.get_num_threads()
-    for r0 in range(0, n, rows):
-        rr = min(rows, n - r0)
-        for v0 in range(0, v, cols):
-            c = min(cols, v - v0)
+    for v0 in range(0, v, cols):  # vocabulary outer: the weight block stays in cache across row tiles
+        c = min(cols, v - v0)
+        wb = w[v0:v0 + c]
+        for r0 in range(0, n, rows):
+            rr = min(rows, n - r0)
             z = buf[:rr * c].view(rr, c)
-            torch.mm(h[r0:r0 + rr], w[v0:v0 + c].T, out=z)
+            torch.mm(h[r0:r0 + rr], wb.T, out=z)
             _C.answer_logprobs_fwd_block(z.data_ptr(), code, rr, c, c, v0, v, _ptr(b), bcode, _ptr(t, r0), 3,
                                          ignore_index, threads, _ptr(m, r0), _ptr(s, r0), _ptr(tl, r0))
     lse, tok = torch.empty(n), torch.empty(n)
