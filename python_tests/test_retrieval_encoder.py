@@ -166,3 +166,32 @@ def _renamed(enc, name):
 def test_unknown_encoder_is_a_one_line_error(tmp_path):
     with pytest.raises(RaditError, match="cannot load encoder"):
         TextEncoder.from_pretrained(tmp_path)  # an empty folder is not a model
+
+
+def _tiny_bert(folder, hidden, source):
+    """A random 1-layer BERT with the MiniLM tokenizer: a second, different HF encoder (no sentence-transformers files)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=source.tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    source.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_asymmetric_pair_and_build_time_dim_check(built, tmp_path):
+    tmp, r = built
+    corpus = tmp / "corpus.jsonl"
+    q384 = _tiny_bert(tmp_path / "q384", 384, r.query_encoder)
+    folder = build_index(corpus, tmp_path / "asym", IndexBuildConfig(query_encoder=str(q384), chunk_words=40))
+    m = Index.load(folder).manifest
+    assert m["doc_encoder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert m["query_encoder"]["name"] == str(q384) and m["query_encoder"]["pooling"] == "cls"  # a plain HF model
+    r2 = Retriever.load(folder)  # loads the manifest's query encoder with its own pooling
+    assert r2.query_encoder.name == str(q384) and r2.query_encoder.pooling == "cls"
+    assert r2.retrieve(["anything"], k=2).scores.shape == (1, 2)
+    q32 = _tiny_bert(tmp_path / "q32", 32, r.query_encoder)
+    with pytest.raises(RaditError, match="has dim 32 but the document encoder .* has dim 384"):
+        build_index(corpus, tmp_path / "bad", IndexBuildConfig(query_encoder=str(q32)))
+    assert not (tmp_path / "bad").exists()

@@ -48,11 +48,13 @@ def flat(tmp_path_factory):
     return x, q, Index.load(_build(tmp_path_factory.mktemp("flat"), x))
 
 
-def test_exact_search_equals_torch_topk_with_ties(flat):
+@pytest.mark.parametrize("impl", ["auto", "faiss"])
+def test_exact_search_equals_torch_topk_with_ties(flat, impl):
     x, q, index = flat
     k = 10
     ref_scores, _ = torch.topk(torch.from_numpy(q) @ torch.from_numpy(x).T, k, dim=1)
-    scores, rows = index.search(q, k)
+    scores, rows = index.search(q, k, impl=impl)
+    assert (index._flat_matrix() is not None) and index._flat_matrix().shape == x.shape
     assert scores.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (len(q), k)
     check_knn_with_ties(x, q, scores, rows, ref_scores.numpy())
     # the duplicated rows really produce ties, and queries that are data rows find themselves first

@@ -42,7 +42,7 @@ def _encoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", type=_bool, metavar="{true,false}", help="override L2 normalisation")
     p.add_argument("--max-length", type=_positive, help="max tokens per text (default: the encoder's)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast for encoding (auto: bf16 on GPU, fp32 on CPU)")
+                   help="autocast for encoding (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model folder")
 
 

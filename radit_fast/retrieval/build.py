@@ -177,6 +177,13 @@ def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBui
         local["enc"] = TextEncoder.from_pretrained(cfg.doc_encoder or cfg.encoder, device=device, **enc_kw)
         if not ctx.is_main:
             return None
+        doc_id = local["enc"].identity()
+        local["q_id"] = doc_id
+        if cfg.query_encoder and cfg.query_encoder != (cfg.doc_encoder or cfg.encoder):
+            local["q_id"] = TextEncoder.from_pretrained(cfg.query_encoder, **enc_kw).identity()
+            if local["q_id"]["dim"] != doc_id["dim"]:
+                raise RaditError(f"query encoder {cfg.query_encoder} has dim {local['q_id']['dim']} but the document "
+                                 f"encoder {doc_id['name']} has dim {doc_id['dim']}")
         n = write_store(corpus, tmp, cfg.chunk_words)
         logger.info("%s: %d passages (chunks of at most %d words)", corpus, n, cfg.chunk_words)
         make_faiss_index(cfg.index_factory, local["enc"].dim)  # a bad factory string fails before encoding
@@ -206,13 +213,7 @@ def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBui
             out.flush()
             del out
             shutil.rmtree(folder / "shards")
-        doc_id = enc.identity()
-        q_name = cfg.query_encoder or cfg.encoder
-        if cfg.query_encoder and cfg.query_encoder != (cfg.doc_encoder or cfg.encoder):
-            q_id = TextEncoder.from_pretrained(q_name, **enc_kw).identity()
-        else:
-            q_id = doc_id
-        _finish(folder, doc_identity=doc_id, query_identity=q_id, index_factory=cfg.index_factory,
+        _finish(folder, doc_identity=enc.identity(), query_identity=local["q_id"], index_factory=cfg.index_factory,
                 search_params=cfg.search_params, train_size=cfg.train_size, device=cfg.device,
                 extra={"chunk_words": cfg.chunk_words, "corpus": str(corpus.resolve()),
                        "precision": enc.resolve_precision(cfg.precision), "world_size": ctx.world_size, "build_config": asdict(cfg)})

@@ -192,8 +192,26 @@ class Index:
     def dim(self) -> int:
         return int(self.manifest["dim"])
 
-    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product: (scores float32 [B, k] descending, rows int64 [B, k], -1 = no result)."""
+    def _flat_matrix(self) -> torch.Tensor | None:
+        """Zero-copy float32 [n, d] view of a CPU IndexFlatIP's vectors (None for other index types)."""
+        import faiss
+
+        idx = self.faiss_index
+        if not (isinstance(idx, faiss.IndexFlat) and idx.metric_type == faiss.METRIC_INNER_PRODUCT):
+            return None
+        if getattr(self, "_flat", None) is None:
+            xb = faiss.rev_swig_ptr(idx.get_xb(), idx.ntotal * idx.d)
+            self._flat = torch.from_numpy(np.asarray(xb).reshape(idx.ntotal, idx.d))
+        return self._flat
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int, *, impl: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (scores float32 [B, k] descending, rows int64 [B, k], -1 = no result).
+
+        ``impl="auto"`` searches a CPU Flat index with :func:`exact_topk` (torch matmul + top-k over the
+        FAISS vectors, zero-copy: 3-10x faster than faiss-cpu's Flat search at query batches below ~1000
+        on this CPU, see benchmarks/results/retrieval_cpu.csv) and everything else with FAISS;
+        ``"faiss"`` forces FAISS. Both are exact for Flat (ties may be ordered differently).
+        """
         if isinstance(queries, torch.Tensor):
             queries = queries.detach().float().cpu().numpy()
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -203,6 +221,12 @@ class Index:
             raise RaditError(f"k must be >= 1, got {k}")
         if k > len(self):
             raise RaditError(f"k={k} is larger than the index ({len(self)} passages)")
+        if impl not in ("auto", "faiss"):
+            raise RaditError(f"impl must be auto or faiss, got {impl!r}")
+        flat = self._flat_matrix() if impl == "auto" else None
+        if flat is not None:
+            scores, rows = exact_topk(torch.from_numpy(q), flat, k)
+            return scores.numpy(), rows.numpy()
         scores, rows = self.faiss_index.search(q, k)
         return scores, rows.astype(np.int64, copy=False)
 
