@@ -160,6 +160,26 @@ def test_non_contiguous_inputs(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_vocabulary_bias(impl, dtype):
+    """A bias of -inf removes vocabulary entries (including whole blocks): they get no mass and no gradient."""
+    hidden, weight, b, targets = make_inputs(20, 8, 300, dtype)
+    b[100:250] = -float("inf")
+    targets[targets.ge(100) & targets.lt(250)] = 3
+    grad_out = torch.randn(20, dtype=torch.float64)
+    out, grads = run(impl, hidden, weight, b, targets, grad_out)
+    keep = torch.cat([torch.arange(100), torch.arange(250, 300)])
+    t_kept = torch.where(targets == -100, -100, torch.searchsorted(keep, targets))
+    ref, leaves = reference(hidden, weight[keep], b[keep], t_kept)
+    (ref * grad_out).sum().backward()
+    tol = 2e-5 if dtype == torch.float32 else 0.1
+    max_err(out, ref, "tok_logprob", tol)
+    assert float(grads[1][100:250].abs().max()) == 0 and float(grads[2][100:250].abs().max()) < 1e-30
+    max_err(grads[0], leaves[0].grad, "grad_hidden", 1e-5 if dtype == torch.float32 else 2e-2,
+            scale=float(leaves[0].grad.abs().max()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_partial_requires_grad(impl):
     hidden, weight, b, targets = make_inputs(12, 8, 100)
     w = weight.clone().requires_grad_()

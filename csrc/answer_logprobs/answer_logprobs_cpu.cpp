@@ -32,6 +32,11 @@
 #include <omp.h>
 #endif
 
+// The 64-byte vector helpers are always inlined: the warning about their (never used) out-of-line ABI is noise.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
 #define RADIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -71,55 +76,109 @@ RADIT_INLINE void store(bf16_t* p, float x) {
   *p = static_cast<bf16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
-// exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2, Cephes polynomial for exp(r).
-// Exactly 0 below ln(FLT_MIN) (so exp(-inf) = 0), saturates at 2^127 above 88, NaN in -> NaN out.
-RADIT_INLINE float fast_exp(float x) {
-  const float lo = -87.33654475f;
-  float xc = x > 88.0f ? 88.0f : x;
-  xc = xc < lo ? lo : xc;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-  float t = xc * 1.44269504088896341f + magic;
-  float n = t - magic;
-  float r = xc - n * 0.693359375f;
+// exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2, Cephes polynomial for exp(r) (~1 ulp).
+// One formula for a float (F = float, U = uint32) and for a vector of floats (GCC vector extensions), so
+// the vector loops below cannot drift from the scalar tails. Exactly 0 below ln(FLT_MIN) (so exp(-inf) = 0:
+// a -inf bias masks a vocabulary entry exactly), saturates at 2^127 above 88, NaN in -> NaN out (comparisons
+// with NaN are false, so the clamps pass it through). Branch-free: selects only.
+// In place (no vector passed by value: that keeps GCC's -Wpsabi notes away).
+template <typename F, typename U>
+RADIT_INLINE void exp_poly(F& x) {
+  const F hi = F{} + 88.0f, lo = F{} - 87.33654475f, magic = F{} + 12582912.0f;  // 1.5 * 2^23
+  const auto under = x < lo;
+  x = x > hi ? hi : x;
+  x = under ? lo : x;
+  const F t = x * 1.44269504088896341f + magic;  // round(x / ln 2) sits in the low mantissa bits of t
+  const F n = t - magic;
+  F r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
+  F y = F{} + 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  std::uint32_t e = (float_to_bits(t) - float_to_bits(magic) + 127u) << 23;
-  float out = y * bits_to_float(e);
-  return x < lo ? 0.0f : out;
+  U bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  bits = (bits - 0x4b400000u + 127u) << 23;  // 0x4b400000 = bits of magic: 2^n as a float
+  F scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  x = under ? F{} : y * scale;
+}
+
+constexpr std::int64_t kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * 4)));
+typedef std::uint32_t vuint __attribute__((vector_size(kLanes * 4)));
+
+RADIT_INLINE float fast_exp(float x) {
+  exp_poly<float, std::uint32_t>(x);
+  return x;
+}
+RADIT_INLINE void loadv(vfloat& v, const float* p) { std::memcpy(&v, p, sizeof v); }
+RADIT_INLINE void storev(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof v); }
+// x = z[j:j+16] (+ b[j:j+16])
+template <bool HasBias>
+RADIT_INLINE void load_logits(vfloat& x, const float* z, const float* b, std::int64_t j) {
+  loadv(x, z + j);
+  if (HasBias) {
+    vfloat bv;
+    loadv(bv, b + j);
+    x += bv;
+  }
 }
 
 // (max, sum exp(x - max)) of one float32 row x_j = z_j (+ b_j).
 template <bool HasBias>
 RADIT_INLINE LseState row_lse_impl(const float* z, const float* b, std::int64_t n) {
+  const std::int64_t nv = n / kLanes * kLanes;
+  vfloat mv = vfloat{} - INFINITY;
+  for (std::int64_t j = 0; j < nv; j += kLanes) {
+    vfloat x;
+    load_logits<HasBias>(x, z, b, j);
+    mv = x > mv ? x : mv;
+  }
   float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (std::int64_t j = 0; j < n; ++j) {
+  for (std::int64_t k = 0; k < kLanes; ++k) m = mv[k] > m ? mv[k] : m;
+  for (std::int64_t j = nv; j < n; ++j) {
     const float x = HasBias ? z[j] + b[j] : z[j];
     m = x > m ? x : m;
   }
   if (m == -INFINITY) return lse_empty();
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (std::int64_t j = 0; j < n; ++j) {
-    const float x = HasBias ? z[j] + b[j] : z[j];
-    s += fast_exp(x - m);
+  vfloat sv = vfloat{};
+  for (std::int64_t j = 0; j < nv; j += kLanes) {
+    vfloat x;
+    load_logits<HasBias>(x, z, b, j);
+    x -= m;
+    exp_poly<vfloat, vuint>(x);
+    sv += x;
   }
+  float s = 0.0f;
+  for (std::int64_t k = 0; k < kLanes; ++k) s += sv[k];
+  for (std::int64_t j = nv; j < n; ++j) s += fast_exp((HasBias ? z[j] + b[j] : z[j]) - m);
   return LseState{m, s};
 }
 
 // In place z_j <- scale * exp(z_j (+ b_j) - lse) on a float32 row; adds the values to gb when given.
 template <bool HasBias, bool GradBias>
 RADIT_INLINE void row_bwd_impl(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
-#pragma omp simd
-  for (std::int64_t j = 0; j < n; ++j) {
-    const float x = HasBias ? z[j] + b[j] : z[j];
-    const float d = scale * fast_exp(x - lse);
+  const std::int64_t nv = n / kLanes * kLanes;
+  for (std::int64_t j = 0; j < nv; j += kLanes) {
+    vfloat x;
+    load_logits<HasBias>(x, z, b, j);
+    x -= lse;
+    exp_poly<vfloat, vuint>(x);
+    x *= scale;
+    storev(z + j, x);
+    if (GradBias) {
+      vfloat g;
+      loadv(g, gb + j);
+      g += x;
+      storev(gb + j, g);
+    }
+  }
+  for (std::int64_t j = nv; j < n; ++j) {
+    const float d = scale * fast_exp((HasBias ? z[j] + b[j] : z[j]) - lse);
     z[j] = d;
     if (GradBias) gb[j] += d;
   }
