@@ -25,8 +25,11 @@ def _ref_logprob(model, prompt, cont):
 
 
 @pytest.mark.parametrize("impl", ["torch", "auto"])
-def test_score_matches_full_sequence(lm, impl):
+@pytest.mark.parametrize("path", ["tree", "cached"])
+def test_score_matches_full_sequence(lm, impl, path, monkeypatch):
     model, _ = lm
+    if path == "cached":  # what flash-attention models use
+        monkeypatch.setattr("radit_fast.models.attention_implementation", lambda m: "flash_attention_2")
     g = torch.Generator().manual_seed(0)
     rnd = lambda n: torch.randint(1, model.config.vocab_size, (n,), generator=g).tolist()  # noqa: E731
     prompts = [rnd(n) for n in (7, 3, 12, 1, 5)]

@@ -185,3 +185,51 @@ def test_radit_eval_checks(tiny_run_inputs, tmp_path, capsys):
     preds = (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 2 and "em" in json.loads(preds[0])
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]["n_examples"] == 2
+
+
+def test_file_fingerprint_follows_content(tmp_path):
+    from radit_fast.pipeline.steps import file_fingerprint
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("x\n")
+    b.write_text("x\n")
+    assert file_fingerprint(a) == file_fingerprint(b)
+    b.write_text("y\n")
+    assert file_fingerprint(a) != file_fingerprint(b)
+
+
+def test_demo_data_merged_splits_and_corpus_subset(tmp_path):
+    from radit_fast.data.tasks import check_disjoint, load_tasks
+    from radit_fast.io import read_jsonl
+    from radit_fast.pipeline.demo import prepare_demo_data
+
+    settings = {"n_train": 5, "n_dev": 3, "n_test": 4, "corpus_articles": 60}
+    paths = prepare_demo_data(tmp_path / "data", seed=1, settings=settings)
+    splits = {s: load_tasks(paths[s]) for s in ("train", "dev", "test")}
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [10, 6, 8]       # two tasks each
+    for s, exs in splits.items():
+        assert sum(ex.choices is not None for ex in exs) == len(exs) // 2, s
+    check_disjoint(splits["train"], splits["test"])
+    corpus = {r["id"] for r in read_jsonl(paths["corpus"])}
+    assert len(corpus) == 60
+    assert all(p in corpus for exs in splits.values() for ex in exs for p in ex.provenance)
+    mtime = paths["test"].stat().st_mtime_ns
+    assert prepare_demo_data(tmp_path / "data", seed=1, settings=settings) == paths
+    assert paths["test"].stat().st_mtime_ns == mtime                                # reused, not rewritten
+    with pytest.raises(RaditError, match="unknown option"):
+        prepare_demo_data(tmp_path / "other", settings={"n_tests": 3})
+
+
+def test_demo_config_is_valid(tmp_path):
+    from radit_fast.cli.run import DEMO_CONFIG
+    from radit_fast.pipeline.config import load_run_file, make_config
+
+    file = load_run_file(DEMO_CONFIG, extra_sections=("data",))
+    file.pop("data")
+    cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(tmp_path / "o"), file=file)
+    assert cfg.eval.k >= 1 and cfg.run.eval_dtype == "bf16"
+    assert cfg.lm_config(tmp_path / "x").max_steps == file["train_lm"]["max_steps"]
+    with pytest.raises(RaditError, match="unknown option"):
+        make_config(corpus="c", train="t", dev="d", test="e", out="o", file={"eval": {"kk": 1}})
+    with pytest.raises(RaditError, match="set by radit run"):
+        make_config(corpus="c", train="t", dev="d", test="e", out="o", file={"train_lm": {"out": "x"}})

@@ -118,39 +118,100 @@ class LMEngine:
 
         ``continuations[i]`` lists the candidate token sequences after ``prompts[i]`` (each non-empty).
         Returns the same nesting of floats. ``progress`` (a tqdm bar) advances by one per prompt.
+
+        With eager/sdpa attention each prompt and all its continuations form one row with a tree mask
+        (every continuation sees the prompt and itself, positions continue from the prompt): one forward
+        pass per prompt. With flash-attention (no custom masks) the prompt's KV cache is reused instead.
         """
+        from radit_fast.models import attention_implementation
+
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuation lists")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("an empty prompt cannot be scored (it has no position to predict from)")
+        if any(len(c) == 0 for cs in continuations for c in cs):
+            raise ValueError("an empty continuation cannot be scored")
+        tree = not attention_implementation(self.model).startswith("flash")
         out: list[list[float]] = [[0.0] * len(c) for c in continuations]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        size = lambda i: len(prompts[i]) + sum(len(c) for c in continuations[i])  # noqa: E731
+        order = sorted(range(len(prompts)), key=lambda i: -size(i))
         for b0 in range(0, len(order), self.batch_size):
             batch = order[b0:b0 + self.batch_size]
-            pre = self._prefix_pass([prompts[i] for i in batch])
-            pairs = [(j, c) for j, i in enumerate(batch) for c in range(len(continuations[i]))]
-            for r0 in range(0, len(pairs), self.max_rows):
-                chunk = pairs[r0:r0 + self.max_rows]
-                seqs = [continuations[batch[j]][c] for j, c in chunk]
-                if any(len(s) == 0 for s in seqs):
-                    raise ValueError("an empty continuation cannot be scored")
-                rows = torch.tensor([j for j, _ in chunk], dtype=torch.long, device=self.device)
-                ids, mask, lengths = self._pad(seqs)
-                hidden, _ = self._continue(pre, rows, ids, mask)
-                # Row r's token t is predicted by the prompt's last state (t = 0) or by its own state t-1.
-                pred = torch.cat([pre.last_hidden.index_select(0, rows)[:, None], hidden[:, :-1]], dim=1)
-                sel = mask.bool()
-                seg = torch.arange(len(chunk), device=self.device)[:, None].expand_as(ids)[sel]
-                logp = answer_logprobs_per_sequence(pred[sel], self.weight, ids[sel], segment_ids=seg,
-                                                    num_segments=len(chunk), bias=self.bias, impl=self.impl)
-                for (j, c), v in zip(chunk, logp.float().tolist()):
-                    out[batch[j]][c] = v
+            scorer = self._score_tree if tree else self._score_cached
+            for i, vals in zip(batch, scorer([prompts[i] for i in batch], [continuations[i] for i in batch])):
+                out[i] = vals
             if progress is not None:
                 progress.update(len(batch))
         return out
+
+    def _score_tree(self, prompts, conts) -> list[list[float]]:
+        rows = [list(p) + [t for c in cs for t in c] for p, cs in zip(prompts, conts)]
+        width = max(len(r) for r in rows)
+        n = len(rows)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        group = torch.full((n, width), -1, dtype=torch.long)   # 0 prompt, j + 1 continuation j, -1 pad
+        pos = torch.zeros((n, width), dtype=torch.long)
+        pred, target, seg = [], [], []
+        n_seg = 0
+        for r, (p, cs) in enumerate(zip(prompts, conts)):
+            ids[r, : len(rows[r])] = torch.as_tensor(rows[r], dtype=torch.long)
+            group[r, : len(p)] = 0
+            pos[r, : len(p)] = torch.arange(len(p))
+            at = len(p)
+            for j, c in enumerate(cs):
+                group[r, at:at + len(c)] = j + 1
+                pos[r, at:at + len(c)] = len(p) + torch.arange(len(c))
+                for t, tok in enumerate(c):  # token t is predicted by the prompt's end (t = 0) or by token t-1
+                    pred.append(r * width + (len(p) - 1 if t == 0 else at + t - 1))
+                    target.append(tok)
+                    seg.append(n_seg)
+                at += len(c)
+                n_seg += 1
+        q, k = group[:, :, None], group[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril_()
+        allowed = causal & (((k == 0) & (q >= 0)) | ((k == q) & (q > 0)))
+        allowed |= torch.eye(width, dtype=torch.bool) & (q < 0)  # padding sees itself: no empty softmax row
+        dtype = self.weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        out = self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                        position_ids=pos.to(self.device), use_cache=False, return_dict=True)
+        hidden = out.last_hidden_state.reshape(n * width, -1)
+        dev = self.device
+        h = hidden.index_select(0, torch.tensor(pred, device=dev))
+        logp = answer_logprobs_per_sequence(h, self.weight, torch.tensor(target, device=dev),
+                                            segment_ids=torch.tensor(seg, device=dev), num_segments=n_seg,
+                                            bias=self.bias, impl=self.impl).float().tolist()
+        res, s = [], 0
+        for cs in conts:
+            res.append(logp[s:s + len(cs)])
+            s += len(cs)
+        return res
+
+    def _score_cached(self, prompts, conts) -> list[list[float]]:
+        pre = self._prefix_pass(prompts)
+        res = [[0.0] * len(cs) for cs in conts]
+        pairs = [(j, c) for j, cs in enumerate(conts) for c in range(len(cs))]
+        for r0 in range(0, len(pairs), self.max_rows):
+            chunk = pairs[r0:r0 + self.max_rows]
+            seqs = [conts[j][c] for j, c in chunk]
+            rows = torch.tensor([j for j, _ in chunk], dtype=torch.long, device=self.device)
+            ids, mask, _ = self._pad(seqs)
+            hidden, _ = self._continue(pre, rows, ids, mask)
+            # Row r's token t is predicted by the prompt's last state (t = 0) or by its own state t-1.
+            pred = torch.cat([pre.last_hidden.index_select(0, rows)[:, None], hidden[:, :-1]], dim=1)
+            sel = mask.bool()
+            seg = torch.arange(len(chunk), device=self.device)[:, None].expand_as(ids)[sel]
+            logp = answer_logprobs_per_sequence(pred[sel], self.weight, ids[sel], segment_ids=seg,
+                                                num_segments=len(chunk), bias=self.bias, impl=self.impl)
+            for (j, c), v in zip(chunk, logp.float().tolist()):
+                res[j][c] = v
+        return res
 
     # -------------------------------------------------------------------------------- decoding
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[Sequence[int]]], log_weights: Sequence[Sequence[float]],
                  *, max_new_tokens: int, stop_ids: set[int] | frozenset[int], reweight: bool = False,
+                 eos_ids: set[int] | frozenset[int] = frozenset(), blank_ids: set[int] | frozenset[int] = frozenset(),
                  progress=None) -> list[list[int]]:
         """Greedy decoding from the token-level mixture of each example's augmented prompts.
 
@@ -159,7 +220,9 @@ class LMEngine:
         every prompt of example b is fed the same token
         ``argmax_y log sum_i softmax(w_b)_i p_LM(y | c_i o x, y_<t)``. With ``reweight`` the weights
         become the posterior ``w_i + log p_LM(y_<t | c_i o x)`` (the chunks that explain the answer so far
-        gain weight). Decoding of an example stops at a token of ``stop_ids`` (not returned) or after
+        gain weight). Decoding of an example stops at a token of ``eos_ids``, at a token of ``stop_ids``
+        (e.g. newlines) once it has produced a token outside ``blank_ids`` (so leading blank lines are
+        skipped, kept in the output), neither stop token being returned, or after
         ``max_new_tokens``. Returns the generated token ids of each example. ``progress`` (a tqdm bar)
         advances by one per prompt.
         """
@@ -183,13 +246,15 @@ class LMEngine:
         for batch in batches:
             for b, toks in zip(batch, self._generate_batch([prompts[b] for b in batch],
                                                            [log_weights[b] for b in batch],
-                                                           max_new_tokens, stop_ids, reweight)):
+                                                           max_new_tokens, stop_ids, reweight, eos_ids,
+                                                           blank_ids)):
                 results[b] = toks
             if progress is not None:
                 progress.update(sum(len(prompts[b]) for b in batch))
         return results
 
-    def _generate_batch(self, prompts, log_weights, max_new_tokens, stop_ids, reweight) -> list[list[int]]:
+    def _generate_batch(self, prompts, log_weights, max_new_tokens, stop_ids, reweight, eos_ids=frozenset(),
+                        blank_ids=frozenset()) -> list[list[int]]:
         n_ex = len(prompts)
         k_max = max(len(p) for p in prompts)
         flat = [p for ps in prompts for p in ps]
@@ -206,9 +271,10 @@ class LMEngine:
         hidden = pre.last_hidden
         out: list[list[int]] = [[] for _ in range(n_ex)]
         done = torch.zeros(n_ex, dtype=torch.bool, device=self.device)
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        as_t = lambda ids: torch.tensor(sorted(ids), dtype=torch.long, device=self.device)  # noqa: E731
+        stop, eos, blank = as_t(stop_ids), as_t(eos_ids), as_t(blank_ids)
+        started = torch.zeros(n_ex, dtype=torch.bool, device=self.device)
         cache = None
-        ones = torch.ones(len(flat), 0, dtype=torch.long, device=self.device)
         full = len(flat) == n_ex * k_max  # every example has k_max prompts: the grid is a view
         for t in range(max_new_tokens):
             logits = nn.functional.linear(hidden, self.weight, self.bias).float()   # [R, V] (decoding only)
@@ -218,7 +284,8 @@ class LMEngine:
                 grid = logits.new_zeros(n_ex, k_max, logits.shape[-1])
                 grid[owner, slot] = logits
             nxt = mixture_logprobs(grid, w.log_softmax(-1), impl=self.impl).argmax(-1)  # [n_ex]
-            is_stop = torch.isin(nxt, stop) | done
+            is_stop = torch.isin(nxt, eos) | (torch.isin(nxt, stop) & started) | done
+            started |= ~torch.isin(nxt, blank)
             for b, (tok_b, stop_b) in enumerate(zip(nxt.tolist(), is_stop.tolist())):
                 if not stop_b:
                     out[b].append(tok_b)
@@ -230,13 +297,12 @@ class LMEngine:
                 w = w + torch.zeros_like(w).index_put_((owner, slot), step)
             tok = nxt[owner][:, None]
             ones = torch.ones(len(flat), t + 1, dtype=torch.long, device=self.device)
-            if cache is None:
-                h, cache = self._continue(pre, rows, tok, ones[:, :1])
-            else:
-                mask = torch.cat([pre.mask, ones], dim=1)
-                pos = pre.lengths[:, None] + t
-                o = self.body(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                              use_cache=True, return_dict=True)
-                h, cache = o.last_hidden_state, o.past_key_values
+            if cache is None:  # every row continues its own prompt: the prefix cache is used as is
+                cache = _make_cache(pre.kv, self.config)
+            mask = torch.cat([pre.mask, ones], dim=1)
+            pos = pre.lengths[:, None] + t
+            o = self.body(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True, return_dict=True)
+            h, cache = o.last_hidden_state, o.past_key_values
             hidden = h[:, -1]
         return out

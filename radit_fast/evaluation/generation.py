@@ -9,7 +9,8 @@ Two decoders (DESIGN.md section 1):
 * ``"rescore"`` (the paper's alternative): decode each augmented prompt greedily on its own, then score
   every distinct candidate with the REPLUG ensemble over all k prompts and keep the best.
 
-Generation stops at the end-of-sequence token or at the first newline (answers are one line).
+Generation stops at the end-of-sequence token or at the first newline after the answer has begun
+(answers are one line; leading blank lines are skipped).
 """
 from __future__ import annotations
 
@@ -26,29 +27,33 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=8)
-def _newline_ids(tokenizer: Any) -> frozenset[int]:
-    vocab = tokenizer.get_vocab()
-    ids = set()
-    for _, i in vocab.items():
-        if "\n" in tokenizer.decode([i]):
-            ids.add(int(i))
-    return frozenset(ids)
+def _vocab_classes(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """(ids whose text contains a newline, ids whose text is only white space)."""
+    newline, blank = set(), set()
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        if "\n" in text:
+            newline.add(i)
+        if not text.strip():
+            blank.add(i)
+    return frozenset(newline), frozenset(blank)
 
 
-def stop_ids(tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids and every token whose text contains a newline."""
-    ids = set(_newline_ids(tokenizer))
+def stop_ids(tokenizer: Any) -> dict[str, frozenset[int]]:
+    """Decoding stops: ``eos_ids`` (end of sequence) always; ``stop_ids`` (a newline) once the answer has
+    begun, i.e. after a token outside ``blank_ids`` (leading blank lines are skipped)."""
+    newline, blank = _vocab_classes(tokenizer)
     eos = tokenizer.eos_token_id
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    return frozenset(ids)
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+    return {"stop_ids": newline, "eos_ids": frozenset(eos_ids), "blank_ids": blank | frozenset(eos_ids)}
 
 
 def clean_answer(text: str) -> str:
-    """The first line of a generated text, stripped."""
-    return text.split("\n", 1)[0].strip()
+    """The first non-empty line of a generated text, stripped."""
+    for line in text.split("\n"):
+        if line.strip():
+            return line.strip()
+    return ""
 
 
 def generate_answers(engine: LMEngine, tokenizer: Any, examples: Sequence[Example], augs: Sequence[Augmentation],
@@ -64,12 +69,12 @@ def generate_answers(engine: LMEngine, tokenizer: Any, examples: Sequence[Exampl
                for ex, aug in zip(examples, augs)]
     if settings.decode == "mixture":
         weights = [[s / settings.retriever_temperature for s in aug.scores] for aug in augs]
-        tokens = engine.generate(prompts, weights, max_new_tokens=settings.max_new_tokens, stop_ids=stops,
+        tokens = engine.generate(prompts, weights, max_new_tokens=settings.max_new_tokens, **stops,
                                  reweight=settings.reweight, progress=progress)
         return [{"prediction": clean_answer(tokenizer.decode(t, skip_special_tokens=True))} for t in tokens]
     # rescore: each augmented prompt decoded alone (a mixture of one), candidates rescored by the ensemble
     flat = [[p] for ps in prompts for p in ps]
-    tokens = engine.generate(flat, [[0.0]] * len(flat), max_new_tokens=settings.max_new_tokens, stop_ids=stops,
+    tokens = engine.generate(flat, [[0.0]] * len(flat), max_new_tokens=settings.max_new_tokens, **stops,
                              progress=progress)
     candidates, i = [], 0
     for ps in prompts:

@@ -44,6 +44,7 @@ class RunOptions:
     select_every: int = 0                # evaluate a candidate every N training steps on dev (0: last only)
     select_metric_lm: str = "avg"        # dev metric for the LM steps (avg = mean of em and accuracy)
     select_metric_retriever: str = "recall@1"  # dev metric for the retriever steps (falls back to avg)
+    retriever_train_examples: int | None = None  # stage 2 on a seeded subset of train (None: all of it)
     device: str | None = None            # cpu | cuda (default: cuda when available)
     threads: int | None = None           # torch CPU threads
 
@@ -54,6 +55,8 @@ class RunOptions:
             raise RaditError(f"run.eval_dtype must be fp32 or bf16, got {self.eval_dtype!r}")
         if self.dev_examples is not None and self.dev_examples < 1:
             raise RaditError(f"run.dev_examples must be >= 1, got {self.dev_examples}")
+        if self.retriever_train_examples is not None and self.retriever_train_examples < 1:
+            raise RaditError(f"run.retriever_train_examples must be >= 1, got {self.retriever_train_examples}")
         if self.select_every < 0:
             raise RaditError(f"run.select_every must be >= 0, got {self.select_every}")
         if self.select_metric_retriever not in ("recall@1", "recall@10", "avg"):
@@ -107,7 +110,7 @@ class RunConfig:
         from radit_fast.training.config import RetrieverConfig
 
         extra = {"retriever_temperature": self.eval.retriever_temperature,
-                 "cache_dir": str(Path(self.out) / "lsr_cache")}
+                 "cache_dir": str(Path(self.out) / "lsr_cache" / self.run.eval_dtype)}
         return self._stage(RetrieverConfig, self.train_retriever, out, **extra)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from radit_fast.io import RaditError, atomic_dir
 
 log = logging.getLogger(__name__)
 
-DATA_DEFAULTS = {"n_train": 600, "n_dev": 40, "n_test": 100, "n_choices": 4}
+DATA_DEFAULTS = {"n_train": 600, "n_dev": 40, "n_test": 100, "n_choices": 4, "corpus_articles": None}
 
 
 def prepare_demo_data(folder: Path, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
@@ -44,7 +44,33 @@ def prepare_demo_data(folder: Path, *, n_train: int | None = None, n_test: int |
             with (tmp / f"{split}.jsonl").open("w", encoding="utf-8") as out:
                 for task in ("desc2title", "title2topic"):
                     out.write((tmp / "tasks" / f"{task}_{split}.jsonl").read_text(encoding="utf-8"))
-        (tmp / "tasks" / "corpus.jsonl").rename(tmp / "corpus.jsonl")
+        _write_corpus(tmp / "tasks" / "corpus.jsonl", tmp / "corpus.jsonl", tmp, s["corpus_articles"], seed)
+        (tmp / "tasks" / "corpus.jsonl").unlink()
         (tmp / "settings.json").write_text(json.dumps(s))
     log.info("demo data in %s: %s", folder, s)
     return paths
+
+
+def _write_corpus(src: Path, dst: Path, folder: Path, n_articles: int | None, seed: int) -> None:
+    """The corpus, or a seeded subset of ``n_articles`` articles that keeps every article named in the
+    provenance of any split (so each example's evidence stays retrievable; the rest are distractors)."""
+    import random
+
+    from radit_fast.io import read_jsonl, write_jsonl
+
+    rows = read_jsonl(src)
+    if n_articles is None or n_articles >= len(rows):
+        write_jsonl(dst, rows)
+        return
+    needed: set[str] = set()
+    for split in folder.glob("tasks/*_*.jsonl"):
+        for ex in read_jsonl(split):
+            for out in ex.get("output", []):
+                needed.update(p["id"] for p in out.get("provenance", []))
+    keep = [r for r in rows if r["id"] in needed]
+    others = [r for r in rows if r["id"] not in needed]
+    random.Random(f"corpus-{seed}").shuffle(others)
+    keep += others[: max(0, n_articles - len(keep))]
+    order = {r["id"]: i for i, r in enumerate(rows)}
+    write_jsonl(dst, sorted(keep, key=lambda r: order[r["id"]]))
+    log.info("demo corpus: %d of %d articles (%d named in the tasks' provenance)", len(keep), len(rows), len(needed))

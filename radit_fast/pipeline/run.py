@@ -233,9 +233,22 @@ class Pipeline:
             if every:
                 stage_cfg.save_every = every
                 stage_cfg.keep_checkpoints = stage_cfg.max_steps // every + 1
+            n_sub = cfg.run.retriever_train_examples
+            if n_sub and n_sub < len(self.splits["train"]):
+                import random
+
+                from radit_fast.data.tasks import write_tasks
+
+                subset = list(self.splits["train"])
+                random.Random(f"retriever-subset-{cfg.seed}").shuffle(subset)
+                stage_cfg.train = str(d / "train_subset.jsonl")
+                write_tasks(stage_cfg.train, subset[:n_sub])
             base, tok = self.base_lm()
+            # the frozen LM only scores (LSR targets): it runs in the evaluation dtype
+            scorer = base if self._eval_dtype() == torch.float32 else self.eval_copy(base)
             t0 = time.perf_counter()
-            train_retriever(stage_cfg, lm=base, tokenizer=tok)
+            train_retriever(stage_cfg, lm=scorer, tokenizer=tok)
+            del scorer
             train_seconds = time.perf_counter() - t0
             # Candidates: the kept checkpoints and the final encoder, scored on dev.
             selector = _Selector(d, "retriever", cfg.run.select_metric_retriever)
@@ -304,10 +317,12 @@ class Pipeline:
         self._eval_row("lm_only", {**eval_key, "index": None})
         self._eval_row("replug", eval_key)
         lm_key = {**base_key, "index": idx.fingerprint, "train_lm": cfg.train_lm, "eval": ev,
+                  "eval_dtype": cfg.run.eval_dtype,
                   "select": [cfg.run.select_every, cfg.run.select_metric_lm, cfg.run.dev_examples]}
         self._train_lm(lm_key)
         r_key = {**base_key, "index": idx.fingerprint, "train_retriever": cfg.train_retriever, "eval": ev,
-                 "select": [cfg.run.select_every, cfg.run.select_metric_retriever, cfg.run.dev_examples]}
+                 "select": [cfg.run.select_every, cfg.run.select_metric_retriever, cfg.run.dev_examples],
+                 "subset": cfg.run.retriever_train_examples, "lsr_dtype": cfg.run.eval_dtype}
         self._train_retriever(r_key)
         self._retrieve_step("tuned", {**ret_key, "retriever": self.steps.require("train_retriever").fingerprint})
         tuned_lm = self.steps.require("train_lm").fingerprint
