@@ -39,6 +39,7 @@ class TrainConfig:
     out: str = _f("", "output folder (save_pretrained model, checkpoints, metrics.jsonl, config)")
     lm: str | None = _f(None, "causal LM name or path (default: the embedded SmolLM2-135M-Instruct)")
     seed: int = _f(0, "seed for data order, template randomisation, sampling and initialisation")
+    max_examples: int | None = _f(None, "use only the first N training examples (default: all)")
     max_steps: int = _f(100, "optimizer steps")
     batch_size: int = _f(8, "global training instances per optimizer step (all processes together)")
     grad_accum: int = _f(1, "micro-batches per optimizer step on each process")
@@ -71,6 +72,8 @@ class TrainConfig:
             if not getattr(self, name):
                 raise RaditError(f"--{name.replace('_', '-')} is required")
         _positive(self, "max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise RaditError(f"--max-examples must be > 0, got {self.max_examples}")
         _non_negative(self, "warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm")
         if not self.lr > 0:
             raise RaditError(f"--lr must be > 0, got {self.lr}")

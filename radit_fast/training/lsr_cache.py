@@ -112,7 +112,7 @@ def build_scoring_instances(tokenizer: Any, items: list[Any], texts: list[list[s
 
 @torch.inference_mode()
 def score_instances(lm: nn.Module, instances: list[Any], pad_id: int, *, batch_tokens: int = 4096,
-                    packing: bool = False, impl: str = "auto") -> np.ndarray:
+                    packing: bool = False, impl: str = "auto", progress: Any = None) -> np.ndarray:
     """``[m]`` float32: sum of the answer tokens' log-probabilities of each instance under ``lm``.
 
     Instances are sorted by length and grouped so that ``rows x longest`` (padded) or the packed row
@@ -147,6 +147,8 @@ def score_instances(lm: nn.Module, instances: list[Any], pad_id: int, *, batch_t
                                             num_segments=len(insts), bias=b, impl=impl)
         out[group] = sums.float().cpu().numpy()
         s += n
+        if progress is not None:
+            progress.update(n)
     return out
 
 
@@ -169,7 +171,16 @@ def score_items(lm_loader: Any, tokenizer: Any, items: list[Any], texts: list[li
     lm.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     budget = max(cfg.max_length, cfg.score_batch_size * cfg.k * cfg.max_length // 2)
-    sums = score_instances(lm, instances, pad, batch_tokens=budget, impl=cfg.impl)
+    bar = None
+    if getattr(cfg, "progress", False) and env.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(instances), desc="LSR scoring", unit="seq", dynamic_ncols=True)
+    try:
+        sums = score_instances(lm, instances, pad, batch_tokens=budget, impl=cfg.impl, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     lp = np.full((hi - lo, k), -np.inf, dtype=np.float32)
     ln = np.zeros((hi - lo, k), dtype=np.int64)
     for (i, j), v, inst in zip(where, sums, instances):

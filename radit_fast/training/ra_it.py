@@ -86,7 +86,7 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
     """Read the examples, retrieve chunks, tokenise every instance; all input errors surface here."""
     from radit_fast.data.prompts import build_instance
 
-    examples = sources.load_examples(cfg.train)
+    examples = sources.load_examples(cfg.train, cfg.max_examples)
     index = sources.open_index(cfg.index)
     need = [i for i, ex in enumerate(examples) if not ex.context]
     retrieved = index.retrieve_texts([examples[i].input for i in need], cfg.k) if need else []

@@ -92,7 +92,7 @@ class RItData:
 
 
 def _items(cfg: RetrieverConfig, index: sources.IndexSource, tokenizer: Any) -> tuple[list[Any], int]:
-    examples = sources.load_examples(cfg.train)
+    examples = sources.load_examples(cfg.train, cfg.max_examples)
     items: list[Any] = list(examples)
     if cfg.corpus_fraction > 0:
         want = round(len(examples) * cfg.corpus_fraction / (1.0 - cfg.corpus_fraction))

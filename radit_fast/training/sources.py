@@ -29,11 +29,12 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def load_examples(path: str | os.PathLike) -> list[Any]:
-    """Task examples (``radit_fast.data.tasks.Example``); every one must have an answer."""
+def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Any]:
+    """Task examples (``radit_fast.data.tasks.Example``, the first ``limit``); every one needs an answer."""
     from radit_fast.data.tasks import load_tasks
 
-    return load_tasks(path, require_answers=True)
+    examples = load_tasks(path, require_answers=True)
+    return examples[:limit] if limit else examples
 
 
 def passage_text(passage: Any) -> str:
