@@ -4,9 +4,11 @@
 //   LSR:     q = softmax(lm_score / t_LSR) (constant).  KL(q || p): dKL/ds_j = (p_j sum(q) - q_j) / t
 //            KL(p || q): dKL/ds_j = p_j (log p_j - log q_j - KL) / t
 //   mixture: out_v = logsumexp_i(c_i + x_iv), c_i = w_i - logsumexp_v(x_iv)   (value only; grad in Python)
-// Each row reads its k entries twice (one online logsumexp, then the terms) and writes value + gradient.
+// [B, k] rows: two passes in thread-local buffers (max, then exponentials reused for the gradients).
+// Mixture: vocabulary loops over float blocks with exp_fast (vectorisable; AVX-512 clones chosen at run time).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "ensemble/ensemble.h"
@@ -126,49 +128,111 @@ void lsr_rows(const LsrParams& p) {
   }
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// Runtime-dispatched clones (ifunc) of the long vocabulary loops: AVX-512 where the CPU has it, baseline
+// x86-64 otherwise. No build-time hardware probing; exp_fast (radit_math.h) makes the loops vectorisable.
+#define RADIT_SIMD_CLONES __attribute__((target_clones("avx512f", "default")))
+#else
+#define RADIT_SIMD_CLONES
+#endif
+
+RADIT_SIMD_CLONES float span_max(const float* x, std::int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (std::int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// sum_j exp(x_j - m) for a finite m.
+RADIT_SIMD_CLONES float span_sum_exp(const float* x, std::int64_t n, float m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (std::int64_t j = 0; j < n; ++j) s += exp_fast(x[j] - m);
+  return s;
+}
+
+// mx_j = max(mx_j, c + x_j)
+RADIT_SIMD_CLONES void block_max(float* mx, const float* x, float c, std::int64_t n) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < n; ++j) {
+    const float a = c + x[j];
+    mx[j] = a > mx[j] ? a : mx[j];
+  }
+}
+
+// sm_j += exp(c + x_j - mx_j); 0 where mx_j = -inf (then every term is -inf).
+RADIT_SIMD_CLONES void block_sum_exp(float* sm, const float* mx, const float* x, float c, std::int64_t n) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < n; ++j) {
+    const float m = mx[j] == -INFINITY ? 0.0f : mx[j];
+    sm[j] += exp_fast(c + x[j] - m);
+  }
+}
+
+// A float view of n logits: the data itself for float32, else converted into tmp.
+template <class T>
+const float* as_float(const T* x, std::int64_t n, float* tmp) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)n;
+    (void)tmp;
+    return x;
+  } else {
+    for (std::int64_t j = 0; j < n; ++j) tmp[j] = to_float(x[j]);
+    return tmp;
+  }
+}
+
 template <class T, class TW>
 void mixture_impl(const MixtureParams& p) {
+  constexpr std::int64_t kBlock = 1024;
   const T* logits = static_cast<const T*>(p.logits);
-  // Pass 1: c[b, i] = w_i - logsumexp_v x_iv (two sweeps over the row: max, then sum of exp; vectorises).
-#pragma omp parallel for schedule(static) if (p.B * p.k * p.V >= (1 << 16))
-  for (std::int64_t r = 0; r < p.B * p.k; ++r) {
-    const std::int64_t b = r / p.k, i = r % p.k;
-    const T* row = logits + b * p.logits_s0 + i * p.logits_s1;
-    float mx = -INFINITY;
-    for (std::int64_t v = 0; v < p.V; ++v) mx = std::max(mx, to_float(row[v]));
-    float s = 0.0f;
-    if (mx != -INFINITY)
-      for (std::int64_t v = 0; v < p.V; ++v) s += expf(to_float(row[v]) - mx);
-    const float lse = lse_value(LseState{mx, s});
-    const float wi = load<TW>(p.log_weights, b, i);
-    p.c[r] = (lse == -INFINITY) ? -INFINITY : log_mul(wi, -lse);
+  const bool par = p.B * p.k * p.V >= (1 << 16);
+  // Pass 1: c[b, i] = w_i - logsumexp_v x_iv (two sweeps over the row: max, then sum of exp).
+#pragma omp parallel if (par)
+  {
+    std::vector<float> tmp(kBlock);
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < p.B * p.k; ++r) {
+      const std::int64_t b = r / p.k, i = r % p.k;
+      const T* row = logits + b * p.logits_s0 + i * p.logits_s1;
+      float mx = -INFINITY, s = 0.0f;
+      for (std::int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+        const std::int64_t n = std::min(kBlock, p.V - v0);
+        mx = std::max(mx, span_max(as_float(row + v0, n, tmp.data()), n));
+      }
+      if (mx != -INFINITY)
+        for (std::int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+          const std::int64_t n = std::min(kBlock, p.V - v0);
+          s += span_sum_exp(as_float(row + v0, n, tmp.data()), n, mx);
+        }
+      const float lse = lse_value(LseState{mx, s});
+      p.c[r] = (lse == -INFINITY) ? -INFINITY : log_mul(load<TW>(p.log_weights, b, i), -lse);
+    }
   }
   // Pass 2: out[b, v] = logsumexp_i(c_i + x_iv) over vocabulary blocks (max sweep, then exp-sum sweep).
-  constexpr std::int64_t kBlock = 512;
   const std::int64_t nblk = (p.V + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (p.B * p.k * p.V >= (1 << 16))
-  for (std::int64_t job = 0; job < p.B * nblk; ++job) {
-    const std::int64_t b = job / nblk, v0 = (job % nblk) * kBlock, n = std::min(kBlock, p.V - v0);
-    float mx[kBlock], sm[kBlock];
-    std::fill(mx, mx + n, -INFINITY);
-    std::fill(sm, sm + n, 0.0f);
-    for (std::int64_t i = 0; i < p.k; ++i) {
-      const float ci = p.c[b * p.k + i];
-      if (ci == -INFINITY) continue;
-      const T* row = logits + b * p.logits_s0 + i * p.logits_s1 + v0;
-      for (std::int64_t j = 0; j < n; ++j) mx[j] = std::max(mx[j], ci + to_float(row[j]));
-    }
-    for (std::int64_t i = 0; i < p.k; ++i) {
-      const float ci = p.c[b * p.k + i];
-      if (ci == -INFINITY) continue;
-      const T* row = logits + b * p.logits_s0 + i * p.logits_s1 + v0;
-      for (std::int64_t j = 0; j < n; ++j) {
-        const float safe_m = mx[j] == -INFINITY ? 0.0f : mx[j];
-        sm[j] += expf(ci + to_float(row[j]) - safe_m);
+#pragma omp parallel if (par)
+  {
+    std::vector<float> mx(kBlock), sm(kBlock), tmp(kBlock);
+#pragma omp for schedule(static)
+    for (std::int64_t job = 0; job < p.B * nblk; ++job) {
+      const std::int64_t b = job / nblk, v0 = (job % nblk) * kBlock, n = std::min(kBlock, p.V - v0);
+      std::fill(mx.begin(), mx.begin() + n, -INFINITY);
+      std::fill(sm.begin(), sm.begin() + n, 0.0f);
+      for (std::int64_t i = 0; i < p.k; ++i) {
+        const float ci = p.c[b * p.k + i];
+        if (ci != -INFINITY)
+          block_max(mx.data(), as_float(logits + b * p.logits_s0 + i * p.logits_s1 + v0, n, tmp.data()), ci, n);
       }
+      for (std::int64_t i = 0; i < p.k; ++i) {
+        const float ci = p.c[b * p.k + i];
+        if (ci != -INFINITY)
+          block_sum_exp(sm.data(), mx.data(),
+                        as_float(logits + b * p.logits_s0 + i * p.logits_s1 + v0, n, tmp.data()), ci, n);
+      }
+      float* o = p.out + b * p.V + v0;
+      for (std::int64_t j = 0; j < n; ++j) o[j] = lse_value(LseState{mx[j], sm[j]});
     }
-    float* o = p.out + b * p.V + v0;
-    for (std::int64_t j = 0; j < n; ++j) o[j] = lse_value(LseState{mx[j], sm[j]});
   }
 }
 
