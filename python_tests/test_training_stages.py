@@ -155,6 +155,11 @@ def test_lsr_targets_cached_and_reused(tiny, tmp_path, monkeypatch):
     target.write_bytes(target.read_bytes()[:-3] + b"xyz")
     train_retriever(_r_cfg(tiny, tmp_path / "c", corpus_fraction=0.5, cache_dir=cfg.cache_dir))
     assert lsr_cache.load(Path(cfg.cache_dir), entries[0].name[4:]) is not None
+    # an LM given in memory in another dtype gets its own entry
+    lm16, tok = models.load_lm(tiny["lm"], dtype=torch.bfloat16)
+    train_retriever(_r_cfg(tiny, tmp_path / "d", corpus_fraction=0.5, cache_dir=cfg.cache_dir), lm=lm16,
+                    tokenizer=tok)
+    assert len(list(Path(cfg.cache_dir).glob("lsr-*"))) == 2
 
 
 def test_lsr_scores_match_full_logits(tiny):

@@ -42,14 +42,27 @@ def default_dir(cfg: Any) -> Path:
     return cache_root() / "lsr"
 
 
-def key_for(cfg: Any, index: Any, items: list[Any], rows: np.ndarray) -> str:
+def lm_identity(cfg: Any, lm: nn.Module | None) -> dict[str, Any]:
+    """What the targets depend on in the LM: its folder (weights not read) or, for a model given in
+    memory, its dtype and a hash of its config and first weight tensor."""
+    from radit_fast.training import sources
+
+    if lm is None:
+        return {**sources.model_identity(cfg.lm), "dtype": "float32"}
+    from radit_fast.retrieval.encoder import model_fingerprint
+
+    return {"module": model_fingerprint(lm), "config": lm.config.to_json_string(use_diff=True),
+            "dtype": str(next(lm.parameters()).dtype)}
+
+
+def key_for(cfg: Any, index: Any, items: list[Any], rows: np.ndarray, lm_ident: dict[str, Any]) -> str:
     from radit_fast.training import sources
 
     h = hashlib.sha256()
     for it in items:
         h.update(json.dumps([it.id, it.input, it.answers[0]]).encode())
     h.update(np.ascontiguousarray(rows).tobytes())
-    parts = {"lm": sources.model_identity(cfg.lm), "items": h.hexdigest(), "max_length": cfg.max_length,
+    parts = {"lm": lm_ident, "items": h.hexdigest(), "max_length": cfg.max_length,
              "index": sources.sha256_file(Path(cfg.index) / "manifest.json"), "template": TEMPLATE_VERSION}
     return sources.cache_key(parts)
 

@@ -103,7 +103,7 @@ def _items(cfg: RetrieverConfig, index: sources.IndexSource, tokenizer: Any) -> 
 
 
 def build_data(cfg: RetrieverConfig, env: DistEnv, index: sources.IndexSource, tokenizer: Any,
-               lm_loader: Any) -> RItData:
+               lm_loader: Any, lm_ident: dict[str, Any]) -> RItData:
     """Retrieve (rank 0), then score with the frozen LM (sharded over processes) or read the cache."""
     items, n_task = main_then_broadcast(env, lambda: _items(cfg, index, tokenizer))
     for ex in items[:n_task]:
@@ -120,7 +120,7 @@ def build_data(cfg: RetrieverConfig, env: DistEnv, index: sources.IndexSource, t
         bad = int(np.argmin((rows >= 0).sum(axis=1)))
         raise RaditError(f"example {items[bad].id}: fewer than 2 chunks retrieved; LSR needs a distribution "
                          "over at least 2 (check the index)")
-    key = lsr_cache.key_for(cfg, index, items, rows)
+    key = lsr_cache.key_for(cfg, index, items, rows, lm_ident)
     cache_dir = lsr_cache.default_dir(cfg)
     cached = main_then_broadcast(env, lambda: lsr_cache.load(cache_dir, key))
     if cached is None:
@@ -235,7 +235,7 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
 
             return load_lm(config.lm, device=env.device)[0]
 
-        data = build_data(config, env, index, tokenizer, lm_loader)
+        data = build_data(config, env, index, tokenizer, lm_loader, lsr_cache.lm_identity(config, lm))
         fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, extra={
             "query_encoder": index.retriever.query_encoder.identity()["fingerprint"],
             "items": len(data.queries), "lsr_targets": Path(data.cache_path).name}))
