@@ -107,9 +107,11 @@ class Trainer:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fused = {"foreach": True} if self.env.device.type == "cuda" else {}
+        # The fused AdamW kernel (CPU and CUDA) is ~5x faster than the foreach one on CPU for a 135M model;
+        # FSDP's sharded (DTensor) parameters keep the default implementation.
+        kind = {} if (cfg.fsdp and self.env.distributed) else {"fused": True}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=cfg.adam_eps, **fused)
+                                 eps=cfg.adam_eps, **kind)
 
     def _resume_point(self) -> ckpt.Checkpoint | None:
         if not self.cfg.resume:
