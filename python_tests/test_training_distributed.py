@@ -25,7 +25,8 @@ def _cfgs(setup: Path, out_lm: Path, out_r: Path, fsdp: bool = False):
 
     common = dict(train=str(setup / "train.jsonl"), index=str(setup / "index"), lm=str(setup / "lm"),
                   batch_size=4, warmup_steps=1, save_every=2, progress=False, max_length=64, threads=1)
-    lm = RaItConfig(**common, out=str(out_lm), max_steps=3, lr=5e-3, fsdp=fsdp)
+    lm = RaItConfig(**common, out=str(out_lm), max_steps=3, lr=5e-3, fsdp=fsdp, eval_file=common["train"],
+                    eval_every=3, eval_examples=5)
     r = RetrieverConfig(**common, out=str(out_r), max_steps=3, lr=1e-2, k=4, e2e_weight=0.3,
                         cache_dir=str(out_r) + ".lsr")
     return lm, r

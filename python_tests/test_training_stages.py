@@ -110,13 +110,17 @@ def test_build_data_instances(tiny):
     ([{"id": "a", "input": "q?", "output": []}], "no answer"),
     ([{"id": "a", "input": "q?", "output": [{"answer": "word " * 80}]}], "more than --max-length"),
 ])
-def test_train_lm_bad_input_fails_before_compute(tiny, tmp_path, monkeypatch, rows, msg):
+def test_bad_input_fails_before_compute(tiny, tmp_path, monkeypatch, rows, msg):
     import radit_fast.models as models
+    import radit_fast.training.sources as sources
 
     monkeypatch.setattr(models, "load_lm", lambda *a, **k: pytest.fail("LM loaded before the input check"))
+    monkeypatch.setattr(sources, "open_index", lambda *a, **k: pytest.fail("index opened before the input check"))
     write_jsonl(tiny["train"], rows)
     with pytest.raises(RaditError, match=msg):
         train_lm(_lm_cfg(tiny, tmp_path / "out"))
+    with pytest.raises(RaditError, match=msg):
+        train_retriever(_r_cfg(tiny, tmp_path / "out_r"))
 
 
 # ------------------------------------------------------------------------------------------- stage 2

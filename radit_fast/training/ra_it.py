@@ -87,6 +87,7 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
     from radit_fast.data.prompts import build_instance
 
     examples = sources.load_examples(cfg.train, cfg.max_examples)
+    sources.check_fit(tokenizer, examples, cfg.max_length)
     index = sources.open_index(cfg.index)
     need = [i for i, ex in enumerate(examples) if not ex.context]
     retrieved = index.retrieve_texts([examples[i].input for i in need], cfg.k) if need else []
@@ -181,10 +182,12 @@ class RaItStage:
         mine = ev[self.env.rank::self.env.world_size]
         bs = max(1, self.cfg.micro_batch_size(self.env.world_size))
         total, count = 0.0, 0.0
-        for s in range(0, len(mine), bs):
-            lp = self.module.answer_logprobs(self._collate(mine[s:s + bs]))
-            total -= float(lp.float().sum())
-            count += lp.numel()
+        for s in range(0, len(mine), bs):  # through the wrapped module: FSDP gathers its shards in forward
+            group = mine[s:s + bs]
+            out = module({"batch": self._collate(group), "norm": 1.0, "world": 1, "tokens": 0,
+                          "instances": len(group)})
+            total += float(out["loss_sum"])
+            count += float(out["loss_norm"])
         from radit_fast.training.distributed import all_reduce_sum
 
         total, count = all_reduce_sum([total, count], self.env)

@@ -222,11 +222,13 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
     try:
         sources.set_threads(config.threads)
         prepare_out(config, env)
-        index = sources.open_index(config.index, config.query_encoder, device=str(env.device))
         if tokenizer is None:
             from radit_fast.models import load_tokenizer
 
             tokenizer = load_tokenizer(config.lm)
+        main_then_broadcast(env, lambda: sources.check_fit(  # input errors before any model is loaded
+            tokenizer, sources.load_examples(config.train, config.max_examples), config.max_length))
+        index = sources.open_index(config.index, config.query_encoder, device=str(env.device))
 
         def lm_loader() -> nn.Module:
             if lm is not None:

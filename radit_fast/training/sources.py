@@ -37,6 +37,15 @@ def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Any
     return examples[:limit] if limit else examples
 
 
+def check_fit(tokenizer: Any, examples: list[Any], max_length: int) -> None:
+    """RaditError (naming the example) when a question and its answer alone exceed ``max_length`` tokens —
+    checked by tokenising only, before retrieval or any model runs."""
+    from radit_fast.data.prompts import build_instance
+
+    for ex in examples:
+        build_instance(tokenizer, None, ex.input, ex.answers[0], max_length=max_length, example_id=ex.id)
+
+
 def passage_text(passage: Any) -> str:
     """How a passage reads as the LM's background: the same ``title text`` string the encoder saw."""
     from radit_fast.retrieval.corpus import encoder_text
