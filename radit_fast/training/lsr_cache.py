@@ -124,45 +124,59 @@ def build_scoring_instances(tokenizer: Any, items: list[Any], texts: list[list[s
 
 
 @torch.inference_mode()
-def score_instances(lm: nn.Module, instances: list[Any], pad_id: int, *, batch_tokens: int = 4096,
-                    packing: bool = False, impl: str = "auto", progress: Any = None) -> np.ndarray:
-    """``[m]`` float32: sum of the answer tokens' log-probabilities of each instance under ``lm``.
+def score_grid(lm: nn.Module, instances: list[Any], slots: list[int], grid: tuple[int, int], pad_id: int, *,
+               batch_tokens: int = 4096, packing: bool = False, impl: str = "auto",
+               progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Answer log-likelihoods of the augmented sequences laid out on a ``grid = (B, k)``.
 
-    Instances are sorted by length and grouped so that ``rows x longest`` (padded) or the packed row
-    width stays within ``batch_tokens``; only the answer positions reach the fused LM head.
+    ``slots[m] = b * k + i``: instance m is query b's sequence with chunk i. Returns ``(logprobs [B, k]
+    float32, lengths [B, k] int64)``; slots without an instance get 0 and length 0. Instances are sorted by
+    length and grouped so that ``rows x longest`` (padded) or the packed rows stay within ``batch_tokens``;
+    the decoder body runs once per group and only the answer positions reach the fused scorer
+    (:func:`radit_fast.ops.scorer.chunk_logprobs`, no logits).
     """
     from radit_fast.data.prompts import collate_packed, collate_padded
     from radit_fast.models import lm_head_weight, pack_forward
-    from radit_fast.ops.answer_logprobs import answer_logprobs_per_sequence
+    from radit_fast.ops.scorer import chunk_logprobs
 
-    out = np.zeros(len(instances), dtype=np.float32)
+    B, k = grid
+    total = torch.zeros(B, k, dtype=torch.float32)
+    lengths = torch.zeros(B, k, dtype=torch.int64)
     order = sorted(range(len(instances)), key=lambda i: -instances[i].length)
+    slot_t = torch.as_tensor(slots, dtype=torch.long)
     weight, bias = lm_head_weight(lm)
     s = 0
     while s < len(order):
         longest = instances[order[s]].length
-        n = max(1, batch_tokens // longest) if not packing else 0
+        n = max(1, batch_tokens // longest)
         if packing:
-            used = 0
+            n, used = 0, 0
             while s + n < len(order) and used + instances[order[s + n]].length <= batch_tokens:
                 used += instances[order[s + n]].length
                 n += 1
             n = max(n, 1)
         group = order[s:s + n]
         insts = [instances[i] for i in group]
-        batch = (collate_packed(insts, pad_id, max_tokens=max(longest, min(batch_tokens, 1 << 30)))
-                 if packing else collate_padded(insts, pad_id))
+        batch = (collate_packed(insts, pad_id, max_tokens=max(longest, 512)) if packing
+                 else collate_padded(insts, pad_id))
         hidden = pack_forward(lm, batch)
         w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
-        sums = answer_logprobs_per_sequence(hidden, w, batch["answer_targets"].to(hidden.device),
-                                            segment_ids=batch["segment_ids"].to(hidden.device),
-                                            num_segments=len(insts), bias=b, impl=impl)
-        out[group] = sums.float().cpu().numpy()
+        seg = slot_t[torch.as_tensor(group)][batch["segment_ids"]]  # batch-local instance -> grid slot
+        lp, ln = chunk_logprobs(hidden, w, batch["answer_targets"].to(hidden.device), seg.to(hidden.device),
+                                B, k, bias=b, impl=impl)
+        total += lp.float().cpu()
+        lengths += ln.cpu()
         s += n
         if progress is not None:
             progress.update(n)
-    return out
+    return total.numpy(), lengths.numpy()
+
+
+def score_instances(lm: nn.Module, instances: list[Any], pad_id: int, **kwargs: Any) -> np.ndarray:
+    """``[m]`` float32: sum of the answer tokens' log-probabilities of each instance (see :func:`score_grid`)."""
+    lp, _ = score_grid(lm, instances, list(range(len(instances))), (len(instances), 1), pad_id, **kwargs)
+    return lp[:, 0]
 
 
 def score_items(lm_loader: Any, tokenizer: Any, items: list[Any], texts: list[list[str]], cfg: Any,
@@ -190,14 +204,12 @@ def score_items(lm_loader: Any, tokenizer: Any, items: list[Any], texts: list[li
 
         bar = tqdm(total=len(instances), desc="LSR scoring", unit="seq", dynamic_ncols=True)
     try:
-        sums = score_instances(lm, instances, pad, batch_tokens=budget, impl=cfg.impl, progress=bar)
+        lp, ln = score_grid(lm, instances, [i * k + j for i, j in where], (hi - lo, k), pad, batch_tokens=budget,
+                            impl=cfg.impl, progress=bar)
     finally:
         if bar is not None:
             bar.close()
-    lp = np.full((hi - lo, k), -np.inf, dtype=np.float32)
-    ln = np.zeros((hi - lo, k), dtype=np.int64)
-    for (i, j), v, inst in zip(where, sums, instances):
-        lp[i, j], ln[i, j] = v, inst.answer_len
+    lp = np.where(ln > 0, lp, -np.inf).astype(np.float32)
     if env.world_size > 1:
         parts: list[Any] = [None] * env.world_size
         dist.all_gather_object(parts, (lp, ln))
