@@ -14,6 +14,8 @@ Implementations (``impl`` column):
   cce | liger      cut-cross-entropy / Liger-Kernel on GPU when importable
 GFLOP/s counts useful work: 2 N d V forward, 6 N d V forward + backward (the recompute is not counted).
 Peak extra memory: see benchmarks/harness.py (RSS high-water mark on CPU, in a fresh process per case).
+Times: the implementations of one (dtype, pass) run round-robin in one process (harness.run_group), so a
+change of load on a shared machine hits all of them alike; ratios between rows of a group are fair.
 """
 from __future__ import annotations
 
@@ -166,18 +168,14 @@ def main(argv=None) -> None:
     rows = []
     for pass_ in args.passes:
         for dtype in args.dtypes:
-            for impl in impls:
-                case = harness.Case(OP, impl, args.device, dtype, n, d, v, pass_,
-                                    flops=(2 if pass_ == "fwd" else 6) * n * d * v, repeat=args.repeat)
-                try:
-                    row = harness.run_case("bench_answer_logprobs", case)
-                except RuntimeError as exc:
-                    print(f"  {impl} {dtype} {pass_}: FAILED {str(exc).splitlines()[-1]}", flush=True)
-                    continue
+            cases = [harness.Case(OP, impl, args.device, dtype, n, d, v, pass_,
+                                  flops=(2 if pass_ == "fwd" else 6) * n * d * v, repeat=args.repeat)
+                     for impl in impls]
+            for row in harness.run_group("bench_answer_logprobs", cases):
                 rows.append(row)
-                print(f"  {impl:>16} {dtype:>8} {pass_:>6}: {row['median_s']:>9} s  spread {row['spread']}  "
+                print(f"  {row['impl']:>16} {dtype:>8} {pass_:>6}: {row['median_s']:>9} s  spread {row['spread']}  "
                       f"peak +{row['peak_extra_MB']:>7} MB  {row['gflops']:>7} GFLOP/s", flush=True)
-                harness.write_csv(out, rows)
+            harness.write_csv(out, rows)
     harness.plot(out, out.with_suffix(".png"), f"{OP} on {args.device}")
     print(summarize(rows))
 

@@ -10,6 +10,10 @@ Protocol per case (``run_case``), in a fresh Python process so that cases cannot
        the reset, so only what the call adds (outputs and gradients included) counts;
      * CUDA: torch.cuda.max_memory_allocated() - memory_allocated() around the call;
   4. ``repeat`` timed calls (CUDA: synchronised); median and spread = (max - min) / median.
+``run_group`` measures several cases that should be compared (the implementations of one shape, dtype and
+pass): peak memory per case in its own process as above, and the times in one process, round-robin (one
+call of each case in turn, ``repeat`` rounds), so that a change of machine load (shared machines) hits
+every case alike and the ratios stay fair.
 Rows go to CSV with the columns of ``FIELDS``; ``plot`` renders a PNG from the CSV only.
 """
 from __future__ import annotations
@@ -94,6 +98,8 @@ def measure(fn: Callable[[], object], device: str, repeat: int) -> tuple[float, 
         peak = (_rss_kb("VmHWM") - before) / 1024
     del out
     gc.collect()
+    if repeat == 0:
+        return float("nan"), float("nan"), peak
     times = []
     for _ in range(repeat):
         _sync(device)
@@ -105,28 +111,73 @@ def measure(fn: Callable[[], object], device: str, repeat: int) -> tuple[float, 
     return med, (max(times) - min(times)) / med, peak
 
 
-def run_case(module: str, case: Case, timeout: float = 1800) -> dict:
-    """Runs ``module.setup(case)`` in a subprocess and returns the CSV row (dict) of the measurement."""
-    payload = json.dumps(dataclasses.asdict(case))
+def _row(case: Case, median_s: float, spread: float, peak_mb: float) -> dict:
+    return {"op": case.op, "impl": case.impl, "device": case.device, "dtype": case.dtype, "N": case.N, "d": case.d,
+            "V": case.V, "pass": case.pass_, "median_s": f"{median_s:.6g}", "spread": f"{spread:.3f}",
+            "peak_extra_MB": f"{peak_mb:.1f}", "gflops": f"{case.flops / median_s / 1e9:.1f}", "commit": commit()}
+
+
+def _spawn(module: str, mode: str, cases: list[Case], timeout: float) -> dict:
+    payload = json.dumps([dataclasses.asdict(c) for c in cases])
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import harness; "
-            f"harness._child({module!r}, json.loads(sys.argv[1]))")
+            f"harness._child({module!r}, {mode!r}, json.loads(sys.argv[1]))")
     proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, timeout=timeout,
                           env=os.environ.copy())
     if proc.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"op": case.op, "impl": case.impl, "device": case.device, "dtype": case.dtype, "N": case.N, "d": case.d,
-            "V": case.V, "pass": case.pass_, "median_s": f"{res['median_s']:.6g}", "spread": f"{res['spread']:.3f}",
-            "peak_extra_MB": f"{res['peak_MB']:.1f}", "gflops": f"{case.flops / res['median_s'] / 1e9:.1f}",
-            "commit": commit()}
+        raise RuntimeError(f"{mode} of {[c.impl for c in cases]} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _child(module: str, fields: dict) -> None:
+def run_case(module: str, case: Case, timeout: float = 1800) -> dict:
+    """Runs ``module.setup(case)`` in a subprocess and returns the CSV row (dict) of the measurement."""
+    res = _spawn(module, "case", [case], timeout)
+    return _row(case, res["median_s"], res["spread"], res["peak_MB"])
+
+
+def run_group(module: str, cases: list[Case], timeout: float = 3600) -> list[dict]:
+    """Rows of cases to be compared: memory per case in its own process, times round-robin in one process.
+
+    A case whose memory run fails (e.g. out of memory, a backend not built) is reported on stdout and left out;
+    the other cases are still timed. Cases are keyed by ``impl``: one group holds one case per implementation."""
+    peaks, ok = {}, []
+    for case in cases:
+        try:
+            peaks[case.impl] = _spawn(module, "memory", [case], timeout)["peak_MB"]
+            ok.append(case)
+        except RuntimeError as exc:
+            print(f"  {case.impl} {case.dtype} {case.pass_}: FAILED {str(exc).splitlines()[-1]}", flush=True)
+    if not ok:
+        return []
+    times = _spawn(module, "interleaved", ok, timeout)
+    return [_row(c, times[c.impl]["median_s"], times[c.impl]["spread"], peaks[c.impl]) for c in ok]
+
+
+def _child(module: str, mode: str, fields: list[dict]) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    case = Case(**fields)
-    fn = importlib.import_module(module).setup(case)
-    med, spread, peak = measure(fn, case.device, case.repeat)
-    print(json.dumps({"median_s": med, "spread": spread, "peak_MB": peak}))
+    cases = [Case(**f) for f in fields]
+    setup = importlib.import_module(module).setup
+    if mode == "case":
+        med, spread, peak = measure(setup(cases[0]), cases[0].device, cases[0].repeat)
+        print(json.dumps({"median_s": med, "spread": spread, "peak_MB": peak}))
+    elif mode == "memory":
+        print(json.dumps({"peak_MB": measure(setup(cases[0]), cases[0].device, 0)[2]}))
+    else:  # interleaved: warm every case up, then `repeat` rounds of one call of each case in turn
+        fns = [setup(c) for c in cases]
+        for fn in fns:
+            fn()
+        times: list[list[float]] = [[] for _ in cases]
+        for _ in range(max(c.repeat for c in cases)):
+            for fn, ts in zip(fns, times):
+                _sync(cases[0].device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(cases[0].device)
+                ts.append(time.perf_counter() - t0)
+        out = {}
+        for c, ts in zip(cases, times):
+            med = statistics.median(ts)
+            out[c.impl] = {"median_s": med, "spread": (max(ts) - min(ts)) / med}
+        print(json.dumps(out))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

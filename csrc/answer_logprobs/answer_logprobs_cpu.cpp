@@ -28,10 +28,6 @@
 
 #include "common/radit_math.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 // The 64-byte vector helpers are always inlined: the warning about their (never used) out-of-line ABI is noise.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -269,7 +265,7 @@ void fwd_block(const BlockParams& p, std::intptr_t row_max, std::intptr_t row_su
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> scratch(bf16 ? static_cast<std::size_t>(p.cols) : 0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)  // dynamic: see bwd_block
     for (std::int64_t r = 0; r < p.rows; ++r) {
       const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
       if (t == p.ignore_index) continue;
@@ -338,45 +334,47 @@ void bwd_block(const BlockParams& p, std::intptr_t lse, std::intptr_t grad_tok, 
   const float* l = reinterpret_cast<const float*>(lse);
   const float* g = reinterpret_cast<const float*>(grad_tok);
   const int nt = threads_for(p.rows, p.cols, p.num_threads);
-  // Per-thread column sums for the bias gradient, reduced after the parallel loop (deterministic order).
-  std::vector<float> acc(grad_bias ? static_cast<std::size_t>(nt) * static_cast<std::size_t>(p.cols) : 0, 0.0f);
+  // Rows are handed out in fixed chunks, dynamically (a thread that loses its core on a shared machine does
+  // not hold the others up at the barrier). Each chunk has its own column sums for the bias gradient,
+  // reduced in chunk order afterwards: the result does not depend on which thread ran which chunk.
+  const std::int64_t chunks = p.rows < 16 * nt ? (p.rows > 0 ? p.rows : 1) : 16 * nt;
+  const std::int64_t chunk_rows = (p.rows + chunks - 1) / chunks;
+  std::vector<float> acc(grad_bias ? static_cast<std::size_t>(chunks) * static_cast<std::size_t>(p.cols) : 0, 0.0f);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    float* gb = grad_bias ? acc.data() + static_cast<std::size_t>(tid) * static_cast<std::size_t>(p.cols) : nullptr;
     std::vector<float> scratch(bf16 ? static_cast<std::size_t>(p.cols) : 0);
-#pragma omp for schedule(static)
-    for (std::int64_t r = 0; r < p.rows; ++r) {
-      char* raw = reinterpret_cast<char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
-      const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
-      const float gr = g[r];
-      if (t == p.ignore_index || gr == 0.0f) {
-        std::memset(raw, 0, static_cast<std::size_t>(p.cols) * elt);
-        continue;
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t k = 0; k < chunks; ++k) {
+      float* gb = grad_bias ? acc.data() + static_cast<std::size_t>(k) * static_cast<std::size_t>(p.cols) : nullptr;
+      const std::int64_t r_end = (k + 1) * chunk_rows < p.rows ? (k + 1) * chunk_rows : p.rows;
+      for (std::int64_t r = k * chunk_rows; r < r_end; ++r) {
+        char* raw = reinterpret_cast<char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
+        const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
+        const float gr = g[r];
+        if (t == p.ignore_index || gr == 0.0f) {
+          std::memset(raw, 0, static_cast<std::size_t>(p.cols) * elt);
+          continue;
+        }
+        float* row = reinterpret_cast<float*>(raw);
+        if (bf16) {
+          widen_row(reinterpret_cast<const bf16_t*>(raw), scratch.data(), p.cols);
+          row = scratch.data();
+        }
+        const std::int64_t j = t - p.col0;
+        const bool has_t = j >= 0 && j < p.cols;
+        const float xt = has_t ? (b ? row[j] + b[j] : row[j]) : 0.0f;
+        row_bwd(row, b, p.cols, l[r], -gr, gb);
+        if (has_t) {  // the one-hot term: dz_t = g (1 - p_t); the loop above added -g p_t to gb
+          row[j] = gr * (1.0f - fast_exp(xt - l[r]));
+          if (gb) gb[j] += gr;
+        }
+        if (bf16) narrow_row(row, reinterpret_cast<bf16_t*>(raw), p.cols);
       }
-      float* row = reinterpret_cast<float*>(raw);
-      if (bf16) {
-        widen_row(reinterpret_cast<const bf16_t*>(raw), scratch.data(), p.cols);
-        row = scratch.data();
-      }
-      const std::int64_t j = t - p.col0;
-      const bool has_t = j >= 0 && j < p.cols;
-      const float xt = has_t ? (b ? row[j] + b[j] : row[j]) : 0.0f;
-      row_bwd(row, b, p.cols, l[r], -gr, gb);
-      if (has_t) {  // the one-hot term: dz_t = g (1 - p_t); the loop above added -g p_t to gb
-        row[j] = gr * (1.0f - fast_exp(xt - l[r]));
-        if (gb) gb[j] += gr;
-      }
-      if (bf16) narrow_row(row, reinterpret_cast<bf16_t*>(raw), p.cols);
     }
   }
   if (grad_bias) {
     float* out = reinterpret_cast<float*>(grad_bias) + p.col0;
-    for (int k = 0; k < nt; ++k) {
+    for (std::int64_t k = 0; k < chunks; ++k) {
       const float* a = acc.data() + static_cast<std::size_t>(k) * static_cast<std::size_t>(p.cols);
       for (std::int64_t j = 0; j < p.cols; ++j) out[j] += a[j];
     }

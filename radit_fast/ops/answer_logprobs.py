@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from radit_fast._native import _C, HAS_NATIVE, dtype_code
+from radit_fast._native import _C, dtype_code
 from radit_fast.ops._dispatch import common_device, resolve_impl
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def _choose_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype) -
     if chosen != "torch" and dtype not in _KERNEL_DTYPES:
         if impl != "auto":
             raise ValueError(f"{op}: impl={impl!r} supports float32 and bfloat16 inputs, got {dtype}; use impl='torch'")
+        log.debug("%s: %s inputs run on the torch reference instead of %s", op, dtype, chosen)
         chosen = "torch"
     return chosen
 
