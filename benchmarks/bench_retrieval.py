@@ -229,13 +229,15 @@ def plot(csv_path: Path, png_path: Path) -> None:
     methods = ["torch matmul+topk", "faiss Flat", "faiss IVF", "radit Index.search"]
     width = 0.2
     for j, m in enumerate(methods):
+        labelled = False
         for a, n in enumerate(sizes):
             match = [r for r in search if int(r["n"]) == n and r["method"].startswith(m)]
             if not match:
                 continue
             r = match[0]
             x = a + (j - 1.5) * width
-            axes[1].bar(x, float(r["throughput"]), width, color=f"C{j}", label=m if a == 0 else None)
+            axes[1].bar(x, float(r["throughput"]), width, color=f"C{j}", label=None if labelled else m)
+            labelled = True
             label = f"R@10 {float(r['recall_at_10']):.2f}"
             if r["gflops"]:  # GFLOP/s of a full scan: only for exact search
                 label += f"\n{float(r['gflops']):.0f} GFLOP/s"

