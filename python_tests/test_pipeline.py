@@ -233,3 +233,27 @@ def test_demo_config_is_valid(tmp_path):
         make_config(corpus="c", train="t", dev="d", test="e", out="o", file={"eval": {"kk": 1}})
     with pytest.raises(RaditError, match="set by radit run"):
         make_config(corpus="c", train="t", dev="d", test="e", out="o", file={"train_lm": {"out": "x"}})
+
+
+def test_plain_copy_merges_lora(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from radit_fast.pipeline.run import plain_copy
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm(tmp_path / "lm"))
+    peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ids = torch.tensor([[3, 5, 7, 9]])
+    want = peft_model(input_ids=ids).logits
+    plain = plain_copy(lm)            # the inner model, as the pipeline holds it
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(plain(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+    plain.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(again(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+    assert any("lora" in n for n, _ in lm.named_parameters())   # the live model is untouched

@@ -32,8 +32,11 @@ Retrieved = list[tuple[str, str, float]]  # (passage id, background text, retrie
 
 
 def background_text(title: str, text: str) -> str:
-    """The background an LM sees for a passage: ``"{title}: {text}"`` (the text alone without a title)."""
-    return f"{title}: {text}" if title else text
+    """The background an LM sees for a passage: the ``title text`` string the encoder saw, exactly as the
+    tuning stages show it (:func:`radit_fast.training.sources.passage_text`)."""
+    from radit_fast.retrieval.corpus import encoder_text
+
+    return encoder_text(title, text)
 
 
 def retrieve(retriever: Any, examples: Sequence[Example], k: int, *, batch_size: int = 256,

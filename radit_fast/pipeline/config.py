@@ -39,24 +39,30 @@ class RunOptions:
     chunk_words: int = 200               # words per passage when the corpus is chunked (paper: 200)
     index_factory: str = "Flat"          # FAISS index_factory string
     encoder_batch_size: int = 64         # texts per encoder batch when indexing
-    eval_dtype: str = "fp32"             # fp32 | bf16 weights of the evaluated LMs
+    eval_dtype: str = "fp32"             # fp32 | bf16 weights of the evaluated LMs (and of LSR scoring)
+    train_dtype: str = "fp32"            # fp32 | bf16 base weights in stage 1 (bf16 needs train_lm.lora)
     dev_examples: int | None = None      # dev examples used for step selection (None: all)
     select_every: int = 0                # evaluate a candidate every N training steps on dev (0: last only)
     select_metric_lm: str = "avg"        # dev metric for the LM steps (avg = mean of em and accuracy)
     select_metric_retriever: str = "recall@1"  # dev metric for the retriever steps (falls back to avg)
     retriever_train_examples: int | None = None  # stage 2 on a seeded subset of train (None: all of it)
+    retriever_train_kind: str = "all"    # stage 2 examples: all | generation | multiple_choice
     device: str | None = None            # cpu | cuda (default: cuda when available)
     threads: int | None = None           # torch CPU threads
 
     def validate(self) -> None:
         if self.chunk_words < 1:
             raise RaditError(f"run.chunk_words must be >= 1, got {self.chunk_words}")
-        if self.eval_dtype not in ("fp32", "bf16"):
-            raise RaditError(f"run.eval_dtype must be fp32 or bf16, got {self.eval_dtype!r}")
+        for name in ("eval_dtype", "train_dtype"):
+            if getattr(self, name) not in ("fp32", "bf16"):
+                raise RaditError(f"run.{name} must be fp32 or bf16, got {getattr(self, name)!r}")
         if self.dev_examples is not None and self.dev_examples < 1:
             raise RaditError(f"run.dev_examples must be >= 1, got {self.dev_examples}")
         if self.retriever_train_examples is not None and self.retriever_train_examples < 1:
             raise RaditError(f"run.retriever_train_examples must be >= 1, got {self.retriever_train_examples}")
+        if self.retriever_train_kind not in ("all", "generation", "multiple_choice"):
+            raise RaditError("run.retriever_train_kind must be all, generation or multiple_choice, "
+                             f"got {self.retriever_train_kind!r}")
         if self.select_every < 0:
             raise RaditError(f"run.select_every must be >= 0, got {self.select_every}")
         if self.select_metric_retriever not in ("recall@1", "recall@10", "avg"):
@@ -89,7 +95,11 @@ class RunConfig:
                 raise RaditError(f"--{name} is required")
         self.run.validate()
         self.eval.validate()
-        self.lm_config(Path(self.out) / "x").validate()
+        lm_cfg = self.lm_config(Path(self.out) / "x")
+        lm_cfg.validate()
+        if self.run.train_dtype == "bf16" and not lm_cfg.lora:
+            raise RaditError("run.train_dtype bf16 trains LoRA adapters over frozen bf16 weights: set train_lm.lora "
+                             "(full fine-tuning in bf16 would lose the small updates)")
         self.retriever_config(Path(self.out) / "x").validate()
 
     # The stage configurations, pointing at this run's files.

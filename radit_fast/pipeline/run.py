@@ -94,10 +94,10 @@ class Pipeline:
             self._base_lm = load_lm(self.cfg.lm, device=self.device)
         return self._base_lm
 
-    def eval_copy(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A frozen copy of ``model`` in the evaluation dtype (the original keeps training unchanged)."""
-        m = copy.deepcopy(model)
-        return m.to(self._eval_dtype()).eval().requires_grad_(False)
+    def eval_copy(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """A frozen plain copy of ``model`` (LoRA adapters merged) in the evaluation dtype; the original
+        keeps training unchanged."""
+        return plain_copy(model).to(dtype or self._eval_dtype()).eval().requires_grad_(False)
 
     def lm_for(self, which: str) -> tuple[Any, Any]:
         if which == "base":
@@ -180,7 +180,10 @@ class Pipeline:
             every = cfg.run.select_every
             stage_cfg.save_every = every if every else stage_cfg.save_every
             base, tok = self.base_lm()
-            lm = copy.deepcopy(base)
+            if cfg.run.train_dtype == "bf16":  # frozen bf16 base weights, fp32 LoRA adapters (validated)
+                lm = copy.deepcopy(base).to(torch.bfloat16)
+            else:
+                lm = copy.deepcopy(base)
             selector = _Selector(d, "lm", cfg.run.select_metric_lm)
             dev = self.splits["dev"]
 
@@ -188,20 +191,18 @@ class Pipeline:
                 model = self.eval_copy(lm)
                 _, m = self._evaluate(model, tok, "dev", "base", desc=f"dev @ step {step}")
                 del model
-                # the live fp32 weights (not the evaluation copy) become the candidate
-                selector.offer(step, m, lambda folder: (lm.save_pretrained(folder, safe_serialization=True),
+                # the live weights (not the evaluation copy) become the candidate, adapters merged
+                selector.offer(step, m, lambda folder: (plain_copy(lm).save_pretrained(folder),
                                                         tok.save_pretrained(folder)))
 
             def callback(event: str, step: int, row: dict[str, Any]) -> None:
-                if stage_cfg.lora:  # adapters are merged only at the end: the final model is the candidate
-                    return
                 if event == "step_end" and ((every and step % every == 0) or step == stage_cfg.max_steps):
                     if not selector.has(step):
                         score(step)
 
             t0 = time.perf_counter()
             train_lm(stage_cfg, callbacks=[callback], lm=lm, tokenizer=tok)
-            if selector.best() is None:  # LoRA, or training had completed before selection was recorded
+            if selector.best() is None:  # training had completed before its selection was recorded
                 from radit_fast.models import load_lm
 
                 final, _ = load_lm(stage_cfg.out, device=self.device)
@@ -214,6 +215,22 @@ class Pipeline:
 
         res = self.steps.run("train_lm", key, work, atomic=False)
         log.info("RA-IT: selected step %s on dev (%s)", res.result.get("step"), res.result.get("metrics"))
+
+    def retriever_train_subset(self) -> list | None:
+        """Stage 2's examples when not the whole train split: one kind of task and/or a seeded subset."""
+        import random
+
+        train = list(self.splits["train"])
+        kind = self.cfg.run.retriever_train_kind
+        n = self.cfg.run.retriever_train_examples
+        if kind == "all" and (not n or n >= len(train)):
+            return None
+        if kind != "all":
+            train = [ex for ex in train if (ex.choices is not None) == (kind == "multiple_choice")]
+            if not train:
+                raise RaditError(f"run.retriever_train_kind {kind}: the train split has no such example")
+        random.Random(f"retriever-subset-{self.cfg.seed}").shuffle(train)
+        return train[:n] if n else train
 
     def _train_retriever(self, key: dict[str, Any]) -> None:
         from radit_fast.retrieval.encoder import TextEncoder
@@ -233,16 +250,12 @@ class Pipeline:
             if every:
                 stage_cfg.save_every = every
                 stage_cfg.keep_checkpoints = stage_cfg.max_steps // every + 1
-            n_sub = cfg.run.retriever_train_examples
-            if n_sub and n_sub < len(self.splits["train"]):
-                import random
-
+            subset = self.retriever_train_subset()
+            if subset is not None:
                 from radit_fast.data.tasks import write_tasks
 
-                subset = list(self.splits["train"])
-                random.Random(f"retriever-subset-{cfg.seed}").shuffle(subset)
                 stage_cfg.train = str(d / "train_subset.jsonl")
-                write_tasks(stage_cfg.train, subset[:n_sub])
+                write_tasks(stage_cfg.train, subset)
             base, tok = self.base_lm()
             # the frozen LM only scores (LSR targets): it runs in the evaluation dtype
             scorer = base if self._eval_dtype() == torch.float32 else self.eval_copy(base)
@@ -266,10 +279,11 @@ class Pipeline:
                     params = ckpt.load_checkpoint(path).params
                     res = enc.load_state_dict({k.removeprefix("query_encoder."): v for k, v in params.items()},
                                               strict=False)
-                    names = {n for n, _ in enc.named_parameters()}
-                    if res.unexpected_keys or names & set(res.missing_keys):
+                    # a checkpoint holds the trained parameters; the others (e.g. an unused pooler) keep the
+                    # values of the final folder, which are their untouched initial values
+                    if res.unexpected_keys or len(res.missing_keys) == len(enc.state_dict()):
                         raise RaditError(f"{path}: checkpoint does not match the query encoder "
-                                         f"(unexpected {res.unexpected_keys[:3]}, missing {res.missing_keys[:3]})")
+                                         f"(unexpected {res.unexpected_keys[:3]})")
                 retriever = Retriever.load(index_dir, enc, device=str(self.device))
                 ret = retrieve(retriever, dev, cfg.eval.k, progress=False)
                 if metric == "avg":
@@ -317,12 +331,13 @@ class Pipeline:
         self._eval_row("lm_only", {**eval_key, "index": None})
         self._eval_row("replug", eval_key)
         lm_key = {**base_key, "index": idx.fingerprint, "train_lm": cfg.train_lm, "eval": ev,
-                  "eval_dtype": cfg.run.eval_dtype,
+                  "eval_dtype": cfg.run.eval_dtype, "train_dtype": cfg.run.train_dtype,
                   "select": [cfg.run.select_every, cfg.run.select_metric_lm, cfg.run.dev_examples]}
         self._train_lm(lm_key)
         r_key = {**base_key, "index": idx.fingerprint, "train_retriever": cfg.train_retriever, "eval": ev,
                  "select": [cfg.run.select_every, cfg.run.select_metric_retriever, cfg.run.dev_examples],
-                 "subset": cfg.run.retriever_train_examples, "lsr_dtype": cfg.run.eval_dtype}
+                 "subset": [cfg.run.retriever_train_examples, cfg.run.retriever_train_kind],
+                 "lsr_dtype": cfg.run.eval_dtype}
         self._train_retriever(r_key)
         self._retrieve_step("tuned", {**ret_key, "retriever": self.steps.require("train_retriever").fingerprint})
         tuned_lm = self.steps.require("train_lm").fingerprint
@@ -352,6 +367,25 @@ class Pipeline:
         selection = {"train_lm": self.steps.require("train_lm").result,
                      "train_retriever": self.steps.require("train_retriever").result}
         return write_report(self.out, rows, config=config, timings=timings, extra={"selection": selection})
+
+
+def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a causal LM with any LoRA adapters merged into its weights and the LoRA wrappers
+    removed, so that ``save_pretrained`` writes an ordinary model (peft injects the adapters in place)."""
+    m = copy.deepcopy(model)
+    get_base = getattr(m, "get_base_model", None)
+    if callable(get_base):
+        m = get_base()
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft: no adapters
+        return m
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(m.get_submodule(parent) if parent else m, child, mod.get_base_layer())
+    return m
 
 
 class _Selector:
