@@ -257,3 +257,32 @@ def test_plain_copy_merges_lora(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     torch.testing.assert_close(again(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
     assert any("lora" in n for n, _ in lm.named_parameters())   # the live model is untouched
+
+
+def test_radit_run_lora_bf16_and_retriever_subset(tiny_run_inputs, tmp_path):
+    import yaml
+    from safetensors import safe_open
+
+    from radit_fast.cli.main import main
+    from radit_fast.data.tasks import load_tasks
+
+    file = {**TINY_FILE, "run": {**TINY_FILE["run"], "train_dtype": "bf16", "retriever_train_kind": "generation",
+                                 "retriever_train_examples": 4, "eval_dtype": "bf16"},
+            "train_lm": {**TINY_FILE["train_lm"], "lora": True, "lora_r": 4, "lora_alpha": 8}}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(file))
+    inp = {k: str(v) for k, v in tiny_run_inputs.items()}
+    out = tmp_path / "run"
+    assert main(["run", "--corpus", inp["corpus"], "--train", inp["train"], "--dev", inp["dev"], "--test", inp["test"],
+                 "--out", str(out), "--lm", inp["lm"], "--encoder", inp["encoder"], "--config", str(cfg),
+                 "--no-progress", "--threads", "auto"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["selection"]["train_lm"]["candidates"]) == {"2", "4"}
+    with safe_open(str(out / "train_lm" / "selected" / "model.safetensors"), "pt") as f:
+        assert not any("lora" in k for k in f.keys())             # adapters merged into plain weights
+    subset = load_tasks(out / "train_retriever" / "train_subset.jsonl")
+    assert len(subset) == 4 and all(ex.choices is None for ex in subset)
+    with pytest.raises(RaditError, match="needs train_lm.lora|set train_lm.lora"):
+        from radit_fast.pipeline.config import make_config
+
+        make_config(corpus="c", train="t", dev="d", test="e", out="o", file={"run": {"train_dtype": "bf16"}})

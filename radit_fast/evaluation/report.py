@@ -91,8 +91,15 @@ def _metric_columns(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for r in rows.values():
         present.update(k for k, v in r.items() if v is not None and not k.startswith("n_"))
     cols = [m for m in METRIC_ORDER if m in present or (m == "avg" and present & set(TASK_METRICS))]
-    cols += sorted(m for m in present if m not in METRIC_ORDER)
-    return cols
+    cols += sorted((m for m in present if m not in METRIC_ORDER), key=_metric_key)
+    return sorted(cols, key=lambda m: (METRIC_ORDER.index(m) if m in METRIC_ORDER and not m.startswith("recall")
+                                       else len(METRIC_ORDER), _metric_key(m)))
+
+
+def _metric_key(name: str) -> tuple[str, float]:
+    """Order recall@1, recall@3, recall@10 numerically after the task metrics."""
+    base, _, at = name.partition("@")
+    return (base, float(at) if at.isdigit() else 0.0)
 
 
 def render_table(rows: Mapping[str, Mapping[str, float | None]]) -> str:
