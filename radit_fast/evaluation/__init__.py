@@ -1,2 +1,30 @@
-"""Evaluation of retrieval-augmented LMs: metrics, ensemble scoring, mixture decoding and the report."""
+"""Evaluation of retrieval-augmented LMs: metrics, ensemble scoring, mixture decoding and the report.
+
+* :mod:`~radit_fast.evaluation.metrics`: ``exact_match``, ``token_f1`` (SQuAD normalisation, max over
+  gold answers), ``accuracy``, document-level ``recall_at_k``, ``aggregate``.
+* :mod:`~radit_fast.evaluation.engine`: :class:`LMEngine` (answer scoring through the fused LM head,
+  greedy decoding from the token mixture with a KV cache).
+* :mod:`~radit_fast.evaluation.scoring`: :class:`EvalSettings`, parallel retrieval augmentation and the
+  REPLUG ensemble, multiple choice by ensemble likelihood.
+* :mod:`~radit_fast.evaluation.generation`: ``generate_answers`` (mixture or per-chunk + rescoring).
+* :mod:`~radit_fast.evaluation.evaluate`: ``retrieve`` and ``evaluate_examples`` (predictions + metrics).
+* :mod:`~radit_fast.evaluation.report`: ``write_report`` (report.json / report.md / report.png).
+"""
 from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "exact_match": "metrics", "token_f1": "metrics", "accuracy": "metrics", "recall_at_k": "metrics",
+    "normalize_answer": "metrics", "LMEngine": "engine", "EvalSettings": "scoring",
+    "generate_answers": "generation", "retrieve": "evaluate", "evaluate_examples": "evaluate",
+    "write_report": "report",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:  # lazy: `import radit_fast.evaluation` stays light
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"radit_fast.evaluation.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'radit_fast.evaluation' has no attribute {name!r}")

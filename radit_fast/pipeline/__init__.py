@@ -1,2 +1,20 @@
-"""``radit run``: index, evaluate, tune the LM (RA-IT) and the retriever (LSR), evaluate again, report."""
+"""``radit run``: index, evaluate, tune the LM (RA-IT) and the retriever (LSR), evaluate again, report.
+
+:func:`run_pipeline` with a :class:`~radit_fast.pipeline.config.RunConfig` (built by
+:func:`~radit_fast.pipeline.config.make_config`); steps are cached by
+:class:`~radit_fast.pipeline.steps.StepRunner`.
+"""
 from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"run_pipeline": "run", "RunConfig": "config", "make_config": "config", "StepRunner": "steps",
+            "prepare_demo_data": "demo"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"radit_fast.pipeline.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'radit_fast.pipeline' has no attribute {name!r}")

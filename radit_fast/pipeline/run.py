@@ -25,6 +25,7 @@ import contextlib
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,9 @@ class Pipeline:
                 selector.offer(stage_cfg.max_steps, m, lambda folder: (final.save_pretrained(folder),
                                                                        tok.save_pretrained(folder)))
             del lm
-            return selector.finish(d, {"train_seconds": time.perf_counter() - t0, "dev_examples": len(dev)})
+            result = selector.finish(d, {"train_seconds": time.perf_counter() - t0, "dev_examples": len(dev)})
+            shutil.rmtree(Path(stage_cfg.out) / "checkpoints", ignore_errors=True)  # only needed to resume
+            return result
 
         res = self.steps.run("train_lm", key, work, atomic=False)
         log.info("RA-IT: selected step %s on dev (%s)", res.result.get("step"), res.result.get("metrics"))
@@ -299,7 +302,9 @@ class Pipeline:
                     m = aggregate([{k: v for k, v in example_metrics(ex, "", [p for p, _, _ in r], cfg.eval.k).items()
                                     if k.startswith("recall")} for ex, r in zip(dev, ret)])
                 selector.offer(step, m, enc.save_pretrained)
-            return selector.finish(d, {"train_seconds": train_seconds, "dev_examples": len(dev)})
+            result = selector.finish(d, {"train_seconds": train_seconds, "dev_examples": len(dev)})
+            shutil.rmtree(final / "checkpoints", ignore_errors=True)  # scored; only needed to resume
+            return result
 
         res = self.steps.run("train_retriever", key, work, atomic=False)
         log.info("R-IT: selected step %s on dev (%s)", res.result.get("step"), res.result.get("metrics"))
@@ -423,8 +428,6 @@ class _Selector:
         log.info("%s candidate at step %d: dev %s = %.4f", self.what, step, self.metric, self.value(step))
         if prev is None or (self.value(step), step) >= (self.value(prev), prev):
             tmp = self.folder / ".selected.partial"
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             save(tmp)
             shutil.rmtree(self.folder / "selected", ignore_errors=True)
