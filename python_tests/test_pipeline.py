@@ -286,3 +286,16 @@ def test_radit_run_lora_bf16_and_retriever_subset(tiny_run_inputs, tmp_path):
         from radit_fast.pipeline.config import make_config
 
         make_config(corpus="c", train="t", dev="d", test="e", out="o", file={"run": {"train_dtype": "bf16"}})
+
+
+def test_threads_auto(monkeypatch):
+    import os
+
+    from radit_fast.cli.run import resolve_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert resolve_threads("auto") == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 0.0, 0.0))
+    assert resolve_threads("auto") == 1
+    assert resolve_threads(3) == 3 and resolve_threads(None) is None
