@@ -13,7 +13,8 @@ Implementations (``impl`` column):
                    fwdbwd 4 (forward, recompute, two gradients); the floor of the fused design
   cce | liger      cut-cross-entropy / Liger-Kernel on GPU when importable
 GFLOP/s counts useful work: 2 N d V forward, 6 N d V forward + backward (the recompute is not counted).
-Peak extra memory: see benchmarks/harness.py (RSS high-water mark on CPU, in a fresh process per case).
+Peak extra memory: see benchmarks/harness.py (RSS high-water mark on CPU, in a fresh process per case); it
+includes the outputs (the gradients of hidden and weight for fwdbwd).
 Times: the implementations of one (dtype, pass) run round-robin in one process (harness.run_group), so a
 change of load on a shared machine hits all of them alike; ratios between rows of a group are fair.
 """
@@ -31,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 OP = "answer_logprobs"
+# The files whose edits make the "commit" column "-dirty" (not other engineers' work in progress).
+harness.DIRTY_PATHS = ["benchmarks/harness.py", "benchmarks/bench_answer_logprobs.py", "radit_fast/ops/answer_logprobs.py",
+                       "csrc/answer_logprobs", "csrc/common", "csrc/bindings.cpp"]
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = (4096, 576, 49152)
 QUICK = (512, 128, 8192)
@@ -52,11 +56,11 @@ def _blocked_mm(hidden, weight, fwdbwd: bool):
     n, d = hidden.shape
     v = weight.shape[0]
     rows, cols = al._cpu_blocks(n, v, hidden.element_size())
-    buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
-    gh = torch.zeros(n, d, dtype=hidden.dtype, device=hidden.device)
-    gw = torch.empty_like(weight)
 
-    def run():
+    def run():  # allocates its buffers and outputs per call, like the fused op
+        buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
+        gh = torch.zeros(n, d, dtype=hidden.dtype, device=hidden.device) if fwdbwd else None
+        gw = torch.empty_like(weight) if fwdbwd else None
         for v0 in range(0, v, cols):
             c = min(cols, v - v0)
             wb = weight[v0:v0 + c]
@@ -68,7 +72,7 @@ def _blocked_mm(hidden, weight, fwdbwd: bool):
                     torch.mm(hidden[r0:r0 + rr], wb.T, out=z)
                     gh[r0:r0 + rr].addmm_(z, wb)
                     torch.mm(z.T, hidden[r0:r0 + rr], out=gw[v0:v0 + c])
-        return buf
+        return buf, gh, gw
 
     return run
 
@@ -109,10 +113,11 @@ def setup(case: harness.Case):
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
 
-    def fwd_bwd():
-        h.grad = w.grad = None
+    def fwd_bwd():  # the gradients are handed out and dropped, so each call's peak memory includes them
         fn(h, w).sum().backward()
-        return h.grad, w.grad
+        grads = h.grad, w.grad
+        h.grad = w.grad = None
+        return grads
     return fwd_bwd
 
 

@@ -53,14 +53,18 @@ class Case:
     repeat: int = 5
 
 
+# Tracked paths whose uncommitted edits mark the commit "-dirty"; a benchmark may narrow it to its own files.
+DIRTY_PATHS = ["benchmarks", "radit_fast", "csrc"]
+
+
 def commit() -> str:
-    """Short hash of HEAD, with "-dirty" when tracked benchmark or op files differ from it."""
+    """Short hash of HEAD, with "-dirty" when tracked files under ``DIRTY_PATHS`` differ from it."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "benchmarks",
-                                "radit_fast/ops", "csrc"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *DIRTY_PATHS],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
@@ -221,8 +225,8 @@ def plot(csv_path: Path, png_path: Path, title: str) -> None:
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    shape = {(r["N"], r["d"], r["V"]) for r in rows}
-    fig.suptitle(f"{title}  (N, d, V) = {', '.join(map(str, sorted(shape)))}; commit {rows[0]['commit'] if rows else ''}")
+    shapes = sorted({f"N={r['N']} d={r['d']} V={r['V']}" for r in rows})
+    fig.suptitle(f"{title}: {'; '.join(shapes)}; commit {rows[0]['commit'] if rows else ''}")
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
