@@ -16,9 +16,12 @@
 //     dL/db_v  = sum_n dL/dz_nv                                       (column sums, fused here)
 // The backward pass recomputes each block of z (one more GEMM) instead of storing N x V logits.
 //
-// Vectorisation: the row loops use a polynomial exp (Cephes expf, ~1 ulp on the reduced range) that
-// compilers vectorise; target_clones builds AVX-512 / AVX2+FMA / baseline variants chosen at load time
-// (no hardware probing at build time). Rows are split over OpenMP threads (num_threads from torch).
+// Vectorisation: the row loops are written with GCC vector extensions (16 floats) around a branch-free
+// polynomial exp (Cephes expf, ~1 ulp); target_clones compiles them for AVX-512, AVX2+FMA and baseline
+// x86-64 and the loader picks one at run time (no hardware probing at build time). bfloat16 blocks are
+// widened row by row into a float32 scratch row (and narrowed back after the backward epilogue).
+// Threads: rows are handed out to OpenMP threads (num_threads from torch.get_num_threads(); the module
+// shares torch's libgomp) in dynamic chunks; every result is independent of the schedule.
 #include "answer_logprobs/answer_logprobs.h"
 
 #include <cmath>
