@@ -169,7 +169,7 @@ def naive_scores(lm, seqs, pad):
         group = seqs[s:s + K_SCORE]
         batch = collate_padded(group, pad)
         logp = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
-        flat = logp.reshape(-1, logp.shape[-1])
+        flat = logp.reshape(-1, logp.shape[-1])[batch["answer_positions"]]
         tok = flat.gather(1, batch["answer_targets"][:, None]).squeeze(1)
         out.append(torch.zeros(len(group)).index_add_(0, batch["segment_ids"], tok))
     return torch.cat(out).numpy()
@@ -246,6 +246,8 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=8, help="instances per RA-IT step")
     ap.add_argument("--score-examples", type=int, default=2, help="examples (x 10 chunks) per scoring call")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--groups", default="bucketed,random,bf16,score",
+                    help="comparison groups to (re)measure; rows of the others are kept from the CSV")
     args = ap.parse_args()
     csv_path, png_path = RESULTS / "training_cpu.csv", RESULTS / "training_cpu.png"
     if args.plot_only:
@@ -256,33 +258,39 @@ def main() -> None:
     n_train = 4 if args.quick else args.train_batch
     n_score = 1 if args.quick else args.score_examples
     repeat = 2 if args.quick else 3
-    checks = correctness(n_train, n_score)
-    cases = []
+    checks = correctness(n_train, n_score) if args.groups != "bf16" else {}
+    wanted = set(args.groups.split(","))
+    groups = {}
     for batching in ("bucketed", "random"):
-        for impl in ("hf_padded", "radit_padded", "radit_packed"):
-            cases.append(harness.Case("ra_it_step", impl, "cpu", "fp32", n_train, 576, 49152, batching, 0.0, repeat))
-    for impl in ("hf_padded", "radit_packed"):  # bf16 autocast (the --bf16 option)
-        cases.append(harness.Case("ra_it_step", impl, "cpu", "bf16", n_train, 576, 49152, "bucketed", 0.0, repeat))
-    for impl in ("naive", "radit"):
-        cases.append(harness.Case("lsr_scoring", impl, "cpu", "fp32", n_score * K_SCORE, 576, 49152, "score", 0.0,
-                                  repeat))
+        groups[batching] = [harness.Case("ra_it_step", impl, "cpu", "fp32", n_train, 576, 49152, batching, 0.0,
+                                         repeat) for impl in ("hf_padded", "radit_padded", "radit_packed")]
+    groups["bf16"] = [harness.Case("ra_it_step", impl, "cpu", "bf16", n_train, 576, 49152, "bucketed", 0.0, repeat)
+                      for impl in ("hf_padded", "radit_packed")]  # bf16 autocast (the --bf16 option)
+    groups["score"] = [harness.Case("lsr_scoring", impl, "cpu", "fp32", n_score * K_SCORE, 576, 49152, "score",
+                                    0.0, repeat) for impl in ("naive", "radit")]
+    old = harness.read_csv(csv_path) if csv_path.is_file() else []
     rows = []
-    for case in cases:
-        res = harness.run_case("bench_training", case)
-        steps = STEPS if case.op == "ra_it_step" else 1
-        items = case.N * steps
-        row = {"op": case.op, "impl": case.impl, "pass": case.pass_, "device": "cpu", "dtype": case.dtype,
-               "N": case.N, "d": case.d, "V": case.V, "steps": steps, "median_s": res["median_s"],
-               "spread": res["spread"], "peak_extra_MB": res["peak_extra_MB"],
-               "items_per_s": f"{items / float(res['median_s']):.3f}", "vs_baseline": "",
-               **(checks[(case.impl, case.pass_)] if case.dtype == "fp32" else {"loss": "", "max_abs_diff": ""}),
-               "threads": args.threads, "commit": res["commit"]}
-        base = next((r for r in rows if r["op"] == case.op and r["pass"] == case.pass_
-                     and r["dtype"] == case.dtype and r["impl"] in ("hf_padded", "naive")), None)
-        if base is not None:
+    for name, cases in groups.items():
+        if name not in wanted:
+            rows += [r for r in old if (r["op"], r["pass"], r["dtype"]) == (cases[0].op, cases[0].pass_,
+                                                                            cases[0].dtype)]
+            continue
+        # Round-robin timing in one process (fair under a changing machine load), memory per case.
+        results = (harness.run_group("bench_training", cases) if hasattr(harness, "run_group")
+                   else [harness.run_case("bench_training", c) for c in cases])
+        base = None
+        for case, res in zip(cases, results):
+            steps = STEPS if case.op == "ra_it_step" else 1
+            row = {"op": case.op, "impl": case.impl, "pass": case.pass_, "device": "cpu", "dtype": case.dtype,
+                   "N": case.N, "d": case.d, "V": case.V, "steps": steps, "median_s": res["median_s"],
+                   "spread": res["spread"], "peak_extra_MB": res["peak_extra_MB"],
+                   "items_per_s": f"{case.N * steps / float(res['median_s']):.3f}", "vs_baseline": "",
+                   **(checks[(case.impl, case.pass_)] if case.dtype == "fp32" else {"loss": "", "max_abs_diff": ""}),
+                   "threads": args.threads, "commit": res["commit"]}
+            base = row if base is None else base
             row["vs_baseline"] = f"{float(row['items_per_s']) / float(base['items_per_s']):.3f}"
-        rows.append(row)
-        print(",".join(str(row[f]) for f in FIELDS), flush=True)
+            rows.append(row)
+            print(",".join(str(row[f]) for f in FIELDS), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
