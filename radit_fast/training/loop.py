@@ -76,6 +76,9 @@ def prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
             for name in (METRICS, TRAIN_STATE):
                 (out / name).unlink(missing_ok=True)
+        for partial in [*out.glob(".final.*.partial"), *(out / CHECKPOINTS).glob(".*.partial")]:
+            log.info("removing %s, left by an interrupted run", partial)
+            shutil.rmtree(partial, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     barrier(env)
     return out

@@ -167,9 +167,9 @@ def score_grid(lm: nn.Module, instances: list[Any], slots: list[int], grid: tupl
                                 B, k, bias=b, impl=impl)
         total += lp.float().cpu()
         lengths += ln.cpu()
-        s += n
+        s += len(group)
         if progress is not None:
-            progress.update(n)
+            progress.update(len(group))
     return total.numpy(), lengths.numpy()
 
 
