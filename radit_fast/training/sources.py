@@ -25,8 +25,14 @@ CORPUS_QUERY_WORDS = 48    # at most this many words of beginning as x
 
 
 def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+    """``threads`` torch threads; by default under torchrun on CPU, the cores divided among the local
+    processes (torch's default gives every process all cores, which oversubscribes them)."""
+    if not threads:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local <= 1 or torch.cuda.is_available():
+            return
+        threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
 
 
 def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Any]:
