@@ -13,7 +13,9 @@ memory of a loaded index folder against the prediction its manifest records.
 * memory: an index folder of the largest size (Flat) is built with build_index_from_embeddings; a fresh
   process loads it (Index.load + paging in the store's offsets and id map) and reports the RSS growth,
   compared with manifest["memory"]["predicted_ram_bytes"] (the float16 embeddings are memory-mapped and
-  not counted: they are paged in only for the rows the training stage reads).
+  not counted: they are paged in only for the rows the training stage reads). The within_prediction column
+  is True when measured <= predicted * 1.05 + 32 MB (allocator and page granularity, Python objects of
+  the load); the exact column is only for search results.
 
 Timings use benchmarks/harness.py (warm-up, median of repeats, spread = (max - min) / median, peak extra RSS);
 the encoding precisions are timed in alternating rounds instead, since other jobs share the 2 cores.
@@ -40,8 +42,10 @@ import harness  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
 FIELDS = ["bench", "method", "device", "threads", "dtype", "n", "dim", "nq", "k", "median_s", "spread", "throughput",
-          "unit", "gflops", "recall_at_10", "exact", "peak_extra_MB", "predicted_MB", "measured_MB", "commit"]
+          "unit", "gflops", "recall_at_10", "exact", "peak_extra_MB", "predicted_MB", "measured_MB",
+          "within_prediction", "commit"]
 DIM, K, NPROBE = 384, 10, 16
+MEMORY_TOLERANCE = (1.05, 32 * 2**20)  # measured RSS growth <= predicted * 1.05 + 32 MB
 
 
 def row(**kw) -> dict:
@@ -168,15 +172,16 @@ def bench_memory(n: int, workdir: Path) -> list[dict]:
     proc = subprocess.run([sys.executable, __file__, "--memory-child", str(folder)], capture_output=True, text=True,
                           check=True)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    ok = res["measured"] <= res["predicted"] * 1.05 + 32 * 2**20
+    ok = res["measured"] <= res["predicted"] * MEMORY_TOLERANCE[0] + MEMORY_TOLERANCE[1]
     nq = res["search_nq"]
     print(f"Index.search n={n} nq={nq}: {nq / res['search_s']:.1f} queries/s", flush=True)
     print(f"memory n={n}: predicted {res['predicted'] / 2**20:.0f} MB, measured {res['measured'] / 2**20:.0f} MB "
-          f"-> {'within' if ok else 'ABOVE'} prediction; folder built in {build_s:.1f} s", flush=True)
+          f"-> {'within' if ok else 'ABOVE'} prediction (x{MEMORY_TOLERANCE[0]} + {MEMORY_TOLERANCE[1] >> 20} MB); "
+          f"folder built in {build_s:.1f} s", flush=True)
     return [
         row(bench="memory", method="Flat index + store (RSS after Index.load)", dtype="fp32", n=n,
             predicted_MB=round(res["predicted"] / 2**20, 1), measured_MB=round(res["measured"] / 2**20, 1),
-            exact=ok, median_s=res["load_s"], unit="s to load"),
+            within_prediction=ok, median_s=res["load_s"], unit="s to load"),
         row(bench="build", method="index folder from embeddings (store+fp16+Flat+sha256)", dtype="fp32", n=n,
             median_s=build_s, throughput=n / build_s, unit="passages/s"),
         row(bench="search", method="radit Index.search (Flat: torch over the faiss vectors)", dtype="fp32", n=n,

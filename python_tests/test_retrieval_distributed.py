@@ -32,10 +32,11 @@ def test_two_process_build_matches_single_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "--module", "radit_fast.cli.main", "--verbose",
            "index", "build", "--corpus", str(corpus), "--out", str(tmp_path / "dist"), "--chunk-words", "20",
-           "--batch-size", "4", "--precision", "fp32"]
+           "--batch-size", "4", "--precision", "fp32", "--dist-timeout", "1h"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1 encodes rows" in proc.stderr  # both ranks encoded a shard
+    assert proc.stderr.count("gloo timeout 3600 s") == 2  # --dist-timeout reached both process groups
     dist = Index.load(tmp_path / "dist")
     assert dist.manifest["world_size"] == 2
     assert not (tmp_path / "dist" / "shards").exists()

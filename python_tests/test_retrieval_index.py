@@ -185,3 +185,59 @@ def test_size_verification_is_cheaper_but_still_checks_sizes(tmp_path):
     Index.load(folder, verify="size")
     with pytest.raises(RaditError, match="checksum mismatch"):
         Index.load(folder)
+
+
+DELETE = object()
+
+
+def _set(path, value):
+    """Edit that sets manifest[path[0]][path[1]]... = value (or deletes it when value is DELETE)."""
+    def edit(m):
+        *parents, last = path
+        for key in parents:
+            m = m[key]
+        if value is DELETE:
+            del m[last]
+        else:
+            m[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(files=list(m["files"])),
+     "field files must be an object {file name: {bytes, sha256}}, got a list"),
+    (_set(("files", "index.faiss", "bytes"), DELETE),
+     "field files['index.faiss'].bytes must be a non-negative integer, got nothing (the field is missing)"),
+    (_set(("files", "index.faiss", "bytes"), "12"), "field files['index.faiss'].bytes must be a non-negative integer, "
+                                                    "got a string '12'"),
+    (_set(("files", "index.faiss", "sha256"), 5), "field files['index.faiss'].sha256 must be 64 lowercase hex digits"),
+    (_set(("files", "index.faiss"), "abc"), "field files['index.faiss'] must be an object {bytes, sha256}"),
+    (lambda m: m["files"].update({"../outside": m["files"]["index.faiss"]}),
+     "field files['../outside'] must be a file"),
+    (_set(("count",), 30.0), "field count must be a non-negative integer, got a number 30.0"),
+    (_set(("count",), "30"), "field count must be a non-negative integer, got a string '30'"),
+    (_set(("count",), True), "field count must be a non-negative integer, got a boolean True"),
+    (_set(("dim",), 0), "field dim must be a positive integer, got an integer 0"),
+    (_set(("dim",), None), "field dim must be a positive integer, got null"),
+    (_set(("count",), DELETE), "corrupt manifest (missing 'count')"),
+    (_set(("query_encoder",), "synthetic"), "field query_encoder must be an object, got a string 'synthetic'"),
+    (_set(("query_encoder", "name"), DELETE), "field query_encoder.name must be a non-empty string, got nothing"),
+    (_set(("doc_encoder", "pooling"), ["mean"]), "field doc_encoder.pooling must be a string or null, got a list"),
+    (_set(("query_encoder", "normalize"), "yes"), "field query_encoder.normalize must be true or false or null"),
+    (_set(("query_encoder", "dim"), "16"), "field query_encoder.dim must be an integer or null, got a string '16'"),
+    (_set(("index",), []), "field index must be an object, got a list"),
+    (_set(("index", "factory"), DELETE), "field index.factory must be a FAISS factory string, got nothing"),
+    (_set(("index", "search_params"), 32), "field index.search_params must be a string, got an integer 32"),
+    (_set(("memory",), 5), "field memory must be an object, got an integer 5"),
+])
+@pytest.mark.parametrize("verify", ["sha256", "none"])
+def test_manifest_with_wrong_field_types_is_one_line_naming_the_field(tmp_path, edit, message, verify):
+    x, _ = _synthetic(n=30, ties=False)
+    folder = _build(tmp_path, x)
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RaditError) as info:
+        Index.load(folder, verify=verify)
+    text = str(info.value)
+    assert "manifest.json: corrupt manifest (" in text and message in text and "\n" not in text, text

@@ -61,7 +61,8 @@ def test_short_documents_keep_their_id_long_ones_get_chunk_ids(tmp_path):
     ('{"id": "a", "title": "t"}', "c.jsonl:2: missing field 'text'"),
     ('{"title": "t", "text": "x"}', "c.jsonl:2: missing field 'id'"),
     ('{"id": "a", "text": "   "}', "c.jsonl:2: empty text"),
-    ('{"id": "a#1", "text": "x"}', "c.jsonl:2: document id 'a#1' contains '#'"),
+    ('{"id": "a#1", "text": "x"}', "c.jsonl:2: document id 'a#1' ends with '#' and digits"),
+    ('{"id": "C##12", "text": "x"}', "c.jsonl:2: document id 'C##12' ends with '#' and digits"),
     ('{"id": "a", "text": 5}', "c.jsonl:2: field 'text' must be a string"),
     ('{"id": "a", "text": "x"', "c.jsonl:2: malformed JSON"),
 ])
@@ -69,6 +70,36 @@ def test_bad_corpus_lines_name_file_and_line(tmp_path, row, message):
     f = _write(tmp_path / "c.jsonl", ['{"id": "ok", "text": "fine"}', row])
     with pytest.raises(RaditError, match=message.replace("(", r"\(")):
         list(iter_corpus(f))
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    f = tmp_path / "c.jsonl"
+    # far past the first 8 KB block: a text-mode reader would report the error without a usable position
+    good = "".join(f'{{"id": "d{i}", "text": "word {i}"}}\n' for i in range(2000)).encode()
+    f.write_bytes(good + b'{"id": "x", "text": "caf\xe9"}\n')
+    with pytest.raises(RaditError, match=r"c.jsonl:2001: not valid UTF-8 \(byte 0xe9 at byte 25 of the line\)"):
+        list(iter_corpus(f))
+    f.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "with a byte-order mark"}\n')
+    assert [p.id for _, p in iter_corpus(f)] == ["a"]
+
+
+def test_ids_may_contain_hash_except_a_chunk_like_suffix(tmp_path):
+    """'#' is allowed in document ids (titles such as "C#"); only a trailing '#' + digits is reserved, so a passage
+    id always maps back to its document and chunk ids never collide with document ids."""
+    docs = [("C#", "short"), ("C", "one two three four five"), ("C#", None), ("F# (language)", "a b c d e"),
+            ("#hashtag", "x"), ("a#b", "y"), ("3#x#", "p q r s")]
+    rows = [json.dumps({"id": d, "text": t}) for d, t in docs if t is not None]
+    got = [p for _, p in iter_corpus(_write(tmp_path / "c.jsonl", rows), chunk_size=3)]
+    ids = [p.id for p in got]
+    assert ids == ["C#", "C#0", "C#1", "F# (language)#0", "F# (language)#1", "#hashtag", "a#b", "3#x##0", "3#x##1"]
+    assert [doc_id(i) for i in ids] == ["C#", "C", "C", "F# (language)", "F# (language)", "#hashtag", "a#b",
+                                        "3#x#", "3#x#"]
+    assert len(set(ids)) == len(ids)
+    gold = [{"C#"}, {"F# (language)"}, {"3#x#"}]
+    ranked = [["C#0", "C#"], ["F# (language)#1"], ["3#x##1"]]
+    assert retrieval_metrics(ranked, gold, ks=(1, 2))["recall@1"] == 2 / 3
+    assert retrieval_metrics(ranked, gold, ks=(1, 2))["recall@2"] == 1.0
+    assert doc_id("a#0x") == "a#0x" and doc_id("a#") == "a#" and doc_id("a#\u0663") == "a#\u0663"  # ASCII digits only
 
 
 def _store(folder, passages):

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class RaditError(ValueError):
@@ -22,13 +27,20 @@ class RaditError(ValueError):
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file.
 
-    Raises RaditError naming the file and the line for a missing file, invalid JSON or a non-object line.
+    Raises RaditError naming the file and the line for a missing file, a line that is not UTF-8, invalid
+    JSON or a non-object line. A UTF-8 byte-order mark on the first line is skipped.
     """
     path = Path(path)
     if not path.is_file():
         raise RaditError(f"{path}: no such file")
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # bytes, decoded line by line: a text-mode file decodes 8 KB blocks, so its errors name no line
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise RaditError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                 f"{e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -80,18 +92,60 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that :func:`atomic_dir` left beside ``path`` in processes that died.
+
+    They are named ``.{name}.{host}-{pid}.{random}.partial``; only those made on this host by a process that
+    no longer exists are removed (a live process with the same pid keeps its folder, and so does another
+    host's build on a shared file system). A process killed with SIGKILL, or by a power cut, leaves one.
+    Returns the removed folders.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([A-Za-z0-9_-]+)-(\d+)\.[A-Za-z0-9_]{{8}}\.partial")
+    host, removed = _host_tag(), []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m and m.group(1) == host and p.is_dir() and not _pid_alive(int(m.group(2))):
+            logger.info("removing %s, left by an interrupted run (pid %s)", p, m.group(2))
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
 
-    On any failure the temporary folder is removed, so no half-written output is left behind.
-    Raises RaditError when ``path`` exists and ``overwrite`` is False.
+    On any failure (an exception, Ctrl-C, or SIGTERM through the CLI, which turns it into SystemExit) the
+    temporary folder is removed, so no half-written output is left behind; folders of processes that died
+    without cleaning up (SIGKILL) are removed by the next ``atomic_dir`` on the same ``path``
+    (:func:`remove_stale_partials`). Raises RaditError when ``path`` exists and ``overwrite`` is False.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise RaditError(f"{path}: already exists (choose another --out or remove it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_host_tag()}-{os.getpid()}.", suffix=".partial",
+                                dir=path.parent))
     try:
         yield tmp
         if path.exists():

@@ -7,15 +7,22 @@ an exit code (or None for 0); then add the module name to :data:`COMMANDS`. Impo
 
 User errors (:class:`radit_fast.io.RaditError`, missing files, permissions) end with one line
 ``radit: error: ...`` on stderr and exit code 2, never a traceback (``--verbose`` logs the traceback).
+Ctrl-C exits with 130; SIGTERM (torchrun tearing down its workers, batch schedulers, ``kill``) is raised as
+:class:`Terminated` (a SystemExit) in the main thread, so every subcommand's ``finally`` blocks and
+``atomic_dir`` clean-ups run, and exits with 143. A process blocked inside a C call (e.g. a gloo
+collective) only sees it when that call returns.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from radit_fast.io import RaditError
 
@@ -29,6 +36,7 @@ COMMANDS = [
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 logger = logging.getLogger("radit_fast.cli")
 
 
@@ -66,13 +74,39 @@ def _one_line(e: BaseException) -> str:
     return msg
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread so that clean-up code runs (SystemExit: ``except Exception`` skips it)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise Terminated(EXIT_TERMINATED)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the block runs (main thread only), then restore the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Run the CLI; returns the exit code (0 ok, 2 user error, 130 interrupted, 143 terminated)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        code = args.func(args)
+        with _sigterm_as_exit():
+            code = args.func(args)
+    except Terminated:
+        print("radit: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except (RaditError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         logger.debug("traceback", exc_info=True)
         # under torchrun, rank 0 reports failures of every rank: the others stay quiet about them

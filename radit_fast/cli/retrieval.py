@@ -4,7 +4,9 @@
                       [--index-factory Flat] [--batch-size 64] [--device cpu|cuda] [--overwrite]
     radit retrieve --index runs/idx --queries tasks.jsonl --k 10 --out retrieved.jsonl [--query-encoder PATH]
 
-Both run under ``torchrun --nproc_per_node N $(which radit) index build ...`` too (encoding is sharded).
+``index build`` also runs under ``torchrun --nproc_per_node N $(which radit) index build ...`` (the encoding
+is sharded over the ranks). ``retrieve`` is a single process: it does not split the queries over ranks
+(with ``--device cuda`` the FAISS index is sharded over all the GPUs of the machine instead).
 """
 from __future__ import annotations
 
@@ -37,10 +39,27 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def _encoder_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pooling", choices=["cls", "mean"], help="override the encoder's pooling")
-    p.add_argument("--normalize", type=_bool, metavar="{true,false}", help="override L2 normalisation")
-    p.add_argument("--max-length", type=_positive, help="max tokens per text (default: the encoder's)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> float:
+    """Seconds from ``"3600"``, ``"90s"``, ``"45m"``, ``"24h"`` or ``"2d"``."""
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:], None)
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 3600, 90m or 24h, got {value!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {value!r}")
+    return seconds
+
+
+def _encoder_options(p: argparse.ArgumentParser, default: str = "the encoder's") -> None:
+    p.add_argument("--pooling", choices=["cls", "mean"], help=f"override the pooling (default: {default})")
+    p.add_argument("--normalize", type=_bool, metavar="{true,false}",
+                   help=f"override L2 normalisation (default: {default})")
+    p.add_argument("--max-length", type=_positive, help=f"max tokens per text (default: {default})")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast for encoding (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model folder")
@@ -65,6 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=_positive, default=64, help="texts per encoder batch (default 64)")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically, at the end)")
+    b.add_argument("--dist-timeout", type=_duration, metavar="DURATION",
+                   help="under torchrun: how long a rank may wait for the others, e.g. 3600, 90m, 24h (default 24h; "
+                        "rank 0 alone writes the store and builds the index while the others wait)")
     _encoder_options(b)
     b.set_defaults(func=cmd_index_build)
 
@@ -87,8 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     r.add_argument("--verify", choices=["sha256", "size", "none"], default="sha256",
                    help="index file checks on load (default sha256; size is instant for huge indexes)")
-    r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    r.add_argument("--trust-remote-code", action="store_true")
+    _encoder_options(r, default="the query encoder's radit_encoder.json, else the index's record")
     r.set_defaults(func=cmd_retrieve)
 
 
@@ -102,6 +123,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, precision=args.precision,
         trust_remote_code=args.trust_remote_code,
     )
+    if args.dist_timeout is not None:
+        cfg.dist_timeout_s = args.dist_timeout
     out = build_index(args.corpus, args.out, cfg, overwrite=args.overwrite)
     logger.info("index written to %s", out)
     return 0
@@ -121,10 +144,13 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def read_queries(path: Path) -> list[dict]:
-    """KILT queries: each line needs an ``id`` (string or int) and a non-empty string ``input``."""
+    """KILT queries: each line needs a unique ``id`` (string or int) and a non-empty string ``input``.
+
+    Ids are compared as the strings the output holds, so ``2`` and ``"2"`` are duplicates.
+    """
     from radit_fast.io import iter_jsonl
 
-    out = []
+    out, first_line = [], {}
     for lineno, obj in iter_jsonl(path):
         for key in ("id", "input"):
             if key not in obj:
@@ -133,6 +159,10 @@ def read_queries(path: Path) -> list[dict]:
             raise RaditError(f"{path}:{lineno}: field 'id' must be a string")
         if not isinstance(obj["input"], str) or not obj["input"].strip():
             raise RaditError(f"{path}:{lineno}: field 'input' must be a non-empty string")
+        qid = str(obj["id"])
+        if qid in first_line:
+            raise RaditError(f"{path}:{lineno}: duplicate id {qid!r} (first at line {first_line[qid]})")
+        first_line[qid] = lineno
         out.append(obj)
     if not out:
         raise RaditError(f"{path}: no queries")
@@ -150,7 +180,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     retriever = Retriever.load(
         args.index, args.query_encoder, device=args.device, verify=args.verify, search_params=args.search_params,
         strict=not args.allow_encoder_mismatch, batch_size=args.batch_size, precision=args.precision,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, pooling=args.pooling, normalize=args.normalize,
+        max_length=args.max_length,
     )
     if args.k > len(retriever.index):
         raise RaditError(f"--k {args.k} is larger than the index ({len(retriever.index)} passages)")

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from radit_fast.io import RaditError, atomic_dir
 from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, encoder_text, iter_corpus
-from radit_fast.retrieval.distributed import DistContext, run_step, shard_range
-from radit_fast.retrieval.encoder import TextEncoder
+from radit_fast.retrieval.distributed import DEFAULT_TIMEOUT_S, DistContext, run_step, shard_range
+from radit_fast.retrieval.encoder import TextEncoder, check_device
 from radit_fast.retrieval.index import (
-    EMBEDDINGS_FILE, FAISS_FILE, index_to_cpu, index_to_gpu, make_faiss_index, set_search_params, train_and_add,
+    EMBEDDINGS_FILE, FAISS_FILE, build_on_device, make_faiss_index, set_search_params,
 )
 from radit_fast.retrieval.manifest import MANIFEST_FILE, estimate_index_bytes, write_manifest
 from radit_fast.retrieval.store import STORE_FILES, PassageStore, PassageStoreWriter, store_ram_bytes
@@ -54,6 +53,7 @@ class IndexBuildConfig:
     device: str = "cpu"
     precision: str = "auto"
     trust_remote_code: bool = False
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S  # gloo timeout under torchrun (rank 0 works alone for hours)
 
     def check(self) -> None:
         if self.chunk_words < 1:
@@ -62,8 +62,9 @@ class IndexBuildConfig:
             raise RaditError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.device not in ("cpu", "cuda"):
             raise RaditError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise RaditError("--device cuda: no CUDA device is available")
+        check_device(self.device)
+        if not self.dist_timeout_s > 0:
+            raise RaditError(f"--dist-timeout must be positive, got {self.dist_timeout_s} s")
 
 
 def write_store(corpus: Path, folder: Path, chunk_words: int) -> int:
@@ -113,11 +114,8 @@ def _finish(folder: Path, *, doc_identity: dict, query_identity: dict, index_fac
     emb = np.load(folder / EMBEDDINGS_FILE, mmap_mode="r")
     n, dim = emb.shape
     index = make_faiss_index(index_factory, dim)
-    if device == "cuda":
-        index = index_to_gpu(index)
     t0 = time.perf_counter()
-    used = train_and_add(index, emb, train_size=train_size, progress=True)
-    index = index_to_cpu(index)
+    index, used = build_on_device(index, emb, device=device, train_size=train_size, progress=True)
     set_search_params(index, search_params)  # validate now, not at the first retrieve
     faiss.write_index(index, str(folder / FAISS_FILE))
     logger.info("built %s over %d vectors in %.1f s", index_factory, n, time.perf_counter() - t0)
@@ -158,7 +156,7 @@ def build_index(corpus: str | os.PathLike, out: str | os.PathLike, config: Index
         raise RaditError(f"{out}: already exists (pass --overwrite to replace it)")
     if not corpus.is_file():
         raise RaditError(f"{corpus}: no such file")
-    with DistContext.from_env() as ctx:
+    with DistContext.from_env(timeout_s=cfg.dist_timeout_s) as ctx:
         if ctx.is_main:
             with atomic_dir(out, overwrite=overwrite) as tmp:
                 _build_steps(ctx, corpus, tmp, cfg)
@@ -174,6 +172,7 @@ def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBui
     local: dict[str, Any] = {}
 
     def load_and_store() -> dict[str, Any] | None:
+        check_device(device)  # cuda:LOCAL_RANK exists on this node
         local["enc"] = TextEncoder.from_pretrained(cfg.doc_encoder or cfg.encoder, device=device, **enc_kw)
         if not ctx.is_main:
             return None

@@ -2,15 +2,17 @@
 
 A document of at most ``chunk_words`` words stays one passage with its own id. A longer document is split
 into ``ceil(words / chunk_words)`` chunks of near-equal size (each at most ``chunk_words`` words, no tiny
-tail chunk) with ids ``"{doc id}#{n}"``, n = 0, 1, ...; the part of a passage id before ``'#'`` is always
-the document id (document ids may not contain ``'#'``).
+tail chunk) with ids ``"{doc id}#{n}"``, n = 0, 1, ...; a passage id without such a suffix is the document
+id. Document ids may contain ``'#'`` (titles such as ``"C#"``), but may not end with ``'#'`` and digits:
+that suffix is reserved for chunks, so :func:`doc_id` (which strips the last ``'#'`` only when digits alone
+follow it) is unambiguous.
 
 >>> chunk_words("a b c d e", 2)
 ['a b', 'c d', 'e']
 >>> chunk_words("a b c d e f g", 3)
 ['a b c', 'd e', 'f g']
->>> doc_id("123#4"), doc_id("123")
-('123', '123')
+>>> doc_id("123#4"), doc_id("123"), doc_id("C#"), doc_id("C##2"), doc_id("a#b#3")
+('123', '123', 'C#', 'C#', 'a#b')
 """
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ class Passage:
 
 
 def doc_id(passage_id: str) -> str:
-    """The document id of a passage id: the part before the first ``'#'``."""
-    return str(passage_id).split("#", 1)[0]
+    """The document id of a passage id: without its chunk suffix ``#n`` (the last ``'#'``, when only the
+    ASCII digits of n follow it)."""
+    head, sep, tail = str(passage_id).rpartition("#")
+    return head if sep and tail.isascii() and tail.isdigit() else str(passage_id)
 
 
 def encoder_text(title: str, text: str) -> str:
@@ -84,8 +88,8 @@ def iter_corpus(
 ) -> Iterator[tuple[int, Passage]]:
     """Yield ``(line_number, passage)`` for every passage of a corpus file, chunking long documents.
 
-    Each line needs ``id`` (string or integer, without ``'#'``) and a non-empty ``text``; ``title`` is
-    optional (empty when absent). Errors name the file and line. Duplicate ids are detected by the passage
+    Each line needs ``id`` (string or integer, not ending with ``'#'`` and digits) and a non-empty ``text``;
+    ``title`` is optional (empty when absent). Errors name the file and line. Duplicate ids are detected by the passage
     store writer (scalably, by hash), not here.
     """
     if chunk_size < 1:
@@ -95,8 +99,9 @@ def iter_corpus(
         pid = _field(obj, "id", where)
         if not pid.strip():
             raise RaditError(f"{where}: empty id")
-        if "#" in pid:
-            raise RaditError(f"{where}: document id {pid!r} contains '#', which is reserved for chunk ids")
+        if doc_id(pid) != pid:
+            raise RaditError(f"{where}: document id {pid!r} ends with '#' and digits, which is reserved for "
+                             "chunk ids ('{doc id}#{n}')")
         title = _field(obj, "title", where, required=False)
         text = _field(obj, "text", where)
         if not text.strip():

@@ -5,6 +5,11 @@ shard; rank 0 assembles the index after the shards are done. :func:`run_step` is
 synchronisation primitive: each rank runs its part of a step, then all ranks exchange their outcome, so a
 failure on any rank makes every rank raise at the same step (no rank waits forever on a dead peer).
 Without torchrun (``WORLD_SIZE`` unset or 1) everything runs in-process with no communication.
+
+Ranks 1..N-1 wait inside a gloo collective while rank 0 alone writes the passage store and, after the
+encoding, assembles the shards, trains and fills the FAISS index and checksums the files: hours at 400M
+passages. So the gloo timeout (``radit index build --dist-timeout``) defaults to 24 hours; failures are not
+detected by it (:func:`run_step` reports them at once, and a dead peer closes its connections), only hangs.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import torch.distributed as dist
 from radit_fast.io import RaditError
 
 logger = logging.getLogger(__name__)
+
+#: gloo timeout of an index build: longer than anything rank 0 does alone while the other ranks wait.
+DEFAULT_TIMEOUT_S = 24 * 3600.0
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -40,16 +48,21 @@ class DistContext:
         self._owns_group = owns_group
 
     @classmethod
-    def from_env(cls, timeout_s: float = 1800.0) -> DistContext:
+    def from_env(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+        """Join the torchrun job (gloo, ``timeout_s`` per collective) or run alone; an existing group is reused
+        with its own timeout."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        if not timeout_s > 0:
+            raise RaditError(f"--dist-timeout must be positive, got {timeout_s} s")
         owns = False
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
             owns = True
         ctx = cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
-        logger.debug("distributed build: rank %d of %d", ctx.rank, ctx.world_size)
+        logger.debug("distributed build: rank %d of %d, gloo timeout %s", ctx.rank, ctx.world_size,
+                     f"{timeout_s:.0f} s" if owns else "of the existing process group")
         return ctx
 
     @property
@@ -74,7 +87,11 @@ class DistContext:
     def __enter__(self) -> DistContext:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # SIGTERM (SystemExit) or Ctrl-C: the ranks are not aligned by run_step, so a barrier could wait
+            # for the whole timeout; the process is exiting and its connections close with it
+            return
         self.close()
 
 

@@ -71,68 +71,151 @@ def default_train_size(index: Any, n: int) -> int:
     return min(n, max(65536, 100 * nlist))
 
 
+def train_index(index: Any, emb: np.ndarray, *, train_size: int | None = None, seed: int = 0) -> int:
+    """Train ``index`` (if it needs it) on a random sample of the rows of ``emb``; returns the sample size."""
+    n = len(emb)
+    if index.is_trained:
+        return 0
+    used = min(n, train_size or default_train_size(index, n))
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=used, replace=False))
+    logger.info("training the index on %d of %d vectors", used, n)
+    try:
+        index.train(np.ascontiguousarray(emb[rows], dtype=np.float32))
+    except RuntimeError as e:
+        raise RaditError(f"cannot train the index on {used} vectors: {str(e).strip().splitlines()[-1]}") from None
+    return used
+
+
+def add_vectors(index: Any, emb: np.ndarray, *, progress: bool = False) -> None:
+    """Add every row of ``emb`` (any float dtype, e.g. the float16 memmap) in blocks of ``ADD_BLOCK`` rows."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(emb), desc="indexing", unit=" vectors", disable=None if progress else True) as bar:
+        for s in range(0, len(emb), ADD_BLOCK):
+            block = np.ascontiguousarray(emb[s : s + ADD_BLOCK], dtype=np.float32)
+            index.add(block)
+            bar.update(len(block))
+
+
 def train_and_add(index: Any, emb: np.ndarray, *, train_size: int | None = None, seed: int = 0,
                   progress: bool = False) -> int:
     """Train ``index`` (if it needs it) on a random sample of rows, then add every row in blocks.
 
     ``emb`` is [n, d] of any float dtype (e.g. the float16 memmap); returns the training sample size.
     """
-    from tqdm import tqdm
-
-    n = len(emb)
-    used = 0
-    if not index.is_trained:
-        used = min(n, train_size or default_train_size(index, n))
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=used, replace=False))
-        logger.info("training the index on %d of %d vectors", used, n)
-        try:
-            index.train(np.ascontiguousarray(emb[rows], dtype=np.float32))
-        except RuntimeError as e:
-            raise RaditError(f"cannot train the index on {used} vectors: {str(e).strip().splitlines()[-1]}") from None
-    with tqdm(total=n, desc="indexing", unit=" vectors", disable=None if progress else True) as bar:
-        for s in range(0, n, ADD_BLOCK):
-            block = np.ascontiguousarray(emb[s : s + ADD_BLOCK], dtype=np.float32)
-            index.add(block)
-            bar.update(len(block))
+    used = train_index(index, emb, train_size=train_size, seed=seed)
+    add_vectors(index, emb, progress=progress)
     return used
 
 
+def build_on_device(index: Any, emb: np.ndarray, *, device: str = "cpu", train_size: int | None = None,
+                    seed: int = 0, progress: bool = False) -> tuple[Any, int]:
+    """Train and fill a CPU ``index``, on the GPUs when ``device`` is cuda; returns (CPU index, sample size).
+
+    On the CPU (or without a faiss GPU build) this is :func:`train_and_add`. With GPUs, an index that needs
+    training is trained on one GPU (an index sharded over several would train every shard separately, each
+    with its own k-means), then copied to all GPUs (sharded, one common coarse quantizer) to add the
+    vectors, then copied back to the CPU. An index that needs no training (Flat) is filled on the CPU,
+    where adding is a copy.
+    """
+    n_gpu = 0
+    if device.startswith("cuda"):
+        if faiss_gpu_available():
+            import faiss
+
+            n_gpu = faiss.get_num_gpus()
+        else:
+            logger.warning("faiss has no GPU support here (install faiss-gpu); the index is built on the CPU")
+    if n_gpu == 0 or index.is_trained:
+        return index, train_and_add(index, emb, train_size=train_size, seed=seed, progress=progress)
+    size = train_size or default_train_size(index, len(emb))  # from the CPU index: faiss can read its nlist
+    one = index_to_gpu(index, gpus=1)
+    used = train_index(one, emb, train_size=size, seed=seed)
+    index = index_to_gpu(index_to_cpu(one))
+    add_vectors(index, emb, progress=progress)
+    return index_to_cpu(index), used
+
+
 def faiss_gpu_available() -> bool:
+    """True when faiss was built with GPU support and sees at least one GPU."""
     import faiss
 
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    return hasattr(faiss, "index_gpu_to_cpu") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
-def index_to_gpu(index: Any) -> Any:
-    """Copy a CPU index to all GPUs (sharded across them when there are several); unchanged without faiss-gpu."""
+def _sub_indexes(index: Any) -> list[Any]:
+    """The indexes ``index`` wraps: shards / replicas, and the inner index of IndexPreTransform, IDMap, Refine."""
+    import faiss
+
+    subs = [index.at(i) for i in range(index.count())] if hasattr(index, "at") and hasattr(index, "count") else []
+    subs += [sub for attr in ("index", "base_index") if (sub := getattr(index, attr, None)) is not None]
+    return [faiss.downcast_index(sub) for sub in subs]
+
+
+def is_gpu_index(index: Any) -> bool:
+    """True when ``index`` is or contains a faiss GPU index: ``index_cpu_to_all_gpus`` over several GPUs gives
+    IndexShards / IndexReplicas / IndexShardsIVF of GpuIndex*, and OPQ or PCA keep an IndexPreTransform
+    around one."""
+    return "Gpu" in type(index).__name__ or any(is_gpu_index(sub) for sub in _sub_indexes(index))
+
+
+def index_to_gpu(index: Any, *, gpus: int | None = None) -> Any:
+    """Copy a CPU index to the first ``gpus`` GPUs (default all), sharded when several; unchanged (with a
+    warning) without faiss-gpu or for index types faiss cannot put on a GPU (HNSW, PQ without IVF).
+
+    Shards hold 1/G of the inverted lists each and share one coarse quantizer (``common_ivf_quantizer``,
+    where this faiss has it); queries go to every shard and the top-k are merged.
+    """
     import faiss
 
     if not faiss_gpu_available():
         logger.warning("faiss has no GPU support here (install faiss-gpu); the index stays on the CPU")
         return index
+    n = faiss.get_num_gpus() if gpus is None else max(1, min(gpus, faiss.get_num_gpus()))
     co = faiss.GpuMultipleClonerOptions()
-    co.shard = faiss.get_num_gpus() > 1
+    co.shard = n > 1
+    if co.shard and hasattr(co, "common_ivf_quantizer"):
+        co.common_ivf_quantizer = True
     co.useFloat16 = True  # halves GPU memory for Flat/IVF-Flat storage; scores are rescored exactly
-    return faiss.index_cpu_to_all_gpus(index, co=co)
+    try:
+        return faiss.index_cpu_to_gpus_list(index, co=co, gpus=list(range(n)))
+    except RuntimeError as e:
+        logger.warning("faiss cannot put %s on a GPU (%s); it stays on the CPU", type(index).__name__,
+                       str(e).strip().splitlines()[-1] if str(e).strip() else "unsupported")
+        return index
 
 
 def index_to_cpu(index: Any) -> Any:
+    """A CPU copy of a GPU index (shards merged into one index); a CPU index is returned as is."""
     import faiss
 
-    return faiss.index_gpu_to_cpu(index) if faiss_gpu_available() and "Gpu" in type(index).__name__ else index
+    return faiss.index_gpu_to_cpu(index) if faiss_gpu_available() and is_gpu_index(index) else index
 
 
 def set_search_params(index: Any, params: str) -> None:
-    """Apply FAISS run-time parameters, e.g. ``"nprobe=32"`` or ``"efSearch=128"`` (empty = none)."""
+    """Apply FAISS run-time parameters, e.g. ``"nprobe=32"`` or ``"efSearch=128"`` (empty = none).
+
+    GPU indexes (also sharded ones) need ``GpuParameterSpace``: the CPU ``ParameterSpace`` cannot set nprobe
+    on a GpuIndexIVF.
+    """
     if not params:
         return
     import faiss
 
-    space = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ else faiss.ParameterSpace()
+    gpu = faiss_gpu_available() and is_gpu_index(index)
+    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
     try:
         space.set_index_parameters(index, params)
     except RuntimeError as e:
         raise RaditError(f"invalid search parameters {params!r}: {str(e).strip().splitlines()[-1]}") from None
+
+
+def same_lineage(identity: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """Whether an encoder (its :meth:`TextEncoder.identity`) is, or was fine-tuned from, the encoder ``expected``
+    records: equal fingerprints, a shared base fingerprint, or equal names."""
+    fps = {expected.get("fingerprint"), expected.get("base_fingerprint")} - {None}
+    same = identity.get("fingerprint") in fps or identity.get("base_fingerprint") in fps
+    return same or identity.get("name") == expected.get("name")
 
 
 class Index:
@@ -257,10 +340,8 @@ class Index:
             raise RaditError(
                 f"query encoder {identity['name']} has dim {identity['dim']} but index {self.folder} has dim {self.dim}"
             )
-        fps = {expected.get("fingerprint"), expected.get("base_fingerprint")} - {None}
-        same = identity.get("fingerprint") in fps or identity.get("base_fingerprint") in fps
-        same = same or identity.get("name") == expected.get("name")
-        problems = [] if same else [f"it is {identity['name']!r}, the index expects {expected.get('name')!r}"]
+        problems = [] if same_lineage(identity, expected) else [
+            f"it is {identity['name']!r}, the index expects {expected.get('name')!r}"]
         for key in ("pooling", "normalize"):
             if key in expected and identity.get(key) != expected[key]:
                 problems.append(f"{key} {identity.get(key)!r} != {expected[key]!r}")

@@ -74,9 +74,7 @@ def read_manifest(folder: str | os.PathLike, verify: str = "sha256") -> dict[str
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise RaditError(f"{path}: unsupported index format {found!r} (expected {FORMAT!r})")
-    for key in ("count", "dim", "files", "doc_encoder", "query_encoder", "index"):
-        if key not in manifest:
-            raise RaditError(f"{path}: corrupt manifest (missing {key!r})")
+    check_fields(manifest, path)
     for name, rec in manifest["files"].items():
         f = folder / name
         if not f.is_file():
@@ -88,6 +86,65 @@ def read_manifest(folder: str | os.PathLike, verify: str = "sha256") -> dict[str
         if verify == "sha256" and sha256_file(f) != rec["sha256"]:
             raise RaditError(f"{f}: sha256 checksum mismatch (corrupt or modified; rebuild the index)")
     return manifest
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_MISSING = object()
+
+
+def _kind(value: Any) -> str:
+    if value is _MISSING:
+        return "nothing (the field is missing)"
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_fields(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a manifest whose fields are missing or of the wrong type, naming the field (one line)."""
+
+    def need(ok: bool, field: str, expected: str, value: Any) -> None:
+        if not ok:
+            shown = repr(value) if isinstance(value, (int, float, str)) else ""
+            shown = f" {shown[:60]}..." if len(shown) > 60 else f" {shown}" if shown else ""
+            raise RaditError(f"{path}: corrupt manifest (field {field} must be {expected}, got {_kind(value)}{shown})")
+
+    for key in ("count", "dim", "files", "doc_encoder", "query_encoder", "index"):
+        if key not in manifest:
+            raise RaditError(f"{path}: corrupt manifest (missing {key!r})")
+    need(_is_int(manifest["count"], 0), "count", "a non-negative integer", manifest["count"])
+    need(_is_int(manifest["dim"], 1), "dim", "a positive integer", manifest["dim"])
+    files = manifest["files"]
+    need(isinstance(files, dict), "files", "an object {file name: {bytes, sha256}}", files)
+    for name, rec in files.items():
+        where = f"files[{name!r}]"
+        need(bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name, where,
+             "a file of the index folder (a plain name)", name)
+        need(isinstance(rec, dict), where, "an object {bytes, sha256}", rec)
+        need(_is_int(rec.get("bytes"), 0), f"{where}.bytes", "a non-negative integer", rec.get("bytes", _MISSING))
+        need(isinstance(rec.get("sha256"), str) and bool(_HEX64.fullmatch(rec["sha256"])), f"{where}.sha256",
+             "64 lowercase hex digits", rec.get("sha256", _MISSING))
+    for side in ("doc_encoder", "query_encoder"):
+        enc = manifest[side]
+        need(isinstance(enc, dict), side, "an object", enc)
+        need(isinstance(enc.get("name"), str) and bool(enc["name"]), f"{side}.name", "a non-empty string",
+             enc.get("name", _MISSING))
+        for key, types, expected in (("dim", int, "an integer"), ("pooling", str, "a string"),
+                                     ("normalize", bool, "true or false"), ("max_length", int, "an integer"),
+                                     ("fingerprint", str, "a string"), ("base_fingerprint", str, "a string")):
+            value = enc.get(key)
+            ok = value is None or (isinstance(value, types) and (types is bool or not isinstance(value, bool)))
+            need(ok, f"{side}.{key}", expected + " or null", value)
+    index = manifest["index"]
+    need(isinstance(index, dict), "index", "an object", index)
+    need(isinstance(index.get("factory"), str), "index.factory", "a FAISS factory string",
+         index.get("factory", _MISSING))
+    need(isinstance(index.get("search_params", ""), str), "index.search_params", "a string",
+         index.get("search_params"))
+    need(isinstance(manifest.get("memory", {}), dict), "memory", "an object", manifest.get("memory"))
 
 
 def estimate_index_bytes(factory: str, n: int, d: int) -> int | None:

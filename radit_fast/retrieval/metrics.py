@@ -1,7 +1,8 @@
 """Retrieval metrics against KILT provenance, at the document level.
 
-A passage id ``"{doc}#{n}"`` counts as its document ``doc`` (the part before ``'#'``), and so does a gold
-provenance id. For a query with gold documents G and top-k passages P_k (in rank order):
+A passage id ``"{doc}#{n}"`` counts as its document ``doc`` (:func:`radit_fast.retrieval.corpus.doc_id`:
+without the chunk suffix, the last ``'#'`` followed by digits), and so does a gold provenance id. For a
+query with gold documents G and top-k passages P_k (in rank order):
 
     recall@k = |G ∩ doc(P_k)| / |G|          hit@k (KILT success@k, DPR top-k accuracy) = [G ∩ doc(P_k) ≠ ∅]
 

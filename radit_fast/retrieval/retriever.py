@@ -14,14 +14,13 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from radit_fast.io import RaditError
 from radit_fast.retrieval.corpus import Passage
-from radit_fast.retrieval.encoder import TextEncoder
-from radit_fast.retrieval.index import Index
+from radit_fast.retrieval.encoder import META_FILE, TextEncoder, check_device
+from radit_fast.retrieval.index import Index, same_lineage
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +37,18 @@ class Retrieved:
     @property
     def ids(self) -> list[list[str | None]]:
         return [[p.id if p is not None else None for p in row] for row in self.passages]
+
+
+def stored_scores(q: torch.Tensor, index: Index, rows: torch.Tensor) -> torch.Tensor:
+    """``s[b, i] = q[b] . E_d(rows[b, i])`` float32 ``[B, k]`` with ``E_d`` the index's stored document
+    embeddings; ``-inf`` where ``rows`` is -1. Differentiable w.r.t. ``q`` ``[B, d]`` (the document side is
+    a constant). Used by :meth:`Retriever.score` and by the R-IT training objective."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if rows.ndim != 2 or rows.shape[0] != q.shape[0]:
+        raise RaditError(f"rows must be [B={q.shape[0]}, k], got {list(rows.shape)}")
+    d = index.doc_embeddings(rows, device=q.device)
+    s = torch.einsum("bd,bkd->bk", q, d)
+    return s.masked_fill(rows.to(q.device) < 0, float("-inf"))
 
 
 class Retriever:
@@ -69,22 +80,38 @@ class Retriever:
         batch_size: int = 64,
         precision: str = "auto",
         trust_remote_code: bool = False,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_length: int | None = None,
     ) -> Retriever:
-        """Load an index and a query encoder (default: the one recorded in the manifest, with its pooling).
+        """Load an index and a query encoder (default: the one recorded in the manifest, with its settings).
 
-        Raises RaditError when the encoder's dim differs, or (``strict``) its lineage/pooling differ.
+        Pooling, normalisation and max length of a loaded encoder: the arguments when given; else its own
+        ``radit_encoder.json`` (a fine-tuned encoder saved by :meth:`TextEncoder.save_pretrained`); else,
+        when it is the index's query encoder or of its lineage, the settings the index was built with (so
+        ``radit index build --encoder X --pooling mean`` is retrieved with ``--query-encoder X``); else the
+        model's defaults. They do not apply to a :class:`TextEncoder` instance.
+        Raises RaditError when the device is missing, the encoder's dim differs, or (``strict``) its
+        lineage/pooling differ.
         """
+        check_device(device)
         index = Index.load(index_dir, device=device, verify=verify, search_params=search_params)
         if isinstance(query_encoder, TextEncoder):
-            enc = query_encoder
-        else:
-            expected = index.manifest["query_encoder"]
-            kw: dict[str, Any] = {}
-            if query_encoder is None:  # the manifest's encoder, with its settings
-                kw = {"pooling": expected.get("pooling"), "normalize": expected.get("normalize"),
-                      "max_length": expected.get("max_length")}
-            enc = TextEncoder.from_pretrained(query_encoder or expected["name"], device=device,
-                                              trust_remote_code=trust_remote_code, **kw)
+            return cls(index, query_encoder, batch_size=batch_size, precision=precision, strict=strict)
+        expected = index.manifest["query_encoder"]
+        given = {"pooling": pooling, "normalize": normalize, "max_length": max_length}
+        recorded = {key: expected.get(key) for key in given}
+        kw = dict(given)
+        if query_encoder is None:  # the manifest's encoder, with its settings
+            kw = {key: value if value is not None else recorded[key] for key, value in given.items()}
+        enc = TextEncoder.from_pretrained(query_encoder or expected["name"], device=device,
+                                          trust_remote_code=trust_remote_code, **kw)
+        if query_encoder is not None and not enc.has_own_settings and same_lineage(enc.identity(), expected):
+            inherit = {key: value for key, value in recorded.items()
+                       if given[key] is None and value is not None and getattr(enc, key) != value}
+            if inherit:  # e.g. --pooling given at build time: the model's own default would be refused
+                logger.info("query encoder %s: no %s, using the index's settings %s", enc.name, META_FILE, inherit)
+                enc.configure(**inherit)
         return cls(index, enc, batch_size=batch_size, precision=precision, strict=strict)
 
     def encode_queries(self, texts: Sequence[str], *, grad: bool = False) -> torch.Tensor:
@@ -97,12 +124,7 @@ class Retriever:
         ``queries`` is a list of texts or already computed query embeddings [B, d].
         """
         q = queries if isinstance(queries, torch.Tensor) else self.encode_queries(queries, grad=grad)
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        if rows.ndim != 2 or rows.shape[0] != q.shape[0]:
-            raise RaditError(f"rows must be [B={q.shape[0]}, k], got {list(rows.shape)}")
-        d = self.index.doc_embeddings(rows, device=q.device)
-        s = torch.einsum("bd,bkd->bk", q, d)
-        return s.masked_fill(rows.to(q.device) < 0, float("-inf"))
+        return stored_scores(q, self.index, rows)
 
     def retrieve(self, queries: Sequence[str], k: int, *, grad: bool = False) -> Retrieved:
         """Top-k passages of each query, sorted by descending exact score (see the module docstring)."""
