@@ -128,6 +128,54 @@ def test_bos_added_when_the_tokenizer_uses_one(tok):
     assert inst.input_ids[0] == 1 and inst.length == 40
 
 
+def test_append_eos_ends_the_answer(tok):
+    """EOS is the last id and one more answer token; the prompt is unchanged; scoring (default) has none."""
+    q = "What is the capital of France?"
+    plain = build_instance(tok, CHUNK, q, "Paris", max_length=256)
+    eos = build_instance(tok, CHUNK, q, "Paris", max_length=256, append_eos=True)
+    assert tok.eos_token_id is not None
+    assert eos.input_ids[-1] == tok.eos_token_id and plain.input_ids[-1] != tok.eos_token_id
+    assert eos.answer_len == plain.answer_len + 1 and eos.answer_start == plain.answer_start
+    assert eos.input_ids[:-1] == plain.input_ids
+    assert eos.answer_ids == plain.answer_ids + [tok.eos_token_id]
+    assert tok.decode(eos.answer_ids, skip_special_tokens=True) == " Paris"
+    # the collators score the EOS target like any answer token (SmolLM2 pads with the same id)
+    assert tok.pad_token_id == tok.eos_token_id
+    for batch in (collate_padded([eos, plain], tok.pad_token_id), collate_packed([eos, plain], tok.pad_token_id)):
+        assert batch["answer_targets"].tolist() == eos.answer_ids + plain.answer_ids
+        flat = batch["input_ids"].reshape(-1)
+        assert flat[batch["answer_positions"] + 1].tolist() == batch["answer_targets"].tolist()
+
+
+def test_append_eos_truncation_leaves_room(tok):
+    q, a = "What is the capital of France?", "Paris"
+    bare = build_instance(tok, None, q, a, max_length=512, append_eos=True)
+    full = build_instance(tok, CHUNK, q, a, max_length=512, append_eos=True)
+    for max_length in range(bare.length, full.length + 2):
+        inst = build_instance(tok, CHUNK, q, a, max_length=max_length, append_eos=True)
+        assert inst.length <= max_length and inst.input_ids[-1] == tok.eos_token_id
+        assert inst.answer_ids == full.answer_ids
+        if inst.chunk_truncated and inst.chunk_tokens:
+            assert inst.length == max_length
+    # fits without EOS, one token short with it: an error naming the example, not a silent cut
+    no_eos = build_instance(tok, None, q, a, max_length=512)
+    build_instance(tok, None, q, a, max_length=no_eos.length)
+    with pytest.raises(RaditError, match=r"example e1: question and answer alone take \d+ tokens"):
+        build_instance(tok, None, q, a, max_length=no_eos.length, append_eos=True, example_id="e1")
+
+
+def test_append_eos_needs_an_eos_token(tok):
+    class NoEos:  # the real tokenizer without an EOS token
+        eos_token_id = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return tok(text, add_special_tokens=add_special_tokens)
+
+    build_instance(NoEos(), None, "q", "a", max_length=64)  # fine without append_eos
+    with pytest.raises(RaditError, match=r"example x: append_eos needs a tokenizer with an EOS token.*--no-append-eos"):
+        build_instance(NoEos(), None, "q", "a", max_length=64, append_eos=True, example_id="x")
+
+
 def test_question_text_choices():
     ex = Example(id="1", input="Pick one", answers=["b"], choices=["a", "b"])
     assert question_text(ex) == "Pick one"

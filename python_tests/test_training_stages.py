@@ -75,6 +75,8 @@ def test_train_lm_outputs_loadable_model(tiny, tmp_path):
     steps = [r for r in rows if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["tokens_per_s"] > 0 and r["instances_per_s"] > 0 and r["lr"] > 0 for r in steps)
+    # 12 examples x k = 3 chunks: an example counts 1/3 per instance
+    assert all(r["examples_per_s"] == pytest.approx(r["instances_per_s"] / 3, rel=0.01) for r in steps)
     assert any(r.get("event") == "eval" and r["eval_loss"] > 0 for r in rows)
     assert "max_length: 64" in (out / "radit_config.yaml").read_text()
 
@@ -91,7 +93,8 @@ def test_train_lm_lora_bf16_checkpointing_corpus_context(tiny, tmp_path):
 
 
 def test_build_data_instances(tiny):
-    """One instance per retrieved chunk (k), gold context used once, corpus items added, answers last."""
+    """One instance per retrieved chunk (k), gold context used once, corpus items added, answers last;
+    task answers end with EOS (default), corpus continuations never do."""
     from radit_fast.models import load_tokenizer
     from radit_fast.training.ra_it import build_data
 
@@ -103,7 +106,37 @@ def test_build_data_instances(tiny):
     assert data.n_corpus == round((n_ctx + 18) * 0.25 / 0.75)
     assert all(i.length <= 48 for i in data.instances)
     first = data.instances[0]
-    assert tok.decode(first.answer_ids).strip() == "Paris"
+    assert tok.decode(first.answer_ids, skip_special_tokens=True).strip() == "Paris"
+    eos = tok.eos_token_id
+    tasks = [inst for inst, o in zip(data.instances, data.example_index) if o >= 0]
+    corpus = [inst for inst, o in zip(data.instances, data.example_index) if o < 0]
+    assert all(inst.answer_ids[-1] == eos and eos not in inst.answer_ids[:-1] for inst in tasks)
+    assert corpus and all(eos not in inst.answer_ids for inst in corpus)
+    plain = build_data(_lm_cfg(tiny, "unused", k=2, max_length=48, append_eos=False), tok)
+    assert [i.answer_len + 1 for i in plain.instances] == [i.answer_len for i in tasks]
+    assert all(eos not in i.answer_ids for i in plain.instances)
+
+
+def test_append_eos_teaches_the_lm_to_stop(tiny, tmp_path):
+    """Tuned with EOS after each answer, the LM's greedy continuation ends with EOS; without, it runs on."""
+    from radit_fast.data.prompts import build_prompt
+    from radit_fast.models import load_lm
+
+    def stops(append_eos: bool) -> int:
+        out = train_lm(_lm_cfg(tiny, tmp_path / f"eos-{append_eos}", max_steps=60, batch_size=12, lr=1e-2,
+                               warmup_steps=2, k=1, append_eos=append_eos, randomize_markers=False))
+        lm, tok = load_lm(out)
+        n = 0
+        for country in ("France", "Germany", "Italy"):
+            ids = build_prompt(tok, None, f"What is the capital of {country}?", max_length=64).input_ids
+            new = lm.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+            n += tok.eos_token_id in new
+        return n
+
+    with_eos = stops(True)
+    assert with_eos == 3
+    assert stops(False) < with_eos
 
 
 @pytest.mark.parametrize("rows, msg", [
@@ -139,6 +172,7 @@ def test_train_retriever_updates_query_encoder_only(tiny, tmp_path):
     assert r.retrieve(["What is the capital of France?"], k=3).rows.shape == (1, 3)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] >= 0 and rows[0]["e2e_nll"] > 0 and rows[0]["examples_per_s"] > 0
+    assert rows[0]["tokens_per_s"] > 0
 
 
 def test_lsr_targets_cached_and_reused(tiny, tmp_path, monkeypatch):

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lm = subparsers.add_parser(
         "train-lm", help="stage 1: retrieval-augmented instruction tuning of the LM (RA-IT)", epilog=_EPILOG,
         description="Fine-tune the LM on 'Background: chunk / Q: x / A: y' instances, one per retrieved "
-                    "chunk, with the loss on the answer tokens only. OUT is a save_pretrained folder.")
+                    "chunk, with the loss on the answer tokens only (each answer followed by EOS unless "
+                    "--no-append-eos). OUT is a save_pretrained folder.")
     _common(lm, RaItConfig)
     lm.set_defaults(func=_train_lm)
 

@@ -16,7 +16,8 @@ in-context input, as in RA-DIT/REPLUG).
 
 Tokenisation (:func:`build_instance`): the prompt pieces and the answer ``" {answer}"`` are tokenised
 separately and their ids concatenated, so the answer boundary is exact; the tokenizer's own prefix (BOS)
-is added when it uses one. Only the chunk is truncated (at the token level, keeping its beginning) to
+is added when it uses one. With ``append_eos`` (RA-IT training) the answer ends with the EOS id, which is
+then one of the scored answer tokens. Only the chunk is truncated (at the token level, keeping its beginning) to
 fit ``max_length``; when not even one chunk token fits, the background is left out.
 
 Collation: position ``t - 1`` predicts token ``t``, so an answer occupying tokens
@@ -152,17 +153,27 @@ def build_prompt(tokenizer: Any, chunk: str | None, question: str, *, max_length
 
 def build_instance(tokenizer: Any, chunk: str | None, question: str, answer: str, *, max_length: int,
                    rng: random.Random | None = None, shots: Sequence[tuple[str, str]] = (),
-                   example_id: str | None = None) -> Instance:
+                   example_id: str | None = None, append_eos: bool = False) -> Instance:
     """Tokenise ``Background: chunk \\n\\n [shots] Q: question \\n A:`` + ``" answer"`` into one Instance.
 
     ``rng``: a seeded ``random.Random`` draws the Q/A markers (training); None uses ``Q:``/``A:``.
-    The answer ids are the last ``answer_len`` ids. Raises RaditError naming the example when the
-    question, demonstrations and answer alone do not fit ``max_length`` or the answer is empty.
+    ``append_eos``: end the answer with ``tokenizer.eos_token_id`` (RA-IT training, so the tuned LM learns
+    to stop; it counts in ``answer_len`` and in the room kept free for the answer). Off for scoring: LSR
+    targets and evaluation score the answer's own tokens. The answer ids are the last ``answer_len`` ids.
+    Raises RaditError naming the example when the question, demonstrations and answer alone do not fit
+    ``max_length``, the answer is empty, or ``append_eos`` is set and the tokenizer has no EOS token.
     """
+    name = example_id if example_id is not None else repr(question[:60])
     if not answer or not answer.strip():
-        name = example_id if example_id is not None else repr(question[:60])
         raise RaditError(f"example {name}: empty answer")
     answer_ids = _encode(tokenizer, " " + answer.strip())
+    if append_eos:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if not isinstance(eos, int):
+            raise RaditError(f"example {name}: append_eos needs a tokenizer with an EOS token, and "
+                             f"{type(tokenizer).__name__} has none (eos_token_id={eos!r}); turn it off "
+                             "(--no-append-eos) or set tokenizer.eos_token")
+        answer_ids.append(eos)
     prompt = build_prompt(tokenizer, chunk, question, max_length=max_length, rng=rng, shots=shots,
                           reserve=len(answer_ids), example_id=example_id)
     return Instance(input_ids=prompt.input_ids + answer_ids, answer_start=prompt.length,

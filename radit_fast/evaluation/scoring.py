@@ -104,7 +104,9 @@ def pick_demonstrations(train: Sequence[Example] | None, shots: int, *, seed: in
 
 
 def answer_ids(tokenizer: Any, answer: str) -> list[int]:
-    """Token ids of ``" " + answer`` as :func:`radit_fast.data.prompts.build_instance` appends them."""
+    """Token ids of ``" " + answer`` as :func:`radit_fast.data.prompts.build_instance` appends them with
+    ``append_eos=False`` (its default, as in LSR scoring): candidates are scored without the EOS token that
+    RA-IT training may append, so base and tuned LMs are compared on the answer's own tokens."""
     return list(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
 
 

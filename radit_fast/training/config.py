@@ -79,6 +79,9 @@ class TrainConfig:
             raise RaditError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise RaditError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.batch_size % self.grad_accum:
+            raise RaditError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum} "
+                             "(each process runs grad_accum micro-batches of the global batch)")
         if self.eval_every and not self.eval_file:
             raise RaditError("--eval-every needs --eval-file")
         if self.impl not in ("auto", "cpu", "cuda", "triton", "torch"):
@@ -103,6 +106,8 @@ class RaItConfig(TrainConfig):
     max_length: int = _f(256, "tokens per instance; only the chunk is truncated to fit")
     lr: float = _f(1e-5, "peak learning rate (paper: 1e-5)")
     randomize_markers: bool = _f(True, "randomise Q:/Question: and A:/Answer: per instance (paper)")
+    append_eos: bool = _f(True, "end each task answer with the tokenizer's EOS token, so the tuned LM learns to "
+                                "stop after the answer (self-supervised corpus continuations never get one)")
     corpus_fraction: float = _f(0.0, "fraction of self-supervised corpus instances "
                                      "(chunk beginning -> continuation; paper: about 0.1)")
     corpus: str | None = _f(None, "corpus JSON lines for self-supervised instances (default: the index's "
@@ -145,7 +150,8 @@ class RetrieverConfig(TrainConfig):
     corpus: str | None = _f(None, "corpus JSON lines for self-supervised examples (default: the index's "
                                   "passage store)")
     e2e_weight: float = _f(0.0, "weight of the end-to-end objective -log p(y|x) of the REPLUG ensemble")
-    cache_dir: str | None = _f(None, "LSR target cache (default: OUT/../.radit_lsr_cache)")
+    cache_dir: str | None = _f(None, "LSR target cache (default: $RADIT_CACHE/lsr, RADIT_CACHE defaulting "
+                                     "to ~/.cache/radit_fast)")
     score_batch_size: int = _f(8, "examples (x k chunks) per forward pass when scoring with the frozen LM")
 
     def validate(self) -> None:

@@ -7,8 +7,10 @@ and sums the answer tokens' log-probabilities with the fused op
 formed. Under torchrun each process scores a slice of the examples.
 
 The cache stores the raw per-chunk sums and answer lengths, so the score kind (mean/sum/prob) and the
-temperatures can change without rescoring. Its key covers the LM identity, the examples (ids, inputs,
-answers), the retrieved rows, the index manifest, ``max_length`` and the template version. Entries are
+temperatures can change without rescoring. Its key covers the LM identity (weights by content, see
+:func:`lm_identity`), the examples (ids, inputs, answers), the retrieved rows, the index manifest,
+``max_length`` and the template version. Answers are scored without EOS (``build_instance``'s default),
+whatever stage 1's ``append_eos``. Entries are
 folders ``lsr-<key>/`` written atomically with a sha256 of their tensor file; a corrupt entry is ignored
 (and rescored) with a warning.
 """
@@ -43,16 +45,14 @@ def default_dir(cfg: Any) -> Path:
 
 
 def lm_identity(cfg: Any, lm: nn.Module | None) -> dict[str, Any]:
-    """What the targets depend on in the LM: its folder (weights not read) or, for a model given in
-    memory, its dtype and a hash of its config and first weight tensor."""
-    from radit_fast.training import sources
+    """What the targets depend on in the LM: the contents of its folder's weight, config and tokenizer
+    files (digests memoised, see :mod:`radit_fast.training.identity`) or, for a model given in memory, a
+    hash of every tensor, its config and its dtype."""
+    from radit_fast.training import identity
 
     if lm is None:
-        return {**sources.model_identity(cfg.lm), "dtype": "float32"}
-    from radit_fast.retrieval.encoder import model_fingerprint
-
-    return {"module": model_fingerprint(lm), "config": lm.config.to_json_string(use_diff=True),
-            "dtype": str(next(lm.parameters()).dtype)}
+        return {**identity.model_identity(cfg.lm), "dtype": "float32"}
+    return identity.module_identity(lm)
 
 
 def key_for(cfg: Any, index: Any, items: list[Any], rows: np.ndarray, lm_ident: dict[str, Any]) -> str:

@@ -18,6 +18,14 @@ import numpy as np
 from radit_fast.io import RaditError
 
 
+def check_items(n: int, batch_size: int, what: str = "training instances") -> None:
+    """RaditError when a global batch of ``batch_size`` cannot be drawn from ``n`` items (checked as soon as
+    the items are known, before any model runs)."""
+    if n < batch_size:
+        raise RaditError(f"--batch-size {batch_size} is larger than the {n} {what}; "
+                         "lower --batch-size or add data")
+
+
 class DataPlan:
     """Global batches of ``batch_size`` items out of ``n`` (the last partial batch of an epoch is dropped).
 
@@ -25,10 +33,8 @@ class DataPlan:
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int, lengths: list[int] | np.ndarray | None = None,
-                 bucket_window: int = 0) -> None:
-        if n < batch_size:
-            raise RaditError(f"--batch-size {batch_size} is larger than the {n} training instances; "
-                             "lower --batch-size or add data")
+                 bucket_window: int = 0, what: str = "training instances") -> None:
+        check_items(n, batch_size, what)
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.bucket_window = bucket_window if self.lengths is not None else 0

@@ -11,15 +11,18 @@ The decoder body runs on packed rows (attention kept inside each instance) or on
 batches; only the hidden states at answer positions go through the fused op
 :func:`radit_fast.ops.answer_logprobs.answer_logprobs` with the LM-head weight, so the ``N x V`` logits
 are never formed. Chunks are truncated to fit ``max_length``, never the question or the answer (an
-answer that cannot fit is an error before any compute).
+answer that cannot fit is an error before any compute). With ``append_eos`` (default) each task answer
+ends with the tokenizer's EOS token, one more scored answer token, so the tuned LM learns to stop.
 
 Optional self-supervised corpus instances (``corpus_fraction``): a passage's beginning as x, its
-continuation as y, with the top retrieved chunk for x (other than the passage itself) as background.
+continuation as y (never followed by EOS: the text goes on), with the top retrieved chunk for x as
+background — never a passage of x's own document, which holds y itself.
 """
 from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from radit_fast.training import sources
 from radit_fast.training.config import RaItConfig
 from radit_fast.training.distributed import DistEnv, cleanup, init_distributed, main_then_broadcast
 from radit_fast.training.loop import Callback, Trainer, prepare_out
-from radit_fast.training.plan import DataPlan
+from radit_fast.training.plan import DataPlan, check_items
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,8 @@ class AnswerNLL(nn.Module):
         loss_sum = -lp.float().sum()
         n = float(lp.numel())
         return {"loss": loss_sum * (mb["world"] / mb["norm"]), "loss_sum": loss_sum.detach(), "loss_norm": n,
-                "answer_tokens": n, "tokens": float(mb["tokens"]), "instances": float(mb["instances"])}
+                "answer_tokens": n, "tokens": float(mb["tokens"]), "instances": float(mb["instances"]),
+                "examples": float(mb.get("examples", 0.0))}
 
 
 @dataclass
@@ -86,8 +90,11 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
     """Read the examples, retrieve chunks, tokenise every instance; all input errors surface here."""
     from radit_fast.data.prompts import build_instance
 
+    eos = cfg.append_eos
     examples = sources.load_examples(cfg.train, cfg.max_examples)
-    sources.check_fit(tokenizer, examples, cfg.max_length)
+    sources.check_fit(tokenizer, examples, cfg.max_length, append_eos=eos)
+    ev = sources.load_examples(cfg.eval_file)[: cfg.eval_examples] if cfg.eval_file else []
+    sources.check_fit(tokenizer, ev, cfg.max_length, append_eos=eos)
     index = sources.open_index(cfg.index)
     need = [i for i, ex in enumerate(examples) if not ex.context]
     retrieved = index.retrieve_texts([examples[i].input for i in need], cfg.k) if need else []
@@ -100,7 +107,7 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
         for j, chunk in enumerate(chunks):
             rng = random.Random(f"{cfg.seed}/{ex.id}/{j}") if cfg.randomize_markers else None
             instances.append(build_instance(tokenizer, chunk, ex.input, ex.answer, max_length=cfg.max_length,
-                                            rng=rng, example_id=ex.id))
+                                            rng=rng, example_id=ex.id, append_eos=eos))
             owner.append(i)
     n_corpus = 0
     if cfg.corpus_fraction > 0:
@@ -108,7 +115,7 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
         items = [f for f in (sources.fit_corpus_item(it, tokenizer, cfg.max_length // 2)
                              for it in sources.corpus_items(index, want, seed=cfg.seed, corpus=cfg.corpus))
                  if f is not None]
-        backgrounds = index.retrieve_texts([it.input for it in items], 1, exclude=[it.passage_row for it in items])
+        backgrounds = index.retrieve_texts([it.input for it in items], 1, exclude=[it.exclude_rows for it in items])
         for c, (it, bg) in enumerate(zip(items, backgrounds)):
             rng = random.Random(f"{cfg.seed}/corpus/{c}") if cfg.randomize_markers else None
             try:
@@ -120,14 +127,13 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
             owner.append(-1 - c)
             n_corpus += 1
     eval_instances = []
-    if cfg.eval_file:
-        ev = sources.load_examples(cfg.eval_file)[: cfg.eval_examples]
+    if ev:
         need = [e for e in ev if not e.context]
         got = iter(index.retrieve_texts([e.input for e in need], cfg.k) if need else [])
         for e in ev:
             for chunk in ([e.context] if e.context else next(got)) or [None]:
                 eval_instances.append(build_instance(tokenizer, chunk, e.input, e.answer,
-                                                     max_length=cfg.max_length, example_id=e.id))
+                                                     max_length=cfg.max_length, example_id=e.id, append_eos=eos))
     truncated = sum(1 for inst in instances if inst.chunk_truncated)
     log.info("RA-IT data: %d examples -> %d instances (+%d corpus), %d chunks truncated to %d tokens",
              len(examples), len(instances) - n_corpus, n_corpus, truncated, cfg.max_length)
@@ -148,7 +154,10 @@ class RaItStage:
         lengths = [inst.length for inst in data.instances]
         self.plan = DataPlan(len(lengths), cfg.batch_size, seed=cfg.seed, lengths=lengths,
                              bucket_window=cfg.bucket_window)
-        cfg.micro_batch_size(env.world_size)  # divisibility check before any compute
+        cfg.micro_batch_size(env.world_size)
+        # examples/s: each instance counts 1 / (instances of its training example or corpus item)
+        counts = Counter(data.example_index)
+        self._example_share = [1.0 / counts[o] for o in data.example_index]
 
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.module.named_parameters() if p.requires_grad]
@@ -172,7 +181,8 @@ class RaItStage:
                                            grad_accum=self.cfg.grad_accum):
             group = [inst[i] for i in idx]
             out.append({"batch": self._collate(group), "norm": norm, "world": self.env.world_size,
-                        "tokens": sum(i.length for i in group), "instances": len(group)})
+                        "tokens": sum(i.length for i in group), "instances": len(group),
+                        "examples": sum(self._example_share[i] for i in idx)})
         return out
 
     def evaluate(self, module: nn.Module) -> dict[str, float] | None:
@@ -216,6 +226,7 @@ def _apply_lora(lm: nn.Module, cfg: RaItConfig) -> nn.Module:
         raise RaditError(f"--lora-target-modules: {missing} are not modules of this LM")
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)  # the adapters' random initialisation (lora_A) follows --seed
     return get_peft_model(lm, lcfg)
 
 
@@ -248,6 +259,7 @@ def train_lm(config: RaItConfig, *, callbacks: list[Callback] | None = None, lm:
     config.validate()
     env = init_distributed(config.device)
     try:
+        config.micro_batch_size(env.world_size)  # the batch divides over the processes: checked first
         sources.set_threads(config.threads)
         prepare_out(config, env)
         if tokenizer is None:
@@ -255,7 +267,9 @@ def train_lm(config: RaItConfig, *, callbacks: list[Callback] | None = None, lm:
 
             tokenizer = load_tokenizer(config.lm)
         data = main_then_broadcast(env, lambda: build_data(config, tokenizer))
-        fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, extra={
+        check_items(len(data.instances), config.batch_size)  # before the LM is loaded
+        given = lm
+        fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, lm=given, extra={
             "instances": len(data.instances)}))
         lm, tokenizer = prepare_lm(config, env, lm, tokenizer)
         stage = RaItStage(config, env, lm, tokenizer, data, fingerprint)

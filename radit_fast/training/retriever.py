@@ -28,7 +28,7 @@ from radit_fast.training.config import RetrieverConfig
 from radit_fast.training.distributed import (DistEnv, all_reduce_sum, cleanup, init_distributed,
                                              main_then_broadcast)
 from radit_fast.training.loop import Callback, Trainer, prepare_out
-from radit_fast.training.plan import DataPlan
+from radit_fast.training.plan import DataPlan, check_items
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ class LsrObjective(nn.Module):
         self.cfg = cfg
 
     def scores(self, tokens: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        """``[b, k]`` differentiable ``E_q(x) . E_d(c)``; -inf where ``rows`` is -1."""
-        q = self.query_encoder(**tokens).float()
-        d = self._index.doc_embeddings(rows, device=q.device)
-        s = torch.einsum("bd,bkd->bk", q, d)
-        return s.masked_fill(rows.to(q.device) < 0, float("-inf"))
+        """``[b, k]`` differentiable ``E_q(x) . E_d(c)``; -inf where ``rows`` is -1 (the retriever's own
+        :func:`~radit_fast.retrieval.retriever.stored_scores`)."""
+        from radit_fast.retrieval.retriever import stored_scores
+
+        return stored_scores(self.query_encoder(**tokens).float(), self._index, rows)
 
     def forward(self, mb: dict[str, Any]) -> dict[str, Any]:
         from radit_fast.ops.lsr import lsr_loss, lsr_scores
@@ -75,7 +75,7 @@ class LsrObjective(nn.Module):
             out["e2e_nll_sum"] = nll.detach()
         b = float(len(lengths))
         out.update({"loss": loss_sum * (mb["world"] / mb["norm"]), "loss_sum": loss_sum.detach(),
-                    "loss_norm": b, "examples": b})
+                    "loss_norm": b, "examples": b, "tokens": float(mb["tokens"]["attention_mask"].sum())})
         return out
 
 
@@ -99,19 +99,33 @@ def _items(cfg: RetrieverConfig, index: sources.IndexSource, tokenizer: Any) -> 
         fitted = (sources.fit_corpus_item(it, tokenizer, cfg.max_length // 2)
                   for it in sources.corpus_items(index, want, seed=cfg.seed, corpus=cfg.corpus))
         items += [it for it in fitted if it is not None]
+    check_items(len(items), cfg.batch_size, "training examples")
     return items, len(examples)
 
 
+def load_inputs(cfg: RetrieverConfig, tokenizer: Any) -> tuple[list[str], list[list[str]]]:
+    """Check the training examples fit ``max_length`` and read the evaluation examples (only their inputs and
+    provenance: answers are not needed to measure recall) — before any index or model is opened."""
+    sources.check_fit(tokenizer, sources.load_examples(cfg.train, cfg.max_examples), cfg.max_length)
+    if not cfg.eval_file:
+        return [], []
+    ev = sources.load_examples(cfg.eval_file, require_answers=False)[: cfg.eval_examples]
+    return [e.input for e in ev], [list(e.provenance) for e in ev]
+
+
 def build_data(cfg: RetrieverConfig, env: DistEnv, index: sources.IndexSource, tokenizer: Any,
-               lm_loader: Any, lm_ident: dict[str, Any]) -> RItData:
-    """Retrieve (rank 0), then score with the frozen LM (sharded over processes) or read the cache."""
+               lm_loader: Any, lm_ident: dict[str, Any],
+               evaluation: tuple[list[str], list[list[str]]] = ([], [])) -> RItData:
+    """Retrieve (rank 0), then score with the frozen LM (sharded over processes) or read the cache.
+
+    ``evaluation``: the evaluation queries and their provenance ids (see :func:`load_inputs`)."""
     items, n_task = main_then_broadcast(env, lambda: _items(cfg, index, tokenizer))
     for ex in items[:n_task]:
         if ex.context:
             log.debug("example %s has a gold context; R-IT scores retrieved chunks only", ex.id)
 
     def retrieve() -> np.ndarray:
-        exclude = [-2] * n_task + [it.passage_row for it in items[n_task:]]
+        exclude = [()] * n_task + [it.exclude_rows for it in items[n_task:]]
         return index.retrieve_rows([it.input for it in items], cfg.k,
                                    exclude=exclude if len(items) > n_task else None)
 
@@ -132,13 +146,9 @@ def build_data(cfg: RetrieverConfig, env: DistEnv, index: sources.IndexSource, t
     else:
         lp, ln = cached
         log.info("LSR targets read from the cache %s", lsr_cache.entry(cache_dir, key))
-    eval_q, eval_gold = [], []
-    if cfg.eval_file:
-        ev = sources.load_examples(cfg.eval_file)[: cfg.eval_examples]
-        eval_q = [e.input for e in ev]
-        eval_gold = [list(e.provenance) for e in ev]
+    eval_q, eval_gold = evaluation
     return RItData([it.input for it in items], rows, lp, ln, n_task, str(lsr_cache.entry(cache_dir, key)),
-                   eval_q, eval_gold)
+                   list(eval_q), list(eval_gold))
 
 
 class RetrieverStage:
@@ -208,6 +218,21 @@ class RetrieverStage:
         self.encoder.save_pretrained(out)
 
 
+FLAT_TEMPERATURE = 0.5  # tau_R at or above which normalised (cosine) scores give a nearly flat p_R
+
+
+def _warn_flat_retriever(cfg: RetrieverConfig, index: sources.IndexSource, env: DistEnv) -> None:
+    """Warn (once per run) when ``p_R = softmax(s / tau_R)`` is nearly uniform: with L2-normalised
+    embeddings ``s`` is a cosine in [-1, 1], so two chunks' weights differ by at most ``exp(2 / tau_R)``
+    (docs/training.md: with MiniLM the top of 10 chunks gets p_R = 0.13 at tau_R = 1, uniform is 0.10)."""
+    normalized = getattr(index.retriever.query_encoder, "normalize", False)
+    if env.is_main and normalized and cfg.retriever_temperature >= FLAT_TEMPERATURE:
+        log.warning("--retriever-temperature %g with L2-normalised embeddings (cosine scores in [-1, 1]) makes "
+                    "p_R nearly uniform, so the KL to p_LSR changes little with the query encoder; values "
+                    "around 0.05-0.1 are usual for cosine scores (radit demo uses 0.1, as in evaluation)",
+                    cfg.retriever_temperature)
+
+
 def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None = None,
                     lm: nn.Module | None = None, tokenizer: Any = None) -> Path:
     """Run stage 2 and return ``config.out``: a query-encoder folder (``TextEncoder.save_pretrained``:
@@ -220,15 +245,16 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
     config.validate()
     env = init_distributed(config.device)
     try:
+        config.micro_batch_size(env.world_size)  # the batch divides over the processes: checked first
         sources.set_threads(config.threads)
         prepare_out(config, env)
         if tokenizer is None:
             from radit_fast.models import load_tokenizer
 
             tokenizer = load_tokenizer(config.lm)
-        main_then_broadcast(env, lambda: sources.check_fit(  # input errors before any model is loaded
-            tokenizer, sources.load_examples(config.train, config.max_examples), config.max_length))
+        evaluation = main_then_broadcast(env, lambda: load_inputs(config, tokenizer))  # input errors first
         index = sources.open_index(config.index, config.query_encoder, device=str(env.device))
+        _warn_flat_retriever(config, index, env)
 
         def lm_loader() -> nn.Module:
             if lm is not None:
@@ -237,7 +263,7 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
 
             return load_lm(config.lm, device=env.device)[0]
 
-        data = build_data(config, env, index, tokenizer, lm_loader, lsr_cache.lm_identity(config, lm))
+        data = build_data(config, env, index, tokenizer, lm_loader, lsr_cache.lm_identity(config, lm), evaluation)
         fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, extra={
             "query_encoder": index.retriever.query_encoder.identity()["fingerprint"],
             "items": len(data.queries), "lsr_targets": Path(data.cache_path).name}))

@@ -1,12 +1,12 @@
-"""Inputs of the tuning stages: examples, the index and its retriever, self-supervised corpus items,
-fingerprints for resume and caches. Thin adapters over ``radit_fast.data`` and ``radit_fast.retrieval``.
+"""Inputs of the tuning stages: examples, the index and its retriever, self-supervised corpus items.
+Thin adapters over ``radit_fast.data`` and ``radit_fast.retrieval``; the identities of models and data
+(resume checks, cache keys) live in :mod:`radit_fast.training.identity` and are re-exported here.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from radit_fast.io import RaditError
+from radit_fast.training.identity import cache_key, fingerprint, model_identity, sha256_file  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +36,24 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Any]:
-    """Task examples (``radit_fast.data.tasks.Example``, the first ``limit``); every one needs an answer."""
+def load_examples(path: str | os.PathLike, limit: int | None = None, *,
+                  require_answers: bool = True) -> list[Any]:
+    """Task examples (``radit_fast.data.tasks.Example``, the first ``limit``); every one needs an answer
+    unless ``require_answers`` is False (retrieval evaluation needs only the provenance)."""
     from radit_fast.data.tasks import load_tasks
 
-    examples = load_tasks(path, require_answers=True)
+    examples = load_tasks(path, require_answers=require_answers)
     return examples[:limit] if limit else examples
 
 
-def check_fit(tokenizer: Any, examples: list[Any], max_length: int) -> None:
-    """RaditError (naming the example) when a question and its answer alone exceed ``max_length`` tokens —
-    checked by tokenising only, before retrieval or any model runs."""
+def check_fit(tokenizer: Any, examples: list[Any], max_length: int, *, append_eos: bool = False) -> None:
+    """RaditError (naming the example) when a question and its answer (plus EOS with ``append_eos``) alone
+    exceed ``max_length`` tokens — checked by tokenising only, before retrieval or any model runs."""
     from radit_fast.data.prompts import build_instance
 
     for ex in examples:
-        build_instance(tokenizer, None, ex.input, ex.answers[0], max_length=max_length, example_id=ex.id)
+        build_instance(tokenizer, None, ex.input, ex.answers[0], max_length=max_length, example_id=ex.id,
+                       append_eos=append_eos)
 
 
 def passage_text(passage: Any) -> str:
@@ -75,17 +79,18 @@ class IndexSource:
     def manifest(self) -> dict[str, Any]:
         return self.index.manifest
 
-    def retrieve_rows(self, queries: list[str], k: int, *, exclude: list[int] | None = None,
+    def retrieve_rows(self, queries: list[str], k: int, *, exclude: Sequence[Iterable[int]] | None = None,
                       batch: int = 256) -> np.ndarray:
         """Top-k passage rows ``[n, k]`` (int64, -1 = none) of each query, without gradient.
 
-        ``exclude[i]``: a row never returned for query i (the source passage of a corpus item).
+        ``exclude[i]``: rows never returned for query i (the passages of a corpus item's own document).
         """
         k = min(k, len(self.index))
-        extra = 1 if exclude is not None else 0
-        want = min(k + extra, len(self.index))
+        banned = None if exclude is None else [np.asarray(sorted(set(e)), dtype=np.int64) for e in exclude]
         out = np.full((len(queries), k), -1, dtype=np.int64)
         for s in range(0, len(queries), batch):
+            extra = 0 if banned is None else max((len(b) for b in banned[s:s + batch]), default=0)
+            want = min(k + extra, len(self.index))
             with torch.no_grad():
                 q = self.retriever.encode_queries(queries[s:s + batch])
             _, rows = self.index.search(q, want)
@@ -93,8 +98,8 @@ class IndexSource:
             order = scores.argsort(dim=1, descending=True, stable=True).numpy()
             rows = np.take_along_axis(rows, order, axis=1)
             for i, row in enumerate(rows):
-                if exclude is not None:
-                    row = row[row != exclude[s + i]]
+                if banned is not None and len(banned[s + i]):
+                    row = row[~np.isin(row, banned[s + i])]
                 row = row[row >= 0][:k]
                 out[s + i, :len(row)] = row
         return out
@@ -103,7 +108,8 @@ class IndexSource:
         """Background texts of a ``[n, k]`` row matrix (missing rows left out)."""
         return [[passage_text(p) for p in self.store.get(r for r in row if r >= 0)] for row in rows]
 
-    def retrieve_texts(self, queries: list[str], k: int, *, exclude: list[int] | None = None) -> list[list[str]]:
+    def retrieve_texts(self, queries: list[str], k: int, *,
+                       exclude: Sequence[Iterable[int]] | None = None) -> list[list[str]]:
         return self.texts(self.retrieve_rows(queries, k, exclude=exclude))
 
 
@@ -114,13 +120,19 @@ def open_index(folder: str | os.PathLike, query_encoder: Any = None, *, device: 
 
 @dataclass(frozen=True)
 class CorpusItem:
-    """A self-supervised example: a passage's beginning (``input``) and its continuation (``answer``)."""
+    """A self-supervised example: a passage's beginning (``input``) and its continuation (``answer``).
+
+    ``passage_row``: the passage's row in the index's store (-1 when it is not there); ``exclude_rows``:
+    the rows of every passage of its document (``"{doc}"`` or ``"{doc}#{n}"``), never its background —
+    the passage holds the answer itself.
+    """
 
     id: str
     input: str
     answer: str
     passage_row: int
     context: str | None = None
+    exclude_rows: tuple[int, ...] = ()
 
     @property
     def answers(self) -> list[str]:
@@ -137,26 +149,42 @@ def split_passage(text: str) -> tuple[str, str] | None:
     return " ".join(words[:cut]), " ".join(words[cut:cut + CORPUS_ANSWER_WORDS])
 
 
+def _row_of(store: Any, passage_id: str) -> int:
+    try:
+        return store.row_of(passage_id)
+    except KeyError:
+        return -1
+
+
+def document_rows(store: Any, passage_id: str) -> tuple[int, ...]:
+    """Store rows of every passage of ``passage_id``'s document: ``doc`` itself and its chunks
+    ``doc#0``, ``doc#1``, ... (numbered from 0 without gaps, see ``radit_fast.retrieval.corpus``)."""
+    from radit_fast.retrieval.corpus import doc_id
+
+    doc = doc_id(passage_id)
+    rows = [r for r in (_row_of(store, doc), _row_of(store, passage_id)) if r >= 0]
+    n = 0
+    while (r := _row_of(store, f"{doc}#{n}")) >= 0:
+        rows.append(r)
+        n += 1
+    return tuple(sorted(set(rows)))
+
+
 def corpus_items(index: IndexSource, n: int, *, seed: int, corpus: str | None = None) -> list[CorpusItem]:
     """``n`` self-supervised items from distinct passages drawn with ``seed`` from the index's passage store
-    (or from a corpus JSON-lines file)."""
+    (or from a corpus JSON-lines file). Each passage is looked up in the store on its own (one passage of
+    a corpus file missing from the index leaves the others' rows intact)."""
     if n <= 0:
         return []
     if corpus is not None:
         from radit_fast.retrieval.corpus import iter_corpus
 
         passages = [p for _, p in iter_corpus(corpus)]
-        rows_of = {}
-        try:
-            rows_of = {p.id: index.store.row_of(p.id) for p in passages}
-        except KeyError:
-            pass
         get = passages.__getitem__
         total = len(passages)
     else:
         get = index.store.__getitem__
         total = len(index.store)
-        rows_of = None
     rng = np.random.default_rng([seed, 0xC0])
     items: list[CorpusItem] = []
     for row in rng.permutation(total):
@@ -164,8 +192,10 @@ def corpus_items(index: IndexSource, n: int, *, seed: int, corpus: str | None = 
         split = split_passage(p.text)
         if split is None:
             continue
-        store_row = int(row) if rows_of is None else rows_of.get(p.id, -1)
-        items.append(CorpusItem(id=f"corpus:{p.id}", input=split[0], answer=split[1], passage_row=store_row))
+        store_row = int(row) if corpus is None else _row_of(index.store, p.id)
+        own = tuple(sorted({*document_rows(index.store, p.id), *([store_row] if store_row >= 0 else [])}))
+        items.append(CorpusItem(id=f"corpus:{p.id}", input=split[0], answer=split[1], passage_row=store_row,
+                                exclude_rows=own))
         if len(items) == n:
             break
     if len(items) < n:
@@ -202,43 +232,6 @@ def decoder_layer_types(model: nn.Module) -> tuple[type, ...]:
     inner = getattr(model, "get_base_model", lambda: model)()
     names |= set(getattr(inner, "_no_split_modules", None) or [])
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    from radit_fast.training.checkpoint import sha256_file as _sha
-
-    return _sha(path)
-
-
-def model_identity(name_or_path: str | None) -> dict[str, Any]:
-    """A cheap identity of a model folder: its config and the sizes of its weight files (no weights read)."""
-    from radit_fast.models import _is_default, default_lm_dir
-
-    p = default_lm_dir() if _is_default(name_or_path) else Path(str(name_or_path))
-    ident: dict[str, Any] = {"name": "default" if _is_default(name_or_path) else str(name_or_path)}
-    if p.is_dir():
-        cfg = p / "config.json"
-        if cfg.is_file():
-            ident["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
-        ident["weights"] = sorted((f.name, f.stat().st_size) for f in p.glob("*.safetensors"))
-    elif p.is_file():
-        ident["file_bytes"] = p.stat().st_size
-    return ident
-
-
-def fingerprint(cfg: Any, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Identity of the data and models of a run: a resumed run must see the same."""
-    idx = Path(cfg.index) / "manifest.json"
-    fp = {"train_sha256": sha256_file(cfg.train),
-          "index_manifest_sha256": sha256_file(idx) if idx.is_file() else None,
-          "lm": model_identity(cfg.lm)}
-    if getattr(cfg, "corpus", None):
-        fp["corpus_sha256"] = sha256_file(cfg.corpus)
-    return {**fp, **(extra or {})}
-
-
-def cache_key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def unsharded_copy(lm: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
