@@ -143,12 +143,49 @@ def test_triton_all_ignored_and_empty():
 
 
 def test_triton_strided_inputs():
+    # Column-major hidden and weight (strides (1, n)): the launcher's result against the float64 reference.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    h, w, b, t, _ = _make(20, 16, 70, torch.float32, device)
-    tok, lse = tri.triton_fwd(h.t().contiguous().t(), w.t().contiguous().t(), b, t, IGNORE)
-    ref_tok, ref_lse = tri.triton_fwd(h, w, b, t, IGNORE)
-    torch.testing.assert_close(tok, ref_tok)
-    torch.testing.assert_close(lse, ref_lse)
+    h, w, b, t, g = _make(20, 16, 70, torch.float32, device)
+    hs, ws = h.t().contiguous().t(), w.t().contiguous().t()
+    assert not hs.is_contiguous() and not ws.is_contiguous()
+    tok, lse = tri.triton_fwd(hs, ws, b, t, IGNORE)
+    ref = _autograd(h, w, b, t, g, torch.float64, torch.float64)
+    low = _autograd(h, w, b, t, g, torch.float32, torch.float32)
+    _assert_close("strided tok", tok, ref[0], low[0])
+    _assert_close("strided lse", lse, ref[1], low[1])
+
+
+def _check_neg_inf_bias(impl, dtype, device):
+    """bias = -inf over a whole vocabulary tile (and part of another): no NaN, values and grads as float64.
+
+    Tiles are 32 columns under the interpreter (16 x 32 x 16) and 64 or more on a GPU: columns [32, 64) fill
+    one interpreter tile, columns [70, 80) part of the next. Row 1's target (66) lies in that partly -inf
+    tile, row 2's target (40) is itself masked (tok = -inf exactly), row 3's target (75) too."""
+    h, w, b, t, g = _make(12, 8, 300, dtype, device, seed=3)
+    b[32:64] = float("-inf")
+    b[70:80] = float("-inf")
+    t[1], t[2], t[3] = 66, 40, 75
+    g[1], g[2], g[3] = 0.7, -1.3, 0.4
+    hh, ww, bb = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    tok = answer_logprobs(hh, ww, t, bias=bb, ignore_index=IGNORE, impl=impl)
+    (tok * g).sum().backward()  # -inf, but the gradient is finite: d tok_n / d z_nv = [v == t_n] - p_nv
+    lse = _launchers(impl)[0](h, w, b, t, IGNORE)[1]
+    ref = _autograd(h, w, b, t, g, torch.float64, torch.float64)
+    low = _autograd(h, w, b, t, g, dtype, torch.float32)
+    masked = torch.isinf(ref[0])
+    assert masked.cpu().tolist() == [i in (2, 3) for i in range(12)], "the setup must mask rows 2 and 3 only"
+    assert torch.equal(tok[masked].cpu(), ref[0][masked].float().cpu()), f"{impl}: masked targets must give -inf"
+    _assert_close(f"{impl} -inf bias tok", tok[~masked], ref[0][~masked], low[0][~masked])
+    _assert_close(f"{impl} -inf bias lse", lse, ref[1], low[1])
+    for name, x, r, lo in zip(("grad_hidden", "grad_weight", "grad_bias"), (hh.grad, ww.grad, bb.grad), ref[2:],
+                              low[2:]):
+        _assert_close(f"{impl} -inf bias {name}", x, r, lo)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_neg_inf_bias_tile(dtype):
+    # Regression: an all -inf vocabulary tile made the forward's tile max -inf and exp(z - max) NaN.
+    _check_neg_inf_bias("triton", dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_triton_rejects_bad_shapes():
@@ -171,6 +208,13 @@ def test_triton_rejects_bad_shapes():
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpu_backend_matches_float64(impl, dtype, shape, bias):
     _check_backend(impl, *shape, dtype, "cuda", bias=bias)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cuda_neg_inf_bias_tile(dtype):
+    _check_neg_inf_bias("cuda", dtype, "cuda")
 
 
 @pytest.mark.cuda

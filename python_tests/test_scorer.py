@@ -11,7 +11,7 @@ import radit_fast.ops.scorer as scorer_mod
 from radit_fast._native import HAS_NATIVE, HAS_NATIVE_CUDA
 from radit_fast.ops._dispatch import triton_available
 from radit_fast.ops.scorer import (ScorerOptions, chunk_logprobs, ensemble_from_hidden, lsr_loss_from_hidden,
-                                   score_chunks)
+                                   naive_score_chunks, score_chunks)
 
 from conftest import requires_cuda
 
@@ -152,6 +152,21 @@ def test_score_chunks_one_pass_and_user_mask(impl):
     assert h.grad is not None and torch.isfinite(h.grad).all()
 
 
+@pytest.mark.parametrize("direction", ["lsr_to_retriever", "retriever_to_lsr"])
+def test_naive_baseline_matches_float64(direction):
+    # The benchmark's baseline must compute the same thing as the fused scorer (missing chunks masked).
+    hidden, weight, bias, targets, seg, scores = make_case(seed=5)
+    opts = ScorerOptions(reduction="none", direction=direction, lm_temperature=0.5)
+    ens, lsr = naive_score_chunks(hidden, weight, targets, seg, scores, bias=bias, options=opts)
+    lp, n = ref_chunks(hidden, weight, bias, targets, seg, 3, 4)
+    torch.testing.assert_close(ens.double(), ref_ensemble(lp, n, scores.double(), 1.0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lsr.double(), ref_lsr(lp, n, scores.double(), 1.0, 0.5, "mean", direction),
+                               atol=1e-4, rtol=1e-5)
+    fused = score_chunks(hidden, weight, targets, seg, scores, bias=bias, options=opts)
+    torch.testing.assert_close(fused.ensemble, ens, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(fused.lsr_loss, lsr, atol=1e-4, rtol=1e-5)
+
+
 def test_gradcheck_torch_float64():
     hidden, weight, bias, targets, seg, scores = make_case(B=2, k=3, d=4, V=7, seed=3, missing=((1, 2),))
     h, w, s = leaves(hidden, weight, scores, dtype=torch.float64)
@@ -182,4 +197,5 @@ def test_errors():
 
 
 def test_docstring_examples():
-    assert doctest.testmod(scorer_mod, raise_on_error=False).failed == 0
+    result = doctest.testmod(scorer_mod, raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0, result  # 0 attempted: the examples were not found

@@ -16,10 +16,11 @@
 //     dL/db_v  = sum_n dL/dz_nv                                       (column sums, fused here)
 // The backward pass recomputes each block of z (one more GEMM) instead of storing N x V logits.
 //
-// Vectorisation: the row loops are written with GCC vector extensions (16 floats) around a branch-free
-// polynomial exp (Cephes expf, ~1 ulp); target_clones compiles them for AVX-512, AVX2+FMA and baseline
-// x86-64 and the loader picks one at run time (no hardware probing at build time). bfloat16 blocks are
-// widened row by row into a float32 scratch row (and narrowed back after the backward epilogue).
+// Vectorisation: the row loops are written with GCC vector extensions (16 floats) around the branch-free
+// polynomial exp of common/radit_math.h (exp_poly: Cephes expf, ~1 ulp, exactly 0 for -inf); target_clones
+// compiles them for AVX-512, AVX2+FMA and baseline x86-64 and the loader picks one at run time (no hardware
+// probing at build time). bfloat16 blocks are widened row by row into a float32 scratch row (and narrowed
+// back after the backward epilogue).
 // Threads: rows are handed out to OpenMP threads (num_threads from torch.get_num_threads(); the module
 // shares torch's libgomp) in dynamic chunks; every result is independent of the schedule.
 #include "answer_logprobs/answer_logprobs.h"
@@ -53,67 +54,16 @@ namespace {
 
 using bf16_t = std::uint16_t;
 
-RADIT_INLINE float bits_to_float(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-RADIT_INLINE std::uint32_t float_to_bits(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
+// bfloat16 conversions and the polynomial exp come from common/radit_math.h (shared with the ensemble kernels).
 RADIT_INLINE float load(const float* p) { return *p; }
-RADIT_INLINE float load(const bf16_t* p) { return bits_to_float(std::uint32_t(*p) << 16); }
+RADIT_INLINE float load(const bf16_t* p) { return bf16_to_float(*p); }
 RADIT_INLINE void store(float* p, float x) { *p = x; }
-// Round to nearest even; NaN stays NaN (quiet bit set so the truncation cannot turn it into inf).
-RADIT_INLINE void store(bf16_t* p, float x) {
-  std::uint32_t u = float_to_bits(x);
-  std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  std::uint32_t nan = (u >> 16) | 0x40u;
-  *p = static_cast<bf16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
-// exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2, Cephes polynomial for exp(r) (~1 ulp).
-// One formula for a float (F = float, U = uint32) and for a vector of floats (GCC vector extensions), so
-// the vector loops below cannot drift from the scalar tails. Exactly 0 below ln(FLT_MIN) (so exp(-inf) = 0:
-// a -inf bias masks a vocabulary entry exactly), saturates at 2^127 above 88, NaN in -> NaN out (comparisons
-// with NaN are false, so the clamps pass it through). Branch-free: selects only.
-// In place (no vector passed by value: that keeps GCC's -Wpsabi notes away).
-template <typename F, typename U>
-RADIT_INLINE void exp_poly(F& x) {
-  const F hi = F{} + 88.0f, lo = F{} - 87.33654475f, magic = F{} + 12582912.0f;  // 1.5 * 2^23
-  const auto under = x < lo;
-  x = x > hi ? hi : x;
-  x = under ? lo : x;
-  const F t = x * 1.44269504088896341f + magic;  // round(x / ln 2) sits in the low mantissa bits of t
-  const F n = t - magic;
-  F r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  F y = F{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  U bits;
-  std::memcpy(&bits, &t, sizeof bits);
-  bits = (bits - 0x4b400000u + 127u) << 23;  // 0x4b400000 = bits of magic: 2^n as a float
-  F scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  x = under ? F{} : y * scale;
-}
+RADIT_INLINE void store(bf16_t* p, float x) { *p = float_to_bf16(x); }
 
 constexpr std::int64_t kLanes = 16;
 typedef float vfloat __attribute__((vector_size(kLanes * 4)));
 typedef std::uint32_t vuint __attribute__((vector_size(kLanes * 4)));
 
-RADIT_INLINE float fast_exp(float x) {
-  exp_poly<float, std::uint32_t>(x);
-  return x;
-}
 RADIT_INLINE void loadv(vfloat& v, const float* p) { std::memcpy(&v, p, sizeof v); }
 RADIT_INLINE void storev(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof v); }
 // x = z[j:j+16] (+ b[j:j+16])
@@ -154,7 +104,7 @@ RADIT_INLINE LseState row_lse_impl(const float* z, const float* b, std::int64_t 
   }
   float s = 0.0f;
   for (std::int64_t k = 0; k < kLanes; ++k) s += sv[k];
-  for (std::int64_t j = nv; j < n; ++j) s += fast_exp((HasBias ? z[j] + b[j] : z[j]) - m);
+  for (std::int64_t j = nv; j < n; ++j) s += exp_fast((HasBias ? z[j] + b[j] : z[j]) - m);
   return LseState{m, s};
 }
 
@@ -177,7 +127,7 @@ RADIT_INLINE void row_bwd_impl(float* z, const float* b, std::int64_t n, float l
     }
   }
   for (std::int64_t j = nv; j < n; ++j) {
-    const float d = scale * fast_exp((HasBias ? z[j] + b[j] : z[j]) - lse);
+    const float d = scale * exp_fast((HasBias ? z[j] + b[j] : z[j]) - lse);
     z[j] = d;
     if (GradBias) gb[j] += d;
   }
@@ -368,7 +318,7 @@ void bwd_block(const BlockParams& p, std::intptr_t lse, std::intptr_t grad_tok, 
         const float xt = has_t ? (b ? row[j] + b[j] : row[j]) : 0.0f;
         row_bwd(row, b, p.cols, l[r], -gr, gb);
         if (has_t) {  // the one-hot term: dz_t = g (1 - p_t); the loop above added -g p_t to gb
-          row[j] = gr * (1.0f - fast_exp(xt - l[r]));
+          row[j] = gr * (1.0f - exp_fast(xt - l[r]));
           if (gb) gb[j] += gr;
         }
         if (bf16) narrow_row(row, reinterpret_cast<bf16_t*>(raw), p.cols);

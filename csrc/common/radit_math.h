@@ -7,11 +7,21 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define RADIT_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define RADIT_HOST_DEVICE inline
+#endif
+// Always inlined on the host too: exp_poly must be compiled inside each target_clones variant of the CPU row
+// loops (AVX-512, AVX2, baseline); an out-of-line copy would be built for the baseline ISA only.
+#if defined(__CUDACC__)
+#define RADIT_HOST_DEVICE_ALWAYS __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define RADIT_HOST_DEVICE_ALWAYS inline __attribute__((always_inline))
+#else
+#define RADIT_HOST_DEVICE_ALWAYS inline
 #endif
 
 namespace radit {
@@ -43,12 +53,6 @@ RADIT_HOST_DEVICE float lse_value(LseState a) {
 // exp(x - lse) that is exactly 0 for x = -inf (also when lse = -inf: an empty distribution has no mass).
 RADIT_HOST_DEVICE float exp_minus(float x, float lse) {
   return (x == -INFINITY || lse == -INFINITY) ? 0.0f : expf(x - lse);
-}
-
-// One term p * (log p - log q) of KL(p || q) given log p and log q; 0 where p = 0 (0 log 0 = 0).
-RADIT_HOST_DEVICE float kl_term(float log_p, float log_q) {
-  if (log_p == -INFINITY) return 0.0f;
-  return expf(log_p) * (log_p - log_q);
 }
 
 }  // namespace radit
@@ -88,9 +92,11 @@ RADIT_HOST_DEVICE float kl_grad_first_logit(float p, float log_p, float log_q, f
   return p * ((log_p - log_q) - kl);
 }
 
-// One term p (log p - log q) of KL(p || q) with p = exp(log p) passed in: 0 where log p = -inf (0 log 0 = 0),
-// +inf where only log q = -inf (mass where the other distribution has none).
-RADIT_HOST_DEVICE float kl_term_p(float p, float log_p, float log_q) {
+// One term p (log p - log q) of KL(p || q), the only KL term of the CPU and CUDA kernels. p = exp(log p) is
+// passed in (kernels that keep the exponentials reuse them; others pass exp_minus(log_p, 0)).
+// 0 where log p = -inf (0 log 0 = 0); +inf where only log q = -inf (mass where the other distribution has
+// none), also when p underflows to 0 there (so never 0 * inf = NaN).
+RADIT_HOST_DEVICE float kl_term(float p, float log_p, float log_q) {
   if (log_p == -INFINITY) return 0.0f;
   if (log_q == -INFINITY) return INFINITY;
   return p * (log_p - log_q);
@@ -100,29 +106,62 @@ RADIT_HOST_DEVICE float kl_term_p(float p, float log_p, float log_q) {
 
 namespace radit {
 
-// exp(x) in float32 without a libm call, so that loops over it vectorise (Cephes expf: range reduction
-// x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n from the exponent bits). Max relative error 1.4 ulp
-// on [-87, 88]; exactly 0 for x <= -87 (and for -inf), so masked / -inf terms contribute nothing; NaN -> 0.
-// Only for arguments <= 88 (every caller passes x - max <= 0). Branch-free: selects only.
-RADIT_HOST_DEVICE float exp_fast(float x) {
-  float xc = x > -87.0f ? x : -87.0f;
-  xc = xc < 88.0f ? xc : 88.0f;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - n * 0.693359375f;
+// ---- float32 exp without a libm call, so that loops over it vectorise ----
+// Cephes expf: exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (|r| <= ln(2)/2, ln 2 split in two
+// constants for an exact product), exp(r) by a degree-6 polynomial, 2^n built from exponent bits. Max relative
+// error ~1.4 ulp on [ln(FLT_MIN), 88].
+// Contract (every caller relies on it): exactly 0 below ln(FLT_MIN) = -87.3365 and for -inf, so masked / -inf
+// terms contribute nothing and subnormal results flush to 0; saturates at exp(88) ~ 1.65e38 above 88 (callers
+// pass x - max <= 0); NaN in -> NaN out (comparisons with NaN are false, so the clamps pass it through).
+// Branch-free (selects only). One template for a float (F = float, U = uint32) and for a GCC vector of floats
+// (F = vector, U = vector of uint32, as the CPU answer_logprobs row loops use), so vector loops and their
+// scalar tails cannot drift apart. In place: no vector is passed by value (keeps GCC's -Wpsabi notes away).
+template <typename F, typename U>
+RADIT_HOST_DEVICE_ALWAYS void exp_poly(F& x) {
+  const F hi = F{} + 88.0f, lo = F{} - 87.33654475f, magic = F{} + 12582912.0f;  // 1.5 * 2^23
+  const auto under = x < lo;
+  x = x > hi ? hi : x;
+  x = under ? lo : x;
+  const F t = x * 1.44269504088896341f + magic;  // round(x / ln 2) sits in the low mantissa bits of t
+  const F n = t - magic;
+  F r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  union {
-    std::int32_t i;
-    float f;
-  } scale;
-  scale.i = (static_cast<std::int32_t>(n) + 127) << 23;
-  return x > -87.0f ? p * scale.f : 0.0f;
+  F y = F{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  U bits;
+  memcpy(&bits, &t, sizeof bits);
+  bits = (bits - 0x4b400000u + 127u) << 23;  // 0x4b400000 = bits of magic: 2^n as a float (n in [-126, 127])
+  F scale;
+  memcpy(&scale, &bits, sizeof scale);
+  x = under ? F{} : y * scale;
+}
+
+// Scalar exp_poly (the mixture's `omp simd` loops vectorise it).
+RADIT_HOST_DEVICE_ALWAYS float exp_fast(float x) {
+  exp_poly<float, std::uint32_t>(x);
+  return x;
+}
+
+// ---- bfloat16 <-> float32 (bit patterns as uint16: the same code on host and device) ----
+RADIT_HOST_DEVICE float bf16_to_float(std::uint16_t h) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Round to nearest even; NaN stays NaN (quiet bit set so the truncation cannot turn it into inf).
+RADIT_HOST_DEVICE std::uint16_t float_to_bf16(float x) {
+  std::uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const std::uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 }  // namespace radit

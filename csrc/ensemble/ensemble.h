@@ -32,7 +32,8 @@
 //      d out_v / d x_iu = pi_iv (delta_uv - softmax(x_i)_u),   d out_v / d w_i = pi_iv.
 //
 // Shared per-element math lives in common/radit_math.h (log_softmax_entry, log_mul, replug_grad_score,
-// kl_grad_first_logit, kl_grad_second_logit, kl_term). Accumulation is float32; values are float32.
+// kl_grad_first_logit, kl_grad_second_logit, kl_term, exp_fast, bf16_to_float): the CPU and CUDA kernels
+// call the same functions. Accumulation is float32; values are float32.
 #pragma once
 
 #include <cstdint>
@@ -91,14 +92,7 @@ struct MixtureParams {
   float* out;        // [B, V] contiguous
 };
 
-// ---- element loads (host and device) ----
-RADIT_HOST_DEVICE float bf16_bits_to_float(std::uint16_t h) {
-  std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
-  float f;
-  memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
+// ---- element loads (host and device; bfloat16 decoding is radit::bf16_to_float of radit_math.h) ----
 RADIT_HOST_DEVICE float f16_bits_to_float(std::uint16_t h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
   std::uint32_t exp = (h >> 10) & 0x1fu;
@@ -130,7 +124,7 @@ struct F16 {
   std::uint16_t x;
 };
 RADIT_HOST_DEVICE float to_float(float v) { return v; }
-RADIT_HOST_DEVICE float to_float(Bf16 v) { return bf16_bits_to_float(v.x); }
+RADIT_HOST_DEVICE float to_float(Bf16 v) { return bf16_to_float(v.x); }
 RADIT_HOST_DEVICE float to_float(F16 v) { return f16_bits_to_float(v.x); }
 
 template <class T>

@@ -111,7 +111,7 @@ void lsr_rows(const LsrParams& p) {
         eu[i] *= inv_su;  // q_i
         z[i] = log_softmax_entry(z[i], lse_z);  // log p_i
         u[i] = log_softmax_entry(u[i], lse_u);  // log q_i
-        kl += forward_kl ? kl_term_p(eu[i], u[i], z[i]) : kl_term_p(ez[i], z[i], u[i]);
+        kl += forward_kl ? kl_term(eu[i], u[i], z[i]) : kl_term(ez[i], z[i], u[i]);
         sum_q += eu[i];
       }
       p.loss[b] = kl;

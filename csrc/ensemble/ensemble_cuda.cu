@@ -83,8 +83,9 @@ __global__ void lsr_kernel(LsrParams p) {
     if (!present(p.mask, b, i)) continue;
     const float log_p = log_softmax_entry(load<TS>(p.scores, b, i) / tr, lse_z);
     const float log_q = log_softmax_entry(load<TL>(p.lm_scores, b, i) / tl, lse_u);
-    kl += forward_kl ? kl_term(log_q, log_p) : kl_term(log_p, log_q);
-    sum_q += exp_minus(log_q, 0.0f);
+    const float q = exp_minus(log_q, 0.0f);
+    kl += forward_kl ? kl_term(q, log_q, log_p) : kl_term(exp_minus(log_p, 0.0f), log_p, log_q);
+    sum_q += q;
   }
   kl = warp_sum(kl);
   sum_q = warp_sum(sum_q);

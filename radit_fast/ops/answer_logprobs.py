@@ -13,6 +13,19 @@ The N x V logits are never materialised: every backend walks the vocabulary in b
 logsumexp per row, gathers the target logit in the block that holds it, and recomputes the blocks in the
 backward pass. Memory O(N d + V d + one block).
 
+Precision with bfloat16 inputs (accumulation is float32 everywhere). The triton and cuda backends keep each
+logit tile in float32 registers; impl="torch" multiplies float32 upcasts. impl="cpu" stores each logit block
+in bfloat16 before its float32 logsumexp epilogue, because torch.mm on CPU writes its output in the input
+dtype: bfloat16 x bfloat16 into a float32 ``out`` raises, ``out_dtype=`` (aten::mm.dtype / addmm.dtype) has
+no CPU kernel in torch 2.13, and no torch CPU op exposes oneDNN's bf16 -> f32 matmul
+(mkldnn._linear_pointwise returns bf16; the onednn ops are quantised or fp16). Every logit then carries a
+relative rounding error of up to 2^-9, i.e. an absolute error of up to |z| 2^-9 in tok and lse (measured:
+1.6e-2 max at N=1024, d=576, V=49152 with random logits of standard deviation 2, against 1.8e-6 for
+impl="torch"; the naive bfloat16 expression, which also rounds the log-softmax, is 2-6x worse than
+impl="cpu"). Upcasting the blocks to float32 would make the CPU GEMMs ~3.5x slower (bf16 on AMX 770 vs
+fp32 217 GFLOP/s at 1024 x 576 x 4096 on 2 cores) and is not done; for float32-accurate results from
+bfloat16 weights use impl="torch" (5.6x slower than impl="cpu" at that shape) or float32 inputs.
+
 Layers (STYLE section 2): launchers ``_fwd_launch``/``_bwd_launch`` (no autograd; backends "cpu", "torch",
 "triton", "cuda") -> custom ops ``torch.ops.radit.answer_logprobs_fwd``/``_bwd`` (so torch.compile sees opaque
 nodes with fake implementations) -> ``AnswerLogprobsFunction`` (autograd) -> ``answer_logprobs`` and
@@ -220,6 +233,8 @@ def _cpu_fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segme
     b = None if bias is None else bias.contiguous()
     code, bcode = dtype_code(h, "hidden"), (0 if b is None else dtype_code(b, "bias"))
     rows, cols = _cpu_blocks(n, v, h.element_size())
+    # The block is in the input dtype: torch.mm on CPU has no bf16 x bf16 -> fp32 output (module doc,
+    # "Precision"), so bfloat16 logits are rounded before the float32 epilogue.
     buf = torch.empty(rows * cols, dtype=h.dtype)
     m = torch.full((n,), -math.inf)
     s, tl = torch.zeros(n), torch.zeros(n)
@@ -251,7 +266,7 @@ def _cpu_bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hi
     f32 = h.dtype == torch.float32
     rows, cols = _cpu_blocks(n, v, h.element_size())
     one_chunk = rows >= n
-    buf = torch.empty(rows * cols, dtype=h.dtype)
+    buf = torch.empty(rows * cols, dtype=h.dtype)  # bf16 logits and dz for bf16 inputs, as in _cpu_fwd
     gh = torch.zeros(n, d) if need_hidden else None
     gh_tmp = torch.empty(rows, d, dtype=h.dtype) if need_hidden and not f32 else None
     gw = (torch.empty(v, d, dtype=h.dtype) if one_chunk else torch.zeros(v, d, dtype=h.dtype)) if need_weight else None
@@ -415,7 +430,9 @@ def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Returns:
         [N] float32 (float64 for float64 inputs): log p(targets[n] | hidden[n]), 0 at ignored rows. No reduction.
-        Differentiable w.r.t. hidden, weight and bias (gradients in their dtypes).
+        Differentiable w.r.t. hidden, weight and bias (gradients in their dtypes). With bfloat16 inputs,
+        impl="cpu" rounds the logits to bfloat16 (absolute error up to |logit| * 2^-9, see the module doc);
+        the other backends are float32-accurate.
 
     Example:
         >>> import torch

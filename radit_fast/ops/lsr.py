@@ -13,6 +13,10 @@ Directions (derived in csrc/ensemble/ensemble.h), with z = s / t_R:
 
 Both softmaxes run over the present chunks only (``mask``). A row whose KL is +inf (one distribution puts
 mass where the other is exactly 0, e.g. an lm_score of -inf) has zero gradient, never NaN.
+
+Layers (STYLE section 2): launcher ``lsr_launch`` (no autograd; backends "cpu", "triton", "cuda") -> custom op
+``torch.ops.radit.lsr_loss_fwd`` (opaque to torch.compile, with a fake implementation; eager mode skips the
+dispatcher, see ``_fwd``) -> ``LsrLoss`` (autograd) -> ``lsr_loss``.
 """
 from __future__ import annotations
 
@@ -157,6 +161,29 @@ def lsr_launch(retriever_scores, lm_scores, retriever_temperature, lm_temperatur
     return loss, grad
 
 
+# ---- custom op (opaque to torch.compile, with a fake implementation) ----
+@torch.library.custom_op("radit::lsr_loss_fwd", mutates_args=())
+def _fwd_op(retriever_scores: torch.Tensor, lm_scores: torch.Tensor, retriever_temperature: float,
+            lm_temperature: float, mask: torch.Tensor | None, direction: str, impl: str,
+            with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lsr_launch`` with a [0] tensor for the gradient when not with_grad."""
+    loss, grad = lsr_launch(retriever_scores, lm_scores, retriever_temperature, lm_temperature, mask, direction,
+                            impl, with_grad)
+    return loss, loss.new_empty(0) if grad is None else grad  # custom ops return no None
+
+
+@_fwd_op.register_fake
+def _(retriever_scores, lm_scores, retriever_temperature, lm_temperature, mask, direction, impl, with_grad):
+    B, k = retriever_scores.shape
+    return (retriever_scores.new_empty(B, dtype=torch.float32),
+            retriever_scores.new_empty((B, k) if with_grad else (0,), dtype=torch.float32))
+
+
+def _fwd(*args):
+    """The custom op while torch.compile traces; in eager mode the launcher itself (see replug._fwd)."""
+    return torch.ops.radit.lsr_loss_fwd(*args) if torch.compiler.is_compiling() else lsr_launch(*args)
+
+
 # ---- autograd ----
 class LsrLoss(torch.autograd.Function):
     """Fused per-row LSR KL; the gradient w.r.t. the retriever scores comes from the forward kernel."""
@@ -164,8 +191,8 @@ class LsrLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, retriever_scores, lm_scores, retriever_temperature, lm_temperature, mask, direction, impl,
                 with_grad):
-        loss, grad = lsr_launch(retriever_scores, lm_scores, retriever_temperature, lm_temperature, mask,
-                                direction, impl, with_grad)
+        loss, grad = _fwd(retriever_scores, lm_scores, retriever_temperature, lm_temperature, mask, direction, impl,
+                          with_grad)
         ctx.save_for_backward(grad)
         ctx.dtype = retriever_scores.dtype
         return loss

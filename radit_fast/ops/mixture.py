@@ -9,6 +9,11 @@ posterior of chunk i given token v and ``p_i = softmax(x_i)``:
 
     d out_v / d x_iu = pi_iv (delta_uv - p_iu)    ->  grad_x_iu = G_u pi_iu - p_iu sum_v G_v pi_iv
     d out_v / d w_i  = pi_iv                       ->  grad_w_i  = sum_v G_v pi_iv
+
+Layers (STYLE section 2): launcher ``mixture_launch`` (no autograd; backends "cpu", "triton", "cuda") -> custom
+op ``torch.ops.radit.mixture_logprobs_fwd`` (opaque to torch.compile, with a fake implementation; eager mode
+skips the dispatcher, see ``_fwd``) -> ``MixtureLogprobs`` (autograd; the backward is plain torch) ->
+``mixture_logprobs``.
 """
 from __future__ import annotations
 
@@ -73,11 +78,30 @@ def mixture_backward(grad_out, logits, c, out):
     return gpi.sub_(p.mul_(s.unsqueeze(-1))), s
 
 
+# ---- custom op (opaque to torch.compile, with a fake implementation) ----
+@torch.library.custom_op("radit::mixture_logprobs_fwd", mutates_args=())
+def _fwd_op(logits: torch.Tensor, log_weights: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, V], c [B, k]) float32, as :func:`mixture_launch`."""
+    return mixture_launch(logits, log_weights, impl)
+
+
+@_fwd_op.register_fake
+def _(logits, log_weights, impl):
+    B, k, V = logits.shape
+    return logits.new_empty(B, V, dtype=torch.float32), logits.new_empty(B, k, dtype=torch.float32)
+
+
+def _fwd(*args):
+    """The custom op while torch.compile traces; in eager mode the launcher itself (see replug._fwd: decoding
+    calls the mixture once per generated token)."""
+    return torch.ops.radit.mixture_logprobs_fwd(*args) if torch.compiler.is_compiling() else mixture_launch(*args)
+
+
 # ---- autograd ----
 class MixtureLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, log_weights, impl):
-        out, c = mixture_launch(logits, log_weights, impl)
+        out, c = _fwd(logits, log_weights, impl)
         ctx.save_for_backward(logits, c, out)
         ctx.dtypes = (logits.dtype, log_weights.dtype)
         return out

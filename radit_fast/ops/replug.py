@@ -9,6 +9,10 @@ The native and Triton kernels compute value and both gradients in one pass over 
 Function only scales the saved gradients by the upstream gradient. The torch path is a plain differentiable
 composition (the reference) that also runs without the native module.
 
+Layers (STYLE section 2): launcher ``replug_launch`` (no autograd; backends "cpu", "triton", "cuda") -> custom
+op ``torch.ops.radit.replug_logprob_fwd`` (opaque to torch.compile, with a fake implementation; eager mode
+skips the dispatcher, see ``_fwd``) -> ``ReplugLogprob`` (autograd) -> ``replug_logprob``.
+
 This module also holds the small argument checks shared by the ensemble-family ops (lsr, mixture, scorer).
 """
 from __future__ import annotations
@@ -160,13 +164,37 @@ def replug_launch(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, tem
     return out, g_lm, g_s
 
 
+# ---- custom op (opaque to torch.compile, with a fake implementation) ----
+@torch.library.custom_op("radit::replug_logprob_fwd", mutates_args=())
+def _fwd_op(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, temperature: float,
+            mask: torch.Tensor | None, impl: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``replug_launch`` with [0] tensors for the gradients when not with_grad."""
+    out, g_lm, g_s = replug_launch(lm_logprobs, retriever_scores, temperature, mask, impl, with_grad)
+    # Custom ops return no None, and no two outputs may alias: a fresh empty tensor for each missing gradient.
+    return out, out.new_empty(0) if g_lm is None else g_lm, out.new_empty(0) if g_s is None else g_s
+
+
+@_fwd_op.register_fake
+def _(lm_logprobs, retriever_scores, temperature, mask, impl, with_grad):
+    B, k = lm_logprobs.shape
+    grad_shape = (B, k) if with_grad else (0,)
+    return (lm_logprobs.new_empty(B, dtype=torch.float32), lm_logprobs.new_empty(grad_shape, dtype=torch.float32),
+            lm_logprobs.new_empty(grad_shape, dtype=torch.float32))
+
+
+def _fwd(*args):
+    """The custom op while torch.compile traces (an opaque node); in eager mode the launcher itself: the
+    dispatcher round trip (~30 us on the 2-core CI machine) would double the time of a small [B, k] call."""
+    return torch.ops.radit.replug_logprob_fwd(*args) if torch.compiler.is_compiling() else replug_launch(*args)
+
+
 # ---- autograd ----
 class ReplugLogprob(torch.autograd.Function):
     """Fused REPLUG marginal; the gradients come from the forward kernel (closed form)."""
 
     @staticmethod
     def forward(ctx, lm_logprobs, retriever_scores, temperature, mask, impl, with_grad):
-        out, g_lm, g_s = replug_launch(lm_logprobs, retriever_scores, temperature, mask, impl, with_grad)
+        out, g_lm, g_s = _fwd(lm_logprobs, retriever_scores, temperature, mask, impl, with_grad)
         ctx.save_for_backward(g_lm, g_s)
         ctx.dtypes = (lm_logprobs.dtype, retriever_scores.dtype)
         return out

@@ -18,8 +18,8 @@ import dataclasses
 
 import torch
 
-from radit_fast.ops.lsr import DIRECTIONS, REDUCTIONS, SCORE_KINDS, lsr_loss, lsr_scores
-from radit_fast.ops.replug import check_bk, check_temperature, replug_logprob
+from radit_fast.ops.lsr import DIRECTIONS, REDUCTIONS, SCORE_KINDS, lsr_loss, lsr_scores, naive_lsr_loss
+from radit_fast.ops.replug import check_bk, check_temperature, naive_replug_logprob, replug_logprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,3 +188,34 @@ def lsr_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     retriever_scores only. Reduction and direction from ``options``. See :func:`score_chunks`."""
     return score_chunks(hidden, weight, targets, segment_ids, retriever_scores, bias=bias, mask=mask,
                         options=options, ensemble=False, lsr=True).lsr_loss
+
+
+def naive_score_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       segment_ids: torch.Tensor, retriever_scores: torch.Tensor, *,
+                       bias: torch.Tensor | None = None, options: ScorerOptions | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain PyTorch composition of :func:`score_chunks` (the baseline of benchmarks and tests).
+
+    N x V logits in the input dtype (``naive_answer_logprobs``), per-chunk sums by ``index_add``, then
+    ``naive_replug_logprob`` and ``naive_lsr_loss`` of the op modules; autograd through every temporary.
+    Chunks without scored positions are masked, as in :func:`score_chunks` (no user mask, no row checks).
+
+    Returns:
+        (ensemble [B], lsr_loss) as :func:`score_chunks` would put in ``ensemble`` and ``lsr_loss``.
+    """
+    from radit_fast.ops.answer_logprobs import naive_answer_logprobs
+
+    opts = options or ScorerOptions()
+    B, k = retriever_scores.shape
+    tok = naive_answer_logprobs(hidden, weight, targets, bias=bias, ignore_index=opts.ignore_index)
+    seg = segment_ids.long()
+    logprobs = tok.new_zeros(B * k).index_add(0, seg, tok).view(B, k)
+    valid = (targets != opts.ignore_index).long()
+    lengths = torch.zeros(B * k, dtype=torch.int64, device=targets.device).index_add(0, seg, valid).view(B, k)
+    present = lengths > 0
+    ensemble = naive_replug_logprob(logprobs, retriever_scores, temperature=opts.temperature, mask=present)
+    targets_lsr = lsr_scores(logprobs.detach(), lengths, kind=opts.score_kind)
+    loss = naive_lsr_loss(retriever_scores, targets_lsr, retriever_temperature=opts.temperature,
+                          lm_temperature=opts.lm_temperature, mask=present, direction=opts.direction,
+                          reduction=opts.reduction)
+    return ensemble, loss

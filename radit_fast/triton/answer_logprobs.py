@@ -127,8 +127,11 @@ def _fwd_tile_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_m_ptr, part_s_ptr, tgt_ptr
     z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, CAST_F32, PRECISION)
     n_mask = offs_n < N
-    m = tl.max(z, axis=1)  # finite: every vocabulary block holds at least one valid column
-    s = tl.sum(tl.exp(z - m[:, None]), axis=1)
+    # A tile can be all -inf (a -inf bias over a whole vocabulary block): shift by a safe max so that
+    # exp(-inf - -inf) = NaN never happens; such a tile stores (m, s) = (-inf, 0), the empty merge state.
+    m = tl.max(z, axis=1)
+    safe_m = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.exp(z - safe_m[:, None]), axis=1)
     tl.store(part_m_ptr + pid_v * N + offs_n, m, mask=n_mask)
     tl.store(part_s_ptr + pid_v * N + offs_n, s, mask=n_mask)
     # The target logit: stored only by the tile whose vocabulary range holds the target.
@@ -180,7 +183,10 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, gb_part_
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
     g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0)
     t = tl.load(t_ptr + offs_n, mask=n_mask, other=-1)
-    p = tl.exp(z - lse[:, None])  # 0 in the -inf columns beyond V
+    # 0 in the -inf columns (beyond V or a -inf bias); lse = -inf only when the whole row is -inf, then the
+    # safe shift keeps p = exp(-inf) = 0 instead of NaN.
+    safe_lse = tl.where(lse == float("-inf"), 0.0, lse)
+    p = tl.exp(z - safe_lse[:, None])
     onehot = tl.where(offs_v[None, :] == t[:, None], 1.0, 0.0)
     keep = n_mask[:, None] & c_mask[None, :] & (g != 0.0)[:, None]
     dz = tl.where(keep, g[:, None] * (onehot - p), 0.0)
