@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from radit_fast.evaluation.report import check_ordering, render_table, task_average, write_report
+from radit_fast.evaluation.report import check_ordering, regressions, render_table, task_average, write_report
 
 ROWS = {
     "lm_only": {"em": 0.10, "f1": 0.20, "accuracy": 0.30},
@@ -29,6 +29,17 @@ def test_checks_state_failures_plainly():
     assert all(c["holds"] is None for c in missing)
 
 
+def test_regressions_name_every_metric_that_got_worse():
+    # r_it is below replug on em (15 < 20) and so on the task average (27.5 < 30); nothing else is below
+    # the row it builds on, so these two are the only entries
+    got = [(w["row"], w["baseline"], w["metric"], w["value"], w["baseline_value"]) for w in regressions(ROWS)]
+    assert got == [("r_it", "replug", "avg", 0.275, 0.30000000000000004), ("r_it", "replug", "em", 0.15, 0.20)]
+    worse = dict(ROWS, ra_it={**ROWS["ra_it"], "recall@10": 0.70})  # a recall drop hidden by a better average
+    texts = [w["text"] for w in regressions(worse)]
+    assert "ra_it is below replug on recall@10 (70.0 vs 80.0)" in texts
+    assert regressions({"replug": ROWS["replug"]}) == []  # no baseline row: nothing to compare
+
+
 def test_write_report(tmp_path):
     rep = write_report(tmp_path, ROWS, config={"k": 4, "eval_split": "test"}, timings={"index": 1.5})
     data = json.loads((tmp_path / "report.json").read_text())
@@ -38,6 +49,8 @@ def test_write_report(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| ra_dit | 47.5 | 45.0 | 55.0 | 50.0 | 60.0 | 85.0 |" in md
     assert "DOES NOT HOLD" in md and "did not happen" in md
+    assert "* r_it is below replug on em (15.0 vs 20.0)" in md
+    assert [w["metric"] for w in data["regressions"]] == ["avg", "em"]
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

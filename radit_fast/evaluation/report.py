@@ -5,7 +5,9 @@ Rows follow the paper's ablation: ``lm_only`` (no retrieval), ``replug`` (base L
 maps metric names (``em``, ``f1``, ``accuracy``, ``recall@1``, ``recall@10``, ...) to values in [0, 1].
 
 ``check_ordering`` states, for the paper's expected ordering, which comparisons hold and which do not,
-in plain words; the report prints them so a row that fails to improve is never hidden.
+in plain words; ``regressions`` lists every single metric on which a row falls below the row it builds on
+(e.g. RA-IT's exact match below REPLUG's while its task average rises). The report prints both, so a row
+that fails to improve, on any metric, is never hidden.
 """
 from __future__ import annotations
 
@@ -82,6 +84,33 @@ def check_ordering(rows: Mapping[str, Mapping[str, float | None]]) -> list[dict[
     return out
 
 
+# Each row and the rows it builds on (the paper's ablation): a metric lower than theirs is a regression.
+BASELINES = (("replug", "lm_only"), ("ra_it", "replug"), ("r_it", "replug"), ("ra_dit", "ra_it"),
+             ("ra_dit", "r_it"))
+
+
+def regressions(rows: Mapping[str, Mapping[str, float | None]]) -> list[dict[str, Any]]:
+    """Every metric (task average included) on which a row is below a row it builds on (:data:`BASELINES`).
+
+    Returns ``[{"row", "baseline", "metric", "value", "baseline_value", "text"}, ...]`` in table order;
+    metrics that either row lacks are skipped.
+    """
+    out = []
+    for row, base in BASELINES:
+        if row not in rows or base not in rows:
+            continue
+        a, b = dict(rows[row]), dict(rows[base])
+        a["avg"], b["avg"] = task_average(a), task_average(b)
+        for metric in _metric_columns({row: a, base: b}):
+            va, vb = a.get(metric), b.get(metric)
+            if va is None or vb is None or not va < vb:
+                continue
+            name = "task average" if metric == "avg" else metric
+            out.append({"row": row, "baseline": base, "metric": metric, "value": va, "baseline_value": vb,
+                        "text": f"{row} is below {base} on {name} ({_fmt(va)} vs {_fmt(vb)})"})
+    return out
+
+
 def _ordered_rows(rows: Mapping[str, Any]) -> list[str]:
     return [r for r in ROW_ORDER if r in rows] + [r for r in rows if r not in ROW_ORDER]
 
@@ -129,6 +158,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     failed = [c for c in checks if c["holds"] is False]
     if failed:
         parts += ["", f"**{len(failed)} of {len(checks)} expected improvements did not happen on this run.**"]
+    worse = report.get("regressions")
+    if worse is None:
+        worse = regressions(rows)
+    parts += ["", "## Metrics that got worse", ""]
+    parts += [f"* {w['text']}" for w in worse] or ["* none: no row is below the rows it builds on, on any metric"]
     timings = report.get("timings") or {}
     if timings:
         parts += ["", "## Timings", "", "| step | seconds |", "|---|---:|"]
@@ -183,6 +217,7 @@ def write_report(out_dir: str | os.PathLike, rows: Mapping[str, Mapping[str, flo
         "config": dict(config or {}),
         "timings": dict(timings or {}),
         "checks": check_ordering(rows),
+        "regressions": regressions(rows),
     }
     if extra:
         report.update(extra)
