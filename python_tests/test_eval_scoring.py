@@ -11,6 +11,7 @@ from test_training_fixtures import tiny_setup
 from radit_fast.data.prompts import format_prompt
 from radit_fast.data.tasks import Example, load_tasks
 from radit_fast.evaluation.engine import LMEngine
+from radit_fast.retrieval.corpus import doc_id
 from radit_fast.evaluation.evaluate import evaluate_examples, retrieve
 from radit_fast.evaluation.scoring import (Augmentation, EvalSettings, augmentation_for, pick_demonstrations,
                                            score_multiple_choice)
@@ -103,7 +104,7 @@ def test_evaluate_end_to_end(setup, decode):
     for name in ("em", "f1", "accuracy", "recall@1"):
         assert 0.0 <= metrics[name] <= 1.0
     # recall@1 from the ranked ids
-    hit = [float(r[0][0].split("#")[0] in e.provenance) for r, e in zip(retrieved, examples)]
+    hit = [float(doc_id(r[0][0]) in e.provenance) for r, e in zip(retrieved, examples)]
     assert metrics["recall@1"] == pytest.approx(sum(hit) / len(hit))
 
 
@@ -129,3 +130,62 @@ def test_greedy_mixture_with_one_chunk_is_plain_greedy(setup):
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
     assert preds[0]["prediction"] == text
     assert not math.isnan(preds[0]["f1"])
+
+
+def _ensemble_ref(model, tok, question, chunks, scores, answer, temperature):
+    """float64 REPLUG ensemble of one answer from full-sequence forward passes (plain transformers)."""
+    prior = torch.tensor(scores, dtype=torch.float64).div(temperature).log_softmax(0)
+    lm = torch.tensor([_seq_logprob(model, tok, format_prompt(c, question), answer) for c in chunks],
+                      dtype=torch.float64)
+    return float(torch.logsumexp(prior + lm, 0))
+
+
+def test_multiple_choice_ragged_chunk_counts(setup):
+    """One batch: an example with a gold context (1 chunk), one with 3 retrieved chunks, one with 2: the
+    padded grid's missing chunks must not enter any ensemble."""
+    model, tok = setup["model"], setup["tok"]
+    exs = [Example(id="g", input="What is the capital of Italy?", answers=["Rome"], choices=["Rome", "Oslo"],
+                   context="Rome is the capital of Italy."),
+           Example(id="r3", input="What is the capital of France?", answers=["Paris"],
+                   choices=["Rome", "Paris", "Oslo"]),
+           Example(id="r2", input="What is the capital of Norway?", answers=["Oslo"], choices=["Oslo", "Paris"])]
+    augs = [Augmentation(["Rome is the capital of Italy."], [0.0]),
+            Augmentation(["Paris is the capital of France.", "Rome is in Italy.", "Oslo is in Norway."],
+                         [0.9, 0.2, -0.4]),
+            Augmentation(["Oslo is in Norway.", "Paris is in France."], [0.3, 0.5])]
+    settings = EvalSettings(k=3, retriever_temperature=0.5, impl="cpu")
+    eng = LMEngine(model, pad_id=tok.pad_token_id, batch_size=3, max_rows=4)
+    got = score_multiple_choice(eng, tok, exs, augs, settings, {False: [], True: []})
+    for ex, aug, res in zip(exs, augs, got):
+        want = [_ensemble_ref(model, tok, ex.input, aug.chunks, aug.scores, c, 0.5) for c in ex.choices]
+        assert res["logprobs"] == pytest.approx(want, abs=1e-4), ex.id
+        assert res["prediction"] == ex.choices[max(range(len(want)), key=want.__getitem__)]
+        assert [len(c) for c in res["chunk_logprobs"]] == [len(aug.chunks)] * len(ex.choices)
+
+
+def test_rescore_picks_the_best_ensemble_candidate(setup):
+    """decode="rescore": each chunk's greedy answer becomes a candidate, rescored by the REPLUG ensemble
+    over all chunks; the prediction is the candidate with the highest ensemble log-likelihood, computed
+    here independently from full-sequence forward passes."""
+    from radit_fast.evaluation.generation import generate_answers
+
+    model, tok = setup["model"], setup["tok"]
+    ex = Example(id="q", input="What is the capital of France?", answers=["Paris"])
+    aug = Augmentation(["Paris is the capital of France.", "Rome is in Italy.", "Oslo is in Norway."],
+                       [0.9, 0.2, -0.4])
+    settings = EvalSettings(k=3, max_new_tokens=4, decode="rescore", retriever_temperature=0.5)
+    eng = LMEngine(model, pad_id=tok.pad_token_id)
+    res = generate_answers(eng, tok, [ex], [aug], settings, {False: [], True: []})[0]
+    assert res["candidates"], "the tiny LM decoded nothing scorable"
+    want = [_ensemble_ref(model, tok, ex.input, aug.chunks, aug.scores, c, 0.5) for c in res["candidates"]]
+    assert res["logprobs"] == pytest.approx(want, abs=1e-4)
+    assert res["prediction"] == res["candidates"][max(range(len(want)), key=want.__getitem__)]
+
+
+def test_too_few_demonstrations_warn(setup, caplog):
+    examples = load_tasks(setup["paths"]["train"])[:2]
+    with caplog.at_level("WARNING", logger="radit_fast.evaluation.evaluate"):
+        evaluate_examples(setup["model"], setup["tok"], examples[1:], None,
+                          EvalSettings(k=0, shots=3, max_new_tokens=2, max_length=96), train=examples[:1],
+                          progress=False)
+    assert any("only 1 generation example" in r.getMessage() for r in caplog.records)

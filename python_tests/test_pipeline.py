@@ -145,12 +145,16 @@ def test_radit_run_end_to_end_and_resume(tiny_run_inputs, tmp_path, capsys):
     ("unknown_field", "unknown field"),
     ("empty", "no examples"),
     ("shared_id", "share 1 example id"),
+    ("bad_lm", "not a local folder"),
+    ("not_causal_lm", "cannot load a model"),
+    ("too_long", "question and answer alone take"),
 ])
 def test_radit_run_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, capsys, bad, msg):
     from radit_fast.cli.main import main
 
     test = tmp_path / "test.jsonl"
     rows = _tasks(range(9, 12))
+    inp = {k: str(v) for k, v in tiny_run_inputs.items()}
     if bad == "no_answer":
         rows[1]["output"] = [{"provenance": [{"id": "cap1"}]}]
     elif bad == "unknown_field":
@@ -159,8 +163,14 @@ def test_radit_run_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, c
         rows = []
     elif bad == "shared_id":
         rows[0]["id"] = "q0"  # also in train
+    elif bad == "bad_lm":
+        inp["lm"] = str(tmp_path / "no_such_lm")
+    elif bad == "not_causal_lm":
+        (tmp_path / "empty_lm").mkdir()
+        inp["lm"] = str(tmp_path / "empty_lm")        # a folder without a config
+    elif bad == "too_long":
+        rows[2]["input"] = "Where is it? " * 2000      # beyond every max_length, even without a background
     write_jsonl(test, rows)
-    inp = {k: str(v) for k, v in tiny_run_inputs.items()}
     out = tmp_path / "run"
     code = main(["run", "--corpus", inp["corpus"], "--train", inp["train"], "--dev", inp["dev"],
                  "--test", str(test), "--out", str(out), "--lm", inp["lm"], "--encoder", inp["encoder"]])
@@ -185,6 +195,50 @@ def test_radit_eval_checks(tiny_run_inputs, tmp_path, capsys):
     preds = (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 2 and "em" in json.loads(preds[0])
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]["n_examples"] == 2
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("no_answer", "no answer"),
+    ("unknown_field", "unknown field"),
+    ("empty", "no examples"),
+    ("bad_lm", "not a local folder"),
+    ("too_long", "question and answer alone take"),
+    ("shots_too_long", "question and answer alone take"),
+])
+def test_radit_eval_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, capsys, monkeypatch, bad, msg):
+    """radit eval's own input checks (the same loader as radit run's), before any model or retrieval runs."""
+    import radit_fast.cli.eval as cli_eval
+    from radit_fast.cli.main import main
+
+    def never(*a, **k):
+        raise AssertionError("the LM was loaded before the input check")
+
+    monkeypatch.setattr(cli_eval, "load_eval_lm", never)
+    inp = {k: str(v) for k, v in tiny_run_inputs.items()}
+    rows = _tasks(range(9, 12)) + _tasks(range(9, 11), mc=True)
+    extra: list[str] = []
+    if bad == "no_answer":
+        rows[1]["output"] = [{"provenance": [{"id": "cap1"}]}]
+    elif bad == "unknown_field":
+        rows[0]["question"] = "?"
+    elif bad == "empty":
+        rows = []
+    elif bad == "bad_lm":
+        inp["lm"] = str(tmp_path / "no_such_lm")
+    elif bad == "too_long":
+        rows[3]["input"] = "Which one? " * 2000       # a multiple-choice question
+    elif bad == "shots_too_long":                     # each question fits; with 2 long demonstrations it does not
+        train = _tasks(range(0, 4))
+        for r in train:
+            r["input"] = "Where? " * 30
+        extra = ["--train", str(write_jsonl(tmp_path / "train.jsonl", train)), "--shots", "2",
+                 "--max-length", "100", "--max-new-tokens", "4"]
+    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    out = tmp_path / "e"
+    code = main(["eval", "--test", str(test), "--out", str(out), "--k", "0", "--lm", inp["lm"], *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 def test_file_fingerprint_follows_content(tmp_path):
@@ -299,3 +353,36 @@ def test_threads_auto(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 0.0, 0.0))
     assert resolve_threads("auto") == 1
     assert resolve_threads(3) == 3 and resolve_threads(None) is None
+
+
+def test_stage_keys_follow_resolved_defaults(tmp_path):
+    """A tuning step is keyed by its resolved settings, defaults included: a default that no run file
+    states (append_eos, from RaItConfig) is in the key, so changing it retrains, while the run folder's
+    own paths do not enter the key."""
+    from radit_fast.pipeline.config import PAPER_LM, make_config
+    from radit_fast.pipeline.run import stage_key
+
+    def key(out, **overrides):
+        cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(out), overrides=overrides)
+        return stage_key(cfg.lm_config(out / "train_lm")), stage_key(cfg.retriever_config(out / "train_retriever"))
+
+    lm_key, r_key = key(tmp_path / "a")
+    assert "append_eos" not in PAPER_LM and lm_key["append_eos"] is True
+    assert "out" not in lm_key and "index" not in lm_key and "cache_dir" not in r_key
+    assert r_key["lm_temperature"] == 0.01 and r_key["score_kind"] == "mean"
+    assert key(tmp_path / "b") == (lm_key, r_key)          # another run folder: same keys
+    changed, same_r = key(tmp_path / "a", train_lm={"append_eos": False})
+    assert changed == {**lm_key, "append_eos": False} and same_r == r_key
+
+
+def test_flags_override_the_run_file_only_when_given():
+    from radit_fast.cli.main import build_parser
+    from radit_fast.cli.run import _overrides
+
+    base = ["run", "--corpus", "c", "--train", "t", "--dev", "d", "--test", "e", "--out", "o"]
+    quiet = _overrides(build_parser().parse_args(base))
+    assert quiet["eval"] == {} and "threads" not in quiet["run"]   # eval.seed, eval.k ... stay the file's
+    loud = _overrides(build_parser().parse_args(base + ["--seed", "3", "--k", "2"]))
+    assert loud["eval"] == {"seed": 3, "k": 2}
+    demo = build_parser().parse_args(["demo"])
+    assert demo.k is None and demo.seed is None                      # demo.yaml decides

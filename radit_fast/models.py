@@ -174,6 +174,31 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
     return tok
 
 
+def check_lm(name_or_path: str | os.PathLike | None, *, trust_remote_code: bool = False) -> None:
+    """RaditError unless ``name_or_path`` names a loadable causal LM: the embedded default (its package
+    present), a ``.gguf`` file, or a folder / cached name whose config is a causal-LM architecture. Reads only
+    the config (milliseconds): for input checks before any compute."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if _is_default(name_or_path):
+        if not (default_lm_dir() / "config.json").is_file():
+            default_gguf_path()  # RaditError naming the package when it is missing
+        return
+    if str(name_or_path).endswith(".gguf"):
+        if not Path(name_or_path).is_file():
+            raise RaditError(f"{name_or_path}: no such file")
+        return
+    path = str(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=_offline(), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise RaditError(_not_found(path, e)) from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
+        raise RaditError(f"{path}: not a causal LM (model type {config.model_type!r} has no "
+                         "AutoModelForCausalLM class)")
+
+
 def load_lm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu", trust_remote_code: bool = False,
             attn_implementation: str | None = None) -> tuple[nn.Module, Any]:

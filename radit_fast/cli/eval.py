@@ -46,11 +46,12 @@ def _pos_float(value: str) -> float:
     return x
 
 
-def add_eval_options(p: argparse.ArgumentParser, *, k_default: int = 10) -> None:
+def add_eval_options(p: argparse.ArgumentParser, *, k_default: int | None = 10) -> None:
     """Inference options shared by ``radit eval`` and ``radit run`` (fields of ``EvalSettings``)."""
     g = p.add_argument_group("inference")
     g.add_argument("--k", type=_nonneg, default=k_default,
-                   help=f"retrieved chunks per example, each prepended separately (0: no retrieval; default {k_default})")
+                   help="retrieved chunks per example, each prepended separately (0: no retrieval; default "
+                        + (f"{k_default})" if k_default is not None else "from the run file)"))
     g.add_argument("--shots", type=_nonneg, default=0, help="demonstrations from the train file (default 0)")
     g.add_argument("--decode", choices=["mixture", "rescore"], default="mixture",
                    help="generation: token-level mixture of the k prompts, or decode each prompt and rescore the "
@@ -113,7 +114,8 @@ def load_split(path: Path, name: str) -> list:
 
 
 def check_inputs(args: argparse.Namespace) -> tuple[list, list | None]:
-    """Everything ``radit eval`` can check before loading a model."""
+    """Everything ``radit eval`` can check before loading a model or retrieving: the files, the LM's config,
+    and (with its tokenizer) that every prompt fits ``--max-length``."""
     from radit_fast.data.tasks import check_disjoint
 
     test = load_split(args.test, "test")
@@ -129,6 +131,11 @@ def check_inputs(args: argparse.Namespace) -> tuple[list, list | None]:
         raise RaditError("--k > 0 needs --index (or pass --k 0 to evaluate the LM alone)")
     if args.index is not None and not (Path(args.index) / "manifest.json").is_file():
         raise RaditError(f"{args.index}: not an index folder (no manifest.json; build one with `radit index build`)")
+    from radit_fast.evaluation.scoring import check_prompts_fit
+    from radit_fast.models import check_lm, load_tokenizer
+
+    check_lm(args.lm)
+    check_prompts_fit(load_tokenizer(args.lm), test, settings_from_args(args), train)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RaditError(f"{out}: exists and is not a folder")

@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--n-test", type=int, help="test examples per task (default: the demo file's)")
     _common(d)
     d.set_defaults(threads="auto")
-    add_eval_options(d, k_default=4)
+    add_eval_options(d, k_default=None)
     _no_defaults(d)
     d.set_defaults(func=cmd_demo)
 
@@ -99,7 +99,7 @@ def _no_defaults(p: argparse.ArgumentParser) -> None:
     """Inference flags override the run file only when given: their parser defaults become None."""
     for action in p._actions:
         if action.dest in ("k", "shots", "decode", "max_new_tokens", "max_length", "retriever_temperature",
-                           "choice_score", "eval_batch_size", "impl", "device", "dtype"):
+                           "choice_score", "eval_batch_size", "impl", "device", "dtype", "seed"):
             action.default = None
         elif action.dest in ("reweight", "show_choices"):
             action.default = None
@@ -128,7 +128,8 @@ def _run(args: argparse.Namespace, *, corpus, train, dev, test, file: dict) -> i
 
     cfg = make_config(corpus=str(corpus), train=str(train), dev=str(dev), test=str(test), out=str(args.out),
                       file=file, overrides=_overrides(args), lm=getattr(args, "lm", None),
-                      encoder=getattr(args, "encoder", None), seed=args.seed, progress=args.progress)
+                      encoder=getattr(args, "encoder", None), progress=args.progress,
+                      **({} if args.seed is None else {"seed": args.seed}))
     t0 = time.perf_counter()
     report = run_pipeline(cfg, force=args.force)
     md = (Path(args.out) / "report.md").read_text(encoding="utf-8")
@@ -152,5 +153,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     file = load_run_file(args.config or DEMO_CONFIG, extra_sections=("data",))
     data = file.pop("data", None)
     paths = prepare_demo_data(Path(args.out) / "data", n_train=args.n_train, n_test=args.n_test,
-                              seed=args.seed, settings=data)
+                              seed=args.seed or 0, settings=data)
     return _run(args, corpus=paths["corpus"], train=paths["train"], dev=paths["dev"], test=paths["test"], file=file)

@@ -94,6 +94,11 @@ def evaluate_examples(model: torch.nn.Module, tokenizer: Any, examples: Sequence
     engine = LMEngine(model, pad_id=int(pad), batch_size=settings.batch_size, max_rows=settings.max_rows,
                       impl=settings.impl)
     demos = pick_demonstrations(train, settings.shots, seed=settings.seed, show_choices=settings.show_choices)
+    for mc, kind in ((False, "generation"), (True, "multiple-choice")):
+        have = len(demos[mc])
+        if settings.shots and have < settings.shots and any((ex.choices is not None) == mc for ex in examples):
+            log.warning("--shots %d: the train split has only %d %s example(s), so %s examples get %d "
+                        "demonstration(s)", settings.shots, have, kind, kind, have)
     augs = [augmentation_for(ex, retrieved[b] if retrieved is not None else None, settings.k)
             for b, ex in enumerate(examples)]
     mc = [b for b, ex in enumerate(examples) if ex.choices is not None]

@@ -87,7 +87,8 @@ def generate_answers(engine: LMEngine, tokenizer: Any, examples: Sequence[Exampl
     out: list[dict[str, Any]] = [{"prediction": "", "candidates": [], "logprobs": []} for _ in examples]
     if scorable:
         scored = score_candidates(engine, tokenizer, [examples[b] for b in scorable], [augs[b] for b in scorable],
-                                  [candidates[b] for b in scorable], settings, demos)
+                                  [candidates[b] for b in scorable], settings, demos,
+                                  min_reserve=settings.max_new_tokens)
         for b, s in zip(scorable, scored):
             out[b] = {"prediction": s["prediction"], "candidates": s["candidates"], "logprobs": s["logprobs"]}
     return out

@@ -117,6 +117,24 @@ def prompt_ids(tokenizer: Any, example: Example, chunk: str | None, settings: Ev
                         example_id=example.id).input_ids
 
 
+def reserve_for(example: Example, tokenizer: Any, settings: EvalSettings) -> int:
+    """Tokens an example's prompts keep free: its longest option (multiple choice) or ``max_new_tokens``."""
+    if example.choices is not None:
+        return max(len(answer_ids(tokenizer, c)) for c in example.choices)
+    return settings.max_new_tokens
+
+
+def check_prompts_fit(tokenizer: Any, examples: Sequence[Example], settings: EvalSettings,
+                      train: Sequence[Example] | None = None) -> None:
+    """RaditError (naming the example) when an example's question, its demonstrations and the room for its
+    answer do not fit ``settings.max_length`` even without a background: the prompts of
+    :func:`score_multiple_choice` and ``generate_answers`` built with no chunk, before any model runs."""
+    demos = pick_demonstrations(train, settings.shots, seed=settings.seed, show_choices=settings.show_choices)
+    for ex in examples:
+        prompt_ids(tokenizer, ex, None, settings, demos.get(ex.choices is not None, []),
+                   reserve_for(ex, tokenizer, settings))
+
+
 def ensemble_logprobs(lm_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, *,
                       temperature: float, impl: str = "auto") -> torch.Tensor:
     """REPLUG ensemble ``[B]`` of per-chunk answer log-likelihoods ``[B, k]`` (missing chunks masked)."""
@@ -137,8 +155,12 @@ def _grid(values: Sequence[Sequence[float]], width: int, fill: float = 0.0) -> t
 def score_candidates(engine: LMEngine, tokenizer: Any, examples: Sequence[Example],
                      augs: Sequence[Augmentation], candidates: Sequence[Sequence[str]],
                      settings: EvalSettings, demos: dict[bool, list[tuple[str, str]]],
-                     *, progress: Any = None) -> list[dict[str, Any]]:
+                     *, progress: Any = None, min_reserve: int = 0) -> list[dict[str, Any]]:
     """Ensemble log-likelihood of every candidate answer of every example.
+
+    Each prompt keeps ``max(min_reserve, longest candidate)`` tokens free, so its chunk is truncated as in
+    a decoding pass that reserved ``min_reserve`` tokens (rescoring decoded candidates passes
+    ``max_new_tokens``: the candidates are scored behind the very backgrounds they were decoded from).
 
     Returns per example ``{"candidates": [...], "logprobs": [ensemble per candidate],
     "chunk_logprobs": [[per chunk] per candidate], "prediction": argmax candidate}``; with
@@ -151,7 +173,7 @@ def score_candidates(engine: LMEngine, tokenizer: Any, examples: Sequence[Exampl
     for b, (ex, aug) in enumerate(zip(examples, augs)):
         if not candidates[b]:
             raise ValueError(f"example {ex.id}: no candidate to score")
-        reserve = max(len(c) for c in cand_ids[b])
+        reserve = max(min_reserve, *(len(c) for c in cand_ids[b]))
         shots = demos.get(ex.choices is not None, [])
         for chunk in aug.chunks:
             prompts.append(prompt_ids(tokenizer, ex, chunk, settings, shots, reserve))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -58,7 +59,24 @@ def load_splits(cfg: RunConfig) -> dict[str, list]:
     splits = {name: load_tasks(getattr(cfg, name), require_answers=True) for name in ("train", "dev", "test")}
     for a, b in (("train", "test"), ("dev", "test"), ("train", "dev")):
         check_disjoint(splits[a], splits[b], names=(a, b))
+    check_models_and_lengths(cfg, splits)
     return splits
+
+
+def check_models_and_lengths(cfg: RunConfig, splits: dict[str, list]) -> None:
+    """The LM is a loadable causal LM (its config only) and, with its tokenizer, every prompt fits: RA-IT
+    instances (question + answer) within ``train_lm.max_length``, evaluation prompts (question, demonstrations
+    and room for the answer) within ``eval.max_length`` - before any index is built or model loaded."""
+    from radit_fast.evaluation.scoring import check_prompts_fit
+    from radit_fast.models import check_lm, load_tokenizer
+    from radit_fast.training.sources import check_fit
+
+    check_lm(cfg.lm)
+    tok = load_tokenizer(cfg.lm)
+    lm_cfg = cfg.lm_config(Path(cfg.out) / "train_lm")
+    check_fit(tok, splits["train"], lm_cfg.max_length, append_eos=lm_cfg.append_eos)
+    for name in ("dev", "test"):
+        check_prompts_fit(tok, splits[name], cfg.eval, splits["train"])
 
 
 def _select_metric(metrics: dict[str, float], name: str) -> float | None:
@@ -335,11 +353,13 @@ class Pipeline:
         eval_key = {**base_key, "eval": ev, "eval_dtype": cfg.run.eval_dtype, "index": idx.fingerprint}
         self._eval_row("lm_only", {**eval_key, "index": None})
         self._eval_row("replug", eval_key)
-        lm_key = {**base_key, "index": idx.fingerprint, "train_lm": cfg.train_lm, "eval": ev,
+        lm_key = {**base_key, "index": idx.fingerprint, "train_lm": stage_key(cfg.lm_config(self.out / "train_lm")),
+                  "eval": ev,
                   "eval_dtype": cfg.run.eval_dtype, "train_dtype": cfg.run.train_dtype,
                   "select": [cfg.run.select_every, cfg.run.select_metric_lm, cfg.run.dev_examples]}
         self._train_lm(lm_key)
-        r_key = {**base_key, "index": idx.fingerprint, "train_retriever": cfg.train_retriever, "eval": ev,
+        r_key = {**base_key, "index": idx.fingerprint,
+                 "train_retriever": stage_key(cfg.retriever_config(self.out / "train_retriever")), "eval": ev,
                  "select": [cfg.run.select_every, cfg.run.select_metric_retriever, cfg.run.dev_examples],
                  "subset": [cfg.run.retriever_train_examples, cfg.run.retriever_train_kind],
                  "lsr_dtype": cfg.run.eval_dtype}
@@ -372,6 +392,17 @@ class Pipeline:
         selection = {"train_lm": self.steps.require("train_lm").result,
                      "train_retriever": self.steps.require("train_retriever").result}
         return write_report(self.out, rows, config=config, timings=timings, extra={"selection": selection})
+
+
+# Stage settings that name this run's own files or only change how a run looks, not what it computes.
+_NOT_IN_STAGE_KEY = ("out", "index", "train", "cache_dir", "progress", "threads")
+
+
+def stage_key(stage_cfg: Any) -> dict[str, Any]:
+    """The resolved settings of a tuning stage (``RaItConfig`` / ``RetrieverConfig``, defaults included) that
+    decide its result: a changed default (e.g. ``append_eos``) invalidates a finished stage step, as a
+    changed run-file value does. Paths inside the run folder and display settings are left out."""
+    return {k: v for k, v in dataclasses.asdict(stage_cfg).items() if k not in _NOT_IN_STAGE_KEY}
 
 
 def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
