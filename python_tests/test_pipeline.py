@@ -348,10 +348,19 @@ def test_threads_auto(monkeypatch):
     from radit_fast.cli.run import resolve_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    import radit_fast.cli.run as cli_run
+
+    busy = cli_run._busy_cores(0.05)                                # the real reading, on Linux
+    assert busy is None or 0.0 <= busy <= os.cpu_count() + 1e-9
+    monkeypatch.setattr(cli_run, "_busy_cores", lambda: 0.1)       # what the CPUs do now decides ...
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 0.0, 0.0))  # ... not a lagging load average
+    assert resolve_threads("auto") == 2
+    monkeypatch.setattr(cli_run, "_busy_cores", lambda: 1.7)
+    assert resolve_threads("auto") == 1
+    monkeypatch.setattr(cli_run, "_busy_cores", lambda: None)       # no /proc/stat: the load average
+    assert resolve_threads("auto") == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
     assert resolve_threads("auto") == 2
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 0.0, 0.0))
-    assert resolve_threads("auto") == 1
     assert resolve_threads(3) == 3 and resolve_threads(None) is None
 
 

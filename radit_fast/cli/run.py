@@ -45,19 +45,45 @@ def _threads(value: str) -> int | str:
     return n
 
 
+def _busy_cores(window_s: float = 0.5) -> float | None:
+    """Cores that other processes keep busy now: the non-idle share of all CPU time over ``window_s``
+    (``/proc/stat``), times the core count; None where ``/proc/stat`` is missing."""
+    import os
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]      # total (without guest time), idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window_s)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    return (os.cpu_count() or 1) * (1.0 - (i1 - i0) / (t1 - t0))
+
+
 def resolve_threads(value: int | str | None) -> int | None:
-    """``auto``: the cores that the load average leaves free (at least 1): on a dedicated machine all of
+    """``auto``: the cores that other processes leave free (at least 1): on a dedicated machine all of
     them; on a machine shared with busy processes, fewer threads keep torch's parallel regions from
-    waiting on descheduled threads (measured here: 1 thread ran 2-3x faster than 2 under load 5)."""
+    waiting on descheduled threads (measured here: 1 thread ran 2-3x faster than 2 under load 5).
+    The load is what the CPUs do now (half a second of ``/proc/stat``), not the 1-minute load average,
+    which still counts processes that ended a minute ago; the load average is the fallback."""
     import os
 
     if value != "auto":
         return value
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
+    busy = _busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
