@@ -40,6 +40,22 @@ def test_regressions_name_every_metric_that_got_worse():
     assert regressions({"replug": ROWS["replug"]}) == []  # no baseline row: nothing to compare
 
 
+def test_regressions_compare_every_tuned_row_with_replug():
+    """The demo's pattern: RA-IT lowers exact match, RA-DIT recovers part of it but stays below REPLUG;
+    RA-DIT's own drop below REPLUG is listed, not only its gain over RA-IT."""
+    rows = {"lm_only": {"em": 0.07, "f1": 0.135, "accuracy": 0.51},
+            "replug": {"em": 0.36, "f1": 0.424, "accuracy": 0.48, "recall@1": 0.805},
+            "ra_it": {"em": 0.29, "f1": 0.427, "accuracy": 0.65, "recall@1": 0.805},
+            "r_it": {"em": 0.31, "f1": 0.436, "accuracy": 0.48, "recall@1": 0.835},
+            "ra_dit": {"em": 0.32, "f1": 0.447, "accuracy": 0.66, "recall@1": 0.835}}
+    got = {(w["row"], w["baseline"], w["metric"]): w["text"] for w in regressions(rows)}
+    assert got == {("replug", "lm_only", "accuracy"): "replug is below lm_only on accuracy (48.0 vs 51.0)",
+                   ("ra_it", "replug", "em"): "ra_it is below replug on em (29.0 vs 36.0)",
+                   ("r_it", "replug", "em"): "r_it is below replug on em (31.0 vs 36.0)",
+                   ("r_it", "replug", "avg"): "r_it is below replug on task average (39.5 vs 42.0)",
+                   ("ra_dit", "replug", "em"): "ra_dit is below replug on em (32.0 vs 36.0)"}
+
+
 def test_write_report(tmp_path):
     rep = write_report(tmp_path, ROWS, config={"k": 4, "eval_split": "test"}, timings={"index": 1.5})
     data = json.loads((tmp_path / "report.json").read_text())

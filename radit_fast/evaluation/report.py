@@ -85,8 +85,10 @@ def check_ordering(rows: Mapping[str, Mapping[str, float | None]]) -> list[dict[
 
 
 # Each row and the rows it builds on (the paper's ablation): a metric lower than theirs is a regression.
-BASELINES = (("replug", "lm_only"), ("ra_it", "replug"), ("r_it", "replug"), ("ra_dit", "ra_it"),
-             ("ra_dit", "r_it"))
+# RA-DIT is compared with REPLUG as well, so a drop below the untuned system is never hidden behind a gain
+# over a weaker single-stage row.
+BASELINES = (("replug", "lm_only"), ("ra_it", "replug"), ("r_it", "replug"), ("ra_dit", "replug"),
+             ("ra_dit", "ra_it"), ("ra_dit", "r_it"))
 
 
 def regressions(rows: Mapping[str, Mapping[str, float | None]]) -> list[dict[str, Any]]:
