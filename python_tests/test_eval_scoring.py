@@ -189,3 +189,44 @@ def test_too_few_demonstrations_warn(setup, caplog):
                           EvalSettings(k=0, shots=3, max_new_tokens=2, max_length=96), train=examples[:1],
                           progress=False)
     assert any("only 1 generation example" in r.getMessage() for r in caplog.records)
+
+
+def _ids_logprob(model, prompt, cont):
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([list(prompt) + list(cont)])).logits[0].double().log_softmax(-1)
+    return sum(float(logp[len(prompt) - 1 + t, c]) for t, c in enumerate(cont))
+
+
+def test_rescore_scores_behind_the_truncated_prompt_it_decoded_from(setup):
+    """k = 1 with a chunk far longer than max_length: decoding keeps max_new_tokens free, so its chunk is cut
+    shorter than a prompt that kept only the candidate's length free would be. The rescored log-prob must be
+    the candidate's log-prob behind the prompt decoding used (checked here to reproduce the decoded text with
+    plain transformers greedy generation), not behind a differently truncated chunk."""
+    from radit_fast.data.prompts import build_prompt
+    from radit_fast.evaluation.generation import clean_answer, generate_answers
+    from radit_fast.evaluation.scoring import answer_ids
+
+    model, tok = setup["model"], setup["tok"]
+    ex = Example(id="q", input="What is the capital of France?", answers=["Paris"])
+    chunk = " ".join(["Paris is the capital of France and Rome is the capital of Italy."] * 40)
+    settings = EvalSettings(k=1, max_new_tokens=8, max_length=64, decode="rescore")
+    eng = LMEngine(model, pad_id=tok.pad_token_id)
+    res = generate_answers(eng, tok, [ex], [Augmentation([chunk], [0.3])], settings, {False: [], True: []})[0]
+    assert len(res["candidates"]) == 1 and res["candidates"][0], "the tiny LM decoded nothing scorable"
+    cand = res["candidates"][0]
+    decoded_from = build_prompt(tok, chunk, ex.input, max_length=64, reserve=8).input_ids
+    assert len(decoded_from) == 64 - 8                                      # the chunk was truncated
+    with torch.no_grad():
+        out = model.generate(torch.tensor([decoded_from]), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert clean_answer(tok.decode(out[0, len(decoded_from):], skip_special_tokens=True)) == cand
+    cont = answer_ids(tok, cand)
+    want = _ids_logprob(model, decoded_from, cont)
+    assert res["logprobs"] == pytest.approx([want], abs=1e-4)
+    # The test tells the difference: the decoded text, tokenised again as an answer, need not have the
+    # decoded length (here it is longer), so a prompt that keeps the candidate's length free (or the larger
+    # of it and max_new_tokens) cuts the chunk elsewhere and scores another number.
+    assert len(cont) != 8
+    for reserve in {len(cont), max(8, len(cont))}:
+        other = build_prompt(tok, chunk, ex.input, max_length=64, reserve=reserve).input_ids
+        assert other != decoded_from and abs(_ids_logprob(model, other, cont) - want) > 1e-4

@@ -7,7 +7,9 @@ Two decoders (DESIGN.md section 1):
   re-weighted by each chunk's running likelihood); one KV cache per augmented prompt, all examples of a
   batch decoded together.
 * ``"rescore"`` (the paper's alternative): decode each augmented prompt greedily on its own, then score
-  every distinct candidate with the REPLUG ensemble over all k prompts and keep the best.
+  every distinct candidate with the REPLUG ensemble over all k prompts and keep the best. Candidates are
+  scored behind the very prompts they were decoded from (chunks truncated to keep ``max_new_tokens``
+  free), so a chunk is never cut differently between decoding and rescoring.
 
 Generation stops at the end-of-sequence token or at the first newline after the answer has begun
 (answers are one line; leading blank lines are skipped).
@@ -88,7 +90,7 @@ def generate_answers(engine: LMEngine, tokenizer: Any, examples: Sequence[Exampl
     if scorable:
         scored = score_candidates(engine, tokenizer, [examples[b] for b in scorable], [augs[b] for b in scorable],
                                   [candidates[b] for b in scorable], settings, demos,
-                                  min_reserve=settings.max_new_tokens)
+                                  prompts=[prompts[b] for b in scorable])
         for b, s in zip(scorable, scored):
             out[b] = {"prediction": s["prediction"], "candidates": s["candidates"], "logprobs": s["logprobs"]}
     return out

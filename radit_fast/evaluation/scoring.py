@@ -155,31 +155,41 @@ def _grid(values: Sequence[Sequence[float]], width: int, fill: float = 0.0) -> t
 def score_candidates(engine: LMEngine, tokenizer: Any, examples: Sequence[Example],
                      augs: Sequence[Augmentation], candidates: Sequence[Sequence[str]],
                      settings: EvalSettings, demos: dict[bool, list[tuple[str, str]]],
-                     *, progress: Any = None, min_reserve: int = 0) -> list[dict[str, Any]]:
+                     *, progress: Any = None,
+                     prompts: Sequence[Sequence[Sequence[int]]] | None = None) -> list[dict[str, Any]]:
     """Ensemble log-likelihood of every candidate answer of every example.
 
-    Each prompt keeps ``max(min_reserve, longest candidate)`` tokens free, so its chunk is truncated as in
-    a decoding pass that reserved ``min_reserve`` tokens (rescoring decoded candidates passes
-    ``max_new_tokens``: the candidates are scored behind the very backgrounds they were decoded from).
+    Each augmented prompt keeps room for the example's longest candidate (its chunk truncated to fit
+    ``settings.max_length``). ``prompts`` (per example, one token list per chunk) replaces them: rescoring
+    passes the prompts it decoded from, so every candidate is scored behind exactly the truncated
+    background that produced it, whatever its length.
 
     Returns per example ``{"candidates": [...], "logprobs": [ensemble per candidate],
     "chunk_logprobs": [[per chunk] per candidate], "prediction": argmax candidate}``; with
     ``choice_score="mean"`` the per-chunk scores are divided by the candidate's token count first.
     """
-    prompts: list[list[int]] = []
+    rows: list[list[int]] = []
     conts: list[list[list[int]]] = []
     owner: list[int] = []
     cand_ids = [[answer_ids(tokenizer, c) for c in cands] for cands in candidates]
+    if prompts is not None and len(prompts) != len(examples):
+        raise ValueError(f"{len(examples)} examples but prompts for {len(prompts)}")
     for b, (ex, aug) in enumerate(zip(examples, augs)):
         if not candidates[b]:
             raise ValueError(f"example {ex.id}: no candidate to score")
-        reserve = max(min_reserve, *(len(c) for c in cand_ids[b]))
-        shots = demos.get(ex.choices is not None, [])
-        for chunk in aug.chunks:
-            prompts.append(prompt_ids(tokenizer, ex, chunk, settings, shots, reserve))
+        if prompts is not None:
+            if len(prompts[b]) != len(aug.chunks):
+                raise ValueError(f"example {ex.id}: {len(aug.chunks)} chunks but {len(prompts[b])} prompts")
+            given = [list(p) for p in prompts[b]]
+        else:
+            reserve = max(len(c) for c in cand_ids[b])
+            shots = demos.get(ex.choices is not None, [])
+            given = [prompt_ids(tokenizer, ex, chunk, settings, shots, reserve) for chunk in aug.chunks]
+        for p in given:
+            rows.append(p)
             conts.append(cand_ids[b])
             owner.append(b)
-    flat = engine.score(prompts, conts, progress=progress)
+    flat = engine.score(rows, conts, progress=progress)
     # per example: [n_cand][k] log-likelihoods
     per_ex: list[list[list[float]]] = [[[] for _ in candidates[b]] for b in range(len(examples))]
     for row, b in zip(flat, owner):
