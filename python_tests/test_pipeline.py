@@ -147,14 +147,28 @@ def test_radit_run_end_to_end_and_resume(tiny_run_inputs, tmp_path, capsys):
     ("shared_id", "share 1 example id"),
     ("bad_lm", "not a local folder"),
     ("not_causal_lm", "cannot load a model"),
+    ("seq2seq_lm", "not a causal LM"),
+    ("lm_without_weights", "no model weights"),
+    ("bad_encoder", "--encoder"),
+    ("encoder_not_a_model", "--encoder"),
+    ("encoder_without_weights", "no model weights"),
     ("too_long", "question and answer alone take"),
+    ("too_long_for_r_it", "train_retriever.max_length 12: example q0: question and answer alone take"),
 ])
-def test_radit_run_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, capsys, bad, msg):
+def test_radit_run_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, capsys, monkeypatch, bad, msg):
+    import radit_fast.models
+    import radit_fast.retrieval.build
     from radit_fast.cli.main import main
 
+    def never(*a, **k):
+        raise AssertionError("compute started before the input check")
+
+    monkeypatch.setattr(radit_fast.retrieval.build, "build_index", never)
+    monkeypatch.setattr(radit_fast.models, "load_lm", never)
     test = tmp_path / "test.jsonl"
     rows = _tasks(range(9, 12))
     inp = {k: str(v) for k, v in tiny_run_inputs.items()}
+    extra: list[str] = []
     if bad == "no_answer":
         rows[1]["output"] = [{"provenance": [{"id": "cap1"}]}]
     elif bad == "unknown_field":
@@ -168,12 +182,36 @@ def test_radit_run_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, c
     elif bad == "not_causal_lm":
         (tmp_path / "empty_lm").mkdir()
         inp["lm"] = str(tmp_path / "empty_lm")        # a folder without a config
+    elif bad == "seq2seq_lm":
+        (tmp_path / "t5").mkdir()
+        (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+        inp["lm"] = str(tmp_path / "t5")
+    elif bad == "lm_without_weights":              # a causal-LM config and tokenizer, no weights
+        import shutil
+
+        shutil.copytree(inp["lm"], tmp_path / "lm", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+        inp["lm"] = str(tmp_path / "lm")
+    elif bad == "bad_encoder":
+        inp["encoder"] = str(tmp_path / "no_such_encoder")
+    elif bad == "encoder_without_weights":
+        import shutil
+
+        shutil.copytree(inp["encoder"], tmp_path / "enc",
+                        ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+        inp["encoder"] = str(tmp_path / "enc")
+    elif bad == "encoder_not_a_model":
+        (tmp_path / "enc").mkdir()                     # a folder without a config
+        inp["encoder"] = str(tmp_path / "enc")
     elif bad == "too_long":
         rows[2]["input"] = "Where is it? " * 2000      # beyond every max_length, even without a background
+    elif bad == "too_long_for_r_it":                   # fits RA-IT and evaluation, not R-IT's LSR scoring
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(json.dumps({"train_retriever": {"max_length": 12}}))
+        extra = ["--config", str(cfg)]
     write_jsonl(test, rows)
     out = tmp_path / "run"
     code = main(["run", "--corpus", inp["corpus"], "--train", inp["train"], "--dev", inp["dev"],
-                 "--test", str(test), "--out", str(out), "--lm", inp["lm"], "--encoder", inp["encoder"]])
+                 "--test", str(test), "--out", str(out), "--lm", inp["lm"], "--encoder", inp["encoder"], *extra])
     err = capsys.readouterr().err
     assert code == 2 and msg in err and err.count("\n") == 1
     assert not out.exists()          # nothing computed, nothing written
@@ -202,6 +240,7 @@ def test_radit_eval_checks(tiny_run_inputs, tmp_path, capsys):
     ("unknown_field", "unknown field"),
     ("empty", "no examples"),
     ("bad_lm", "not a local folder"),
+    ("bad_query_encoder", "--query-encoder"),
     ("too_long", "question and answer alone take"),
     ("shots_too_long", "question and answer alone take"),
 ])
@@ -209,11 +248,13 @@ def test_radit_eval_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, 
     """radit eval's own input checks (the same loader as radit run's), before any model or retrieval runs."""
     import radit_fast.cli.eval as cli_eval
     from radit_fast.cli.main import main
+    from radit_fast.retrieval.retriever import Retriever
 
     def never(*a, **k):
-        raise AssertionError("the LM was loaded before the input check")
+        raise AssertionError("a model was loaded before the input check")
 
     monkeypatch.setattr(cli_eval, "load_eval_lm", never)
+    monkeypatch.setattr(Retriever, "load", never)
     inp = {k: str(v) for k, v in tiny_run_inputs.items()}
     rows = _tasks(range(9, 12)) + _tasks(range(9, 11), mc=True)
     extra: list[str] = []
@@ -225,6 +266,8 @@ def test_radit_eval_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, 
         rows = []
     elif bad == "bad_lm":
         inp["lm"] = str(tmp_path / "no_such_lm")
+    elif bad == "bad_query_encoder":
+        extra = ["--query-encoder", str(tmp_path / "no_such_encoder")]
     elif bad == "too_long":
         rows[3]["input"] = "Which one? " * 2000       # a multiple-choice question
     elif bad == "shots_too_long":                     # each question fits; with 2 long demonstrations it does not
@@ -368,8 +411,10 @@ def test_stage_keys_follow_resolved_defaults(tmp_path):
     """A tuning step is keyed by its resolved settings, defaults included: a default that no run file
     states (append_eos, from RaItConfig) is in the key, so changing it retrains, while the run folder's
     own paths do not enter the key."""
+    import dataclasses
+
     from radit_fast.pipeline.config import PAPER_LM, make_config
-    from radit_fast.pipeline.run import stage_key
+    from radit_fast.pipeline.run import _NOT_IN_STAGE_KEY, stage_key
 
     def key(out, **overrides):
         cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(out), overrides=overrides)
@@ -382,6 +427,16 @@ def test_stage_keys_follow_resolved_defaults(tmp_path):
     assert key(tmp_path / "b") == (lm_key, r_key)          # another run folder: same keys
     changed, same_r = key(tmp_path / "a", train_lm={"append_eos": False})
     assert changed == {**lm_key, "append_eos": False} and same_r == r_key
+    # every resolved default of both stages is in the keys (a changed default retrains) ...
+    from radit_fast.training.config import RaItConfig, RetrieverConfig
+
+    assert set(lm_key) == {f.name for f in dataclasses.fields(RaItConfig)} - set(_NOT_IN_STAGE_KEY)
+    assert set(r_key) == {f.name for f in dataclasses.fields(RetrieverConfig)} - set(_NOT_IN_STAGE_KEY)
+    _, r_changed = key(tmp_path / "a", train_retriever={"direction": "retriever_to_lsr"})
+    assert r_changed == {**r_key, "direction": "retriever_to_lsr"}
+    # ... but display and bookkeeping settings are not
+    assert key(tmp_path / "a", train_lm={"log_every": 7, "progress": False},
+               train_retriever={"log_every": 3}) == (lm_key, r_key)
 
 
 def test_flags_override_the_run_file_only_when_given():
@@ -395,3 +450,27 @@ def test_flags_override_the_run_file_only_when_given():
     assert loud["eval"] == {"seed": 3, "k": 2}
     demo = build_parser().parse_args(["demo"])
     assert demo.k is None and demo.seed is None                      # demo.yaml decides
+
+
+def test_demo_help_states_the_demo_yaml_defaults():
+    """`radit demo --help` states the defaults the demo runs with (demo.yaml's), not radit run's."""
+    import argparse
+
+    import yaml
+
+    from radit_fast.cli.main import build_parser
+    from radit_fast.cli.run import _DEMO_KEYS, DEMO_CONFIG
+
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub.choices["demo"]._actions}
+    checked = set()
+    for dest, (section, key) in _DEMO_KEYS.items():
+        if key in data.get(section, {}):
+            v = data[section][key]
+            assert f"default {('on' if v else 'off') if isinstance(v, bool) else v} from demo.yaml" in helps[dest], dest
+            checked.add(dest)
+    assert {"k", "shots", "max_length", "max_new_tokens", "retriever_temperature", "dtype", "lm_steps"} <= checked
+    assert helps["threads"].endswith("default auto)") and "default demo.yaml" in helps["config"]
+    run_helps = {a.dest: a.help for a in sub.choices["run"]._actions}
+    assert "default 10)" in run_helps["k"] and "default 0)" in run_helps["shots"]   # radit run: the defaults

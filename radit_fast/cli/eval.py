@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +47,55 @@ def _pos_float(value: str) -> float:
     return x
 
 
-def add_eval_options(p: argparse.ArgumentParser, *, k_default: int | None = 10) -> None:
-    """Inference options shared by ``radit eval`` and ``radit run`` (fields of ``EvalSettings``)."""
+def add_eval_options(p: argparse.ArgumentParser, *, k_default: int | None = 10,
+                     shown: Mapping[str, str] | None = None) -> None:
+    """Inference options shared by ``radit eval`` and ``radit run`` (fields of ``EvalSettings``).
+
+    ``shown`` (by option dest) replaces the default a help text states, for commands whose defaults come
+    from elsewhere (``radit demo``: demo.yaml)."""
+    shown = dict(shown or {})
+
+    def default(dest: str, value: object) -> str:
+        return f"default {shown.get(dest, value)}"
+
+    def flag(dest: str) -> str:  # store_true options state a default only where something else sets them
+        return f" ({default(dest, '')})" if dest in shown else ""
+
     g = p.add_argument_group("inference")
     g.add_argument("--k", type=_nonneg, default=k_default,
-                   help="retrieved chunks per example, each prepended separately (0: no retrieval; default "
-                        + (f"{k_default})" if k_default is not None else "from the run file)"))
-    g.add_argument("--shots", type=_nonneg, default=0, help="demonstrations from the train file (default 0)")
+                   help="retrieved chunks per example, each prepended separately (0: no retrieval; "
+                        f"{default('k', k_default if k_default is not None else 'from the run file')})")
+    g.add_argument("--shots", type=_nonneg, default=0,
+                   help=f"demonstrations per task kind from the train file ({default('shots', 0)})")
     g.add_argument("--decode", choices=["mixture", "rescore"], default="mixture",
                    help="generation: token-level mixture of the k prompts, or decode each prompt and rescore the "
-                        "candidates with the ensemble (default mixture)")
+                        f"candidates with the ensemble ({default('decode', 'mixture')})")
     g.add_argument("--reweight", action="store_true",
-                   help="mixture decoding: re-weight chunks by their running likelihood of the answer so far")
-    g.add_argument("--max-new-tokens", type=_positive, default=32, help="generation budget (default 32)")
+                   help="mixture decoding: re-weight chunks by their running likelihood of the answer so far"
+                        + flag("reweight"))
+    g.add_argument("--max-new-tokens", type=_positive, default=32,
+                   help=f"generation budget ({default('max_new_tokens', 32)})")
     g.add_argument("--max-length", type=_positive, default=512,
-                   help="tokens per augmented prompt including the answer; only the chunk is truncated (default 512)")
+                   help="tokens per augmented prompt including the answer; only the chunk is truncated "
+                        f"({default('max_length', 512)})")
     g.add_argument("--retriever-temperature", type=_pos_float, default=1.0,
-                   help="tau_R of the ensemble weights softmax(score / tau_R) (default 1.0)")
+                   help="tau_R of the ensemble weights softmax(score / tau_R) "
+                        f"({default('retriever_temperature', 1.0)})")
     g.add_argument("--choice-score", choices=["sum", "mean"], default="sum",
-                   help="multiple choice: sum or mean log-prob of an option's tokens (default sum)")
-    g.add_argument("--show-choices", action="store_true", help="list the options under the question")
-    g.add_argument("--eval-batch-size", type=_positive, default=16, help="augmented prompts per forward pass (default 16)")
+                   help="multiple choice: sum or mean log-prob of an option's tokens "
+                        f"({default('choice_score', 'sum')})")
+    g.add_argument("--show-choices", action="store_true",
+                   help="list the options under the question" + flag("show_choices"))
+    g.add_argument("--eval-batch-size", type=_positive, default=16,
+                   help=f"augmented prompts per forward pass ({default('eval_batch_size', 16)})")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="LM weights for evaluation (bf16 is about 3x faster on CPUs with AVX-512 BF16; default fp32)")
+                   help="LM weights for evaluation (bf16 is about 3x faster on CPUs with AVX-512 BF16; "
+                        f"{default('dtype', 'fp32')})")
     g.add_argument("--impl", choices=["auto", "cpu", "cuda", "triton", "torch"], default="auto",
-                   help="backend of the fused ops (default auto)")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    g.add_argument("--seed", type=int, default=0, help="choice of demonstrations (default 0)")
+                   help=f"backend of the fused ops ({default('impl', 'auto')})")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help=default("device", "cuda when available"))
+    g.add_argument("--seed", type=int, default=0, help=f"choice of demonstrations ({default('seed', 0)})")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -114,8 +137,9 @@ def load_split(path: Path, name: str) -> list:
 
 
 def check_inputs(args: argparse.Namespace) -> tuple[list, list | None]:
-    """Everything ``radit eval`` can check before loading a model or retrieving: the files, the LM's config,
-    and (with its tokenizer) that every prompt fits ``--max-length``."""
+    """Everything ``radit eval`` can check before loading a model or retrieving: the files, the LM's and the
+    query encoder's configs and tokenizers, and (with the LM's tokenizer) that every prompt fits
+    ``--max-length``."""
     from radit_fast.data.tasks import check_disjoint
 
     test = load_split(args.test, "test")
@@ -132,10 +156,12 @@ def check_inputs(args: argparse.Namespace) -> tuple[list, list | None]:
     if args.index is not None and not (Path(args.index) / "manifest.json").is_file():
         raise RaditError(f"{args.index}: not an index folder (no manifest.json; build one with `radit index build`)")
     from radit_fast.evaluation.scoring import check_prompts_fit
-    from radit_fast.models import check_lm, load_tokenizer
+    from radit_fast.pipeline.checks import check_encoder, check_lm_reference
 
-    check_lm(args.lm)
-    check_prompts_fit(load_tokenizer(args.lm), test, settings_from_args(args), train)
+    tok = check_lm_reference(args.lm, "--lm")
+    if args.query_encoder is not None:
+        check_encoder(args.query_encoder, "--query-encoder")
+    check_prompts_fit(tok, test, settings_from_args(args), train)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RaditError(f"{out}: exists and is not a folder")

@@ -22,15 +22,53 @@ logger = logging.getLogger("radit_fast.cli.run")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "pipeline" / "demo.yaml"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="run file (YAML/TOML) with sections run, eval, train_lm, train_retriever")
+def _common(p: argparse.ArgumentParser, shown: dict[str, str] | None = None) -> None:
+    """Options of both ``radit run`` and ``radit demo``; ``shown`` (by dest) replaces a default in the help."""
+    shown = {"lm_steps": "the paper's 500", "retriever_steps": "500", "select_every": "0: the last step only",
+             "threads": "torch's choice", **(shown or {})}
+    p.add_argument("--config", type=Path, help="run file (YAML/TOML) with sections run, eval, train_lm, "
+                   "train_retriever; flags win over it, it wins over the defaults stated here"
+                   + (f" (default {shown['config']})" if "config" in shown else ""))
     p.add_argument("--force", action="store_true", help="recompute every step even when cached in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--lm-steps", type=int, help="stage 1 optimizer steps (default: the paper's 500)")
-    p.add_argument("--retriever-steps", type=int, help="stage 2 optimizer steps (default 500)")
-    p.add_argument("--select-every", type=int, help="score a candidate on dev every N training steps")
+    p.add_argument("--lm-steps", type=int, help=f"stage 1 optimizer steps (default {shown['lm_steps']})")
+    p.add_argument("--retriever-steps", type=int,
+                   help=f"stage 2 optimizer steps (default {shown['retriever_steps']})")
+    p.add_argument("--select-every", type=int,
+                   help=f"score a candidate on dev every N training steps (default {shown['select_every']})")
     p.add_argument("--threads", type=_threads, help="torch CPU threads, or 'auto': the cores not already busy "
-                   "(on a shared machine fewer threads avoid stalls at every op; default: torch's choice)")
+                   "(on a shared machine fewer threads avoid stalls at every op; "
+                   f"default {shown['threads']})")
+
+
+# Options of `radit demo` whose defaults demo.yaml sets: flag dest -> (section, key).
+_DEMO_KEYS = {
+    "k": ("eval", "k"), "shots": ("eval", "shots"), "decode": ("eval", "decode"), "reweight": ("eval", "reweight"),
+    "max_new_tokens": ("eval", "max_new_tokens"), "max_length": ("eval", "max_length"),
+    "retriever_temperature": ("eval", "retriever_temperature"), "choice_score": ("eval", "choice_score"),
+    "show_choices": ("eval", "show_choices"), "eval_batch_size": ("eval", "batch_size"), "impl": ("eval", "impl"),
+    "seed": ("eval", "seed"), "dtype": ("run", "eval_dtype"), "device": ("run", "device"),
+    "select_every": ("run", "select_every"), "lm_steps": ("train_lm", "max_steps"),
+    "retriever_steps": ("train_retriever", "max_steps"), "n_train": ("data", "n_train"), "n_test": ("data", "n_test"),
+}
+
+
+def demo_help_defaults() -> dict[str, str]:
+    """The defaults ``radit demo --help`` states, by option dest: demo.yaml's values where it sets them."""
+    from radit_fast.training.config import load_config_file
+
+    name = DEMO_CONFIG.name
+    shown = {"config": name, "threads": "auto"}
+    try:
+        data = load_config_file(DEMO_CONFIG)
+    except RaditError:  # a broken demo.yaml is reported when the demo runs, not by --help
+        return shown
+    for dest, (section, key) in _DEMO_KEYS.items():
+        values = data.get(section)
+        if isinstance(values, dict) and key in values:
+            v = values[key]
+            shown[dest] = f"{('on' if v else 'off') if isinstance(v, bool) else v} from {name}"
+    return shown
 
 
 def _threads(value: str) -> int | str:
@@ -112,11 +150,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "title -> topic), then `radit run` with SmolLM2-135M-Instruct and all-MiniLM-L6-v2 using "
                     f"the settings of {DEMO_CONFIG.name}; prints the table.")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default ./runs/demo)")
-    d.add_argument("--n-train", type=int, help="training examples per task (default: the demo file's)")
-    d.add_argument("--n-test", type=int, help="test examples per task (default: the demo file's)")
-    _common(d)
+    shown = demo_help_defaults()
+    d.add_argument("--n-train", type=int,
+                   help=f"training examples per task (default {shown.get('n_train', 'from ' + DEMO_CONFIG.name)})")
+    d.add_argument("--n-test", type=int,
+                   help=f"test examples per task (default {shown.get('n_test', 'from ' + DEMO_CONFIG.name)})")
+    _common(d, shown)
     d.set_defaults(threads="auto")
-    add_eval_options(d, k_default=None)
+    add_eval_options(d, k_default=None, shown=shown)
     _no_defaults(d)
     d.set_defaults(func=cmd_demo)
 

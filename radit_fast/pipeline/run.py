@@ -2,7 +2,9 @@
 
 Steps (folder names in OUT)::
 
-    inputs            validate every split (answers, fields, non-empty, disjoint) before any compute
+    inputs            validate every split (answers, fields, non-empty, disjoint), the LM and encoder
+                      references (configs, weights present, tokenizers) and that every prompt fits its
+                      max_length (RA-IT, R-IT, evaluation) before any compute or output folder
     index             radit index build (corpus chunked, encoded with the base encoder, FAISS)
     retrieve_base     top passages of dev and test with the base query encoder
     eval_lm_only      base LM, no retrieval                      (test)
@@ -64,19 +66,50 @@ def load_splits(cfg: RunConfig) -> dict[str, list]:
 
 
 def check_models_and_lengths(cfg: RunConfig, splits: dict[str, list]) -> None:
-    """The LM is a loadable causal LM (its config only) and, with its tokenizer, every prompt fits: RA-IT
-    instances (question + answer) within ``train_lm.max_length``, evaluation prompts (question, demonstrations
-    and room for the answer) within ``eval.max_length`` - before any index is built or model loaded."""
+    """The LM is a loadable causal LM and the encoders loadable encoders (configs and tokenizers only) and,
+    with the LM's tokenizer, every prompt fits: RA-IT instances (question + answer, EOS included) within
+    ``train_lm.max_length``, R-IT's LSR scoring instances within ``train_retriever.max_length``, evaluation
+    prompts (question, demonstrations and room for the answer) within ``eval.max_length`` - before any
+    index is built or model loaded."""
     from radit_fast.evaluation.scoring import check_prompts_fit
-    from radit_fast.models import check_lm, load_tokenizer
+    from radit_fast.pipeline.checks import check_encoder, check_lm_reference
     from radit_fast.training.sources import check_fit
 
-    check_lm(cfg.lm)
-    tok = load_tokenizer(cfg.lm)
+    tok = check_lm_reference(cfg.lm, "--lm")
+    check_encoder(cfg.encoder, "--encoder")
+    r_cfg = cfg.retriever_config(Path(cfg.out) / "train_retriever")
+    if r_cfg.query_encoder is not None:
+        check_encoder(r_cfg.query_encoder, "train_retriever.query_encoder")
     lm_cfg = cfg.lm_config(Path(cfg.out) / "train_lm")
-    check_fit(tok, splits["train"], lm_cfg.max_length, append_eos=lm_cfg.append_eos)
+    # the examples each stage reads: its train file (R-IT: maybe a subset), the first max_examples of it
+    r_train = retriever_train_subset(cfg, splits["train"])
+    for stage, stage_cfg, exs, eos in (
+            ("train_lm", lm_cfg, splits["train"], lm_cfg.append_eos),
+            ("train_retriever", r_cfg, splits["train"] if r_train is None else r_train, False)):
+        try:
+            check_fit(tok, exs[: stage_cfg.max_examples], stage_cfg.max_length, append_eos=eos)
+        except RaditError as e:
+            raise RaditError(f"{stage}.max_length {stage_cfg.max_length}: {e}") from None
     for name in ("dev", "test"):
         check_prompts_fit(tok, splits[name], cfg.eval, splits["train"])
+
+
+def retriever_train_subset(cfg: RunConfig, train: list) -> list | None:
+    """Stage 2's examples when not the whole train split (None): one kind of task (``run.retriever_train_kind``)
+    and/or a seeded subset of ``run.retriever_train_examples``."""
+    import random
+
+    train = list(train)
+    kind = cfg.run.retriever_train_kind
+    n = cfg.run.retriever_train_examples
+    if kind == "all" and (not n or n >= len(train)):
+        return None
+    if kind != "all":
+        train = [ex for ex in train if (ex.choices is not None) == (kind == "multiple_choice")]
+        if not train:
+            raise RaditError(f"run.retriever_train_kind {kind}: the train split has no such example")
+    random.Random(f"retriever-subset-{cfg.seed}").shuffle(train)
+    return train[:n] if n else train
 
 
 def _select_metric(metrics: dict[str, float], name: str) -> float | None:
@@ -237,22 +270,6 @@ class Pipeline:
         res = self.steps.run("train_lm", key, work, atomic=False)
         log.info("RA-IT: selected step %s on dev (%s)", res.result.get("step"), res.result.get("metrics"))
 
-    def retriever_train_subset(self) -> list | None:
-        """Stage 2's examples when not the whole train split: one kind of task and/or a seeded subset."""
-        import random
-
-        train = list(self.splits["train"])
-        kind = self.cfg.run.retriever_train_kind
-        n = self.cfg.run.retriever_train_examples
-        if kind == "all" and (not n or n >= len(train)):
-            return None
-        if kind != "all":
-            train = [ex for ex in train if (ex.choices is not None) == (kind == "multiple_choice")]
-            if not train:
-                raise RaditError(f"run.retriever_train_kind {kind}: the train split has no such example")
-        random.Random(f"retriever-subset-{self.cfg.seed}").shuffle(train)
-        return train[:n] if n else train
-
     def _train_retriever(self, key: dict[str, Any]) -> None:
         from radit_fast.retrieval.encoder import TextEncoder
         from radit_fast.training import train_retriever
@@ -271,7 +288,7 @@ class Pipeline:
             if every:
                 stage_cfg.save_every = every
                 stage_cfg.keep_checkpoints = stage_cfg.max_steps // every + 1
-            subset = self.retriever_train_subset()
+            subset = retriever_train_subset(cfg, self.splits["train"])
             if subset is not None:
                 from radit_fast.data.tasks import write_tasks
 
@@ -394,8 +411,10 @@ class Pipeline:
         return write_report(self.out, rows, config=config, timings=timings, extra={"selection": selection})
 
 
-# Stage settings that name this run's own files or only change how a run looks, not what it computes.
-_NOT_IN_STAGE_KEY = ("out", "index", "train", "cache_dir", "progress", "threads")
+# Stage settings that name this run's own files or only change how a run looks (progress bars, log lines,
+# resuming), not what it computes. Checkpointing stays in: R-IT's kept checkpoints are its dev candidates.
+_NOT_IN_STAGE_KEY = ("out", "index", "train", "cache_dir", "progress", "threads", "resume", "overwrite",
+                     "log_every")
 
 
 def stage_key(stage_cfg: Any) -> dict[str, Any]:
