@@ -247,3 +247,29 @@ def test_cli_train_commands(tiny, tmp_path, capsys):
     assert "k: 3" in (tmp_path / "r" / "radit_config.yaml").read_text()
     assert main(["train-lm", *common, "--out", str(tmp_path / "lm")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_fsdp_keeps_the_lm_on_the_cpu_until_it_is_sharded(tmp_path, monkeypatch):
+    """Under FSDP the whole LM must never sit on one device: prepare_lm loads it on the CPU and leaves it
+    there (fully_shard moves the shards); DDP and single-process runs move it to the device at once."""
+    from transformers import AutoModelForCausalLM
+
+    import radit_fast.models as models
+    from radit_fast.training.distributed import DistEnv
+    from radit_fast.training.ra_it import prepare_lm
+    from test_training_fixtures import tiny_lm
+
+    folder = tiny_lm(tmp_path / "lm")
+    asked = []
+
+    def fake_load_lm(name, *, device="cpu", **kw):
+        asked.append(str(device))
+        return AutoModelForCausalLM.from_pretrained(folder), None
+
+    monkeypatch.setattr(models, "load_lm", fake_load_lm)
+    cfg = RaItConfig(train="t", index="i", out=str(tmp_path / "o"), fsdp=True)
+    meta = torch.device("meta")          # a device the LM must not be moved to before sharding
+    lm, _ = prepare_lm(cfg, DistEnv(world_size=2, device=meta))
+    assert asked == ["cpu"] and {p.device.type for p in lm.parameters()} == {"cpu"}
+    lm, _ = prepare_lm(RaItConfig(train="t", index="i", out=str(tmp_path / "o")), DistEnv(world_size=2, device=meta))
+    assert asked[-1] == "meta" and {p.device.type for p in lm.parameters()} == {"meta"}   # DDP: moved at once

@@ -115,12 +115,16 @@ def wrap_model(module: nn.Module, env: DistEnv, *, fsdp: bool = False,
         return module
     if fsdp:
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
 
+        # The module may still be on the CPU (an LM too large for one device): fully_shard moves each
+        # managed module's parameters to the mesh's device and keeps only this process's shard there.
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
         for sub in module.modules():
             if shard_modules and isinstance(sub, shard_modules):
-                fully_shard(sub)
-        fully_shard(module)
-        return module
+                fully_shard(sub, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        return module.to(env.device)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import inspect

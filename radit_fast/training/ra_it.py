@@ -231,11 +231,17 @@ def _apply_lora(lm: nn.Module, cfg: RaItConfig) -> nn.Module:
 
 
 def prepare_lm(cfg: RaItConfig, env: DistEnv, lm: nn.Module | None = None, tokenizer: Any = None):
-    """Load the LM (or take the given one), make it trainable, apply LoRA and gradient checkpointing."""
+    """Load the LM (or take the given one), make it trainable, apply LoRA and gradient checkpointing.
+
+    Under FSDP (``fsdp`` with several processes) the LM is loaded and kept on the CPU: ``fully_shard``
+    (:func:`radit_fast.training.distributed.wrap_model`) moves one decoder layer at a time to the device
+    and keeps only this process's shard there, so an LM larger than one device's memory can be trained.
+    """
+    sharded = cfg.fsdp and env.distributed
     if lm is None:
         from radit_fast.models import load_lm
 
-        lm, tokenizer = load_lm(cfg.lm, device=env.device)
+        lm, tokenizer = load_lm(cfg.lm, device="cpu" if sharded else env.device)
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -245,7 +251,7 @@ def prepare_lm(cfg: RaItConfig, env: DistEnv, lm: nn.Module | None = None, token
         lm = _apply_lora(lm, cfg)
     else:
         lm.requires_grad_(True)
-    return lm.to(env.device), tokenizer
+    return (lm if sharded else lm.to(env.device)), tokenizer
 
 
 def train_lm(config: RaItConfig, *, callbacks: list[Callback] | None = None, lm: nn.Module | None = None,
