@@ -14,6 +14,7 @@ from radit_fast._native import HAS_NATIVE, HAS_NATIVE_CUDA
 from radit_fast.ops._dispatch import triton_available
 from radit_fast.ops.lsr import lsr_loss, lsr_scores
 
+from _ops_checks import compiled_matches_eager
 from conftest import requires_cuda
 
 INF = float("inf")
@@ -264,19 +265,6 @@ def test_opcheck_custom_op(direction):
     torch.library.opcheck(torch.ops.radit.lsr_loss_fwd.default, (s, t, 1.0, 0.5, None, direction, "cpu", False))
 
 
-def _compiled_matches_eager(loss_fn, x, params):
-    """fullgraph torch.compile (aot_eager: the custom op's fake implementation and the autograd Function are
-    traced) gives the eager loss and parameter gradients."""
-    eager = loss_fn(x)
-    eager_grads = torch.autograd.grad(eager, params)
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    out = compiled(x)
-    grads = torch.autograd.grad(out, params)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    for i, (g, e) in enumerate(zip(grads, eager_grads)):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"compiled grad {i}: {m}")
-
-
 @pytest.mark.skipif(not HAS_NATIVE, reason="native module not built")
 @pytest.mark.parametrize("direction", DIRS)
 def test_torch_compile_matches_eager(direction):
@@ -290,7 +278,7 @@ def test_torch_compile_matches_eager(direction):
         return lsr_loss(encoder(x), lm_scores, retriever_temperature=0.5, lm_temperature=0.1, mask=mask,
                         direction=direction, impl="cpu")
 
-    _compiled_matches_eager(loss_fn, x, list(encoder.parameters()))
+    compiled_matches_eager(loss_fn, x, list(encoder.parameters()))
 
 
 def test_docstring_examples():

@@ -14,6 +14,7 @@ from radit_fast._native import HAS_NATIVE, HAS_NATIVE_CUDA
 from radit_fast.ops._dispatch import triton_available
 from radit_fast.ops.mixture import mixture_logprobs
 
+from _ops_checks import compiled_matches_eager
 from conftest import requires_cuda
 
 INF = float("inf")
@@ -179,19 +180,6 @@ def test_opcheck_custom_op():
     torch.library.opcheck(torch.ops.radit.mixture_logprobs_fwd.default, (x, w, "cpu"))
 
 
-def _compiled_matches_eager(loss_fn, x, params):
-    """fullgraph torch.compile (aot_eager: the custom op's fake implementation and the autograd Function are
-    traced) gives the eager loss and parameter gradients."""
-    eager = loss_fn(x)
-    eager_grads = torch.autograd.grad(eager, params)
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    out = compiled(x)
-    grads = torch.autograd.grad(out, params)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    for i, (g, e) in enumerate(zip(grads, eager_grads)):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"compiled grad {i}: {m}")
-
-
 @pytest.mark.skipif(not HAS_NATIVE, reason="native module not built")
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
@@ -204,7 +192,7 @@ def test_torch_compile_matches_eager():
         out = mixture_logprobs(logits, torch.log_softmax(prior(x), -1), impl="cpu")
         return -out.gather(1, target[:, None]).sum()
 
-    _compiled_matches_eager(loss_fn, x, list(lm_head.parameters()) + list(prior.parameters()))
+    compiled_matches_eager(loss_fn, x, list(lm_head.parameters()) + list(prior.parameters()))
 
 
 def test_docstring_examples():

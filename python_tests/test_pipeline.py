@@ -140,6 +140,19 @@ def test_radit_run_end_to_end_and_resume(tiny_run_inputs, tmp_path, capsys):
         {p: t for p, t in markers.items() if p.parent.name != "eval_r_it"}
 
 
+def _broken(rows: list[dict], bad: str, inp: dict[str, str], tmp_path) -> list[dict]:
+    """The bad inputs that radit run and radit eval share: a task file or --lm broken as ``bad`` names."""
+    if bad == "no_answer":
+        rows[1]["output"] = [{"provenance": [{"id": "cap1"}]}]
+    elif bad == "unknown_field":
+        rows[0]["question"] = "?"
+    elif bad == "empty":
+        rows = []
+    elif bad == "bad_lm":
+        inp["lm"] = str(tmp_path / "no_such_lm")
+    return rows
+
+
 @pytest.mark.parametrize("bad, msg", [
     ("no_answer", "no answer"),
     ("unknown_field", "unknown field"),
@@ -169,16 +182,9 @@ def test_radit_run_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, c
     rows = _tasks(range(9, 12))
     inp = {k: str(v) for k, v in tiny_run_inputs.items()}
     extra: list[str] = []
-    if bad == "no_answer":
-        rows[1]["output"] = [{"provenance": [{"id": "cap1"}]}]
-    elif bad == "unknown_field":
-        rows[0]["question"] = "?"
-    elif bad == "empty":
-        rows = []
-    elif bad == "shared_id":
+    rows = _broken(rows, bad, inp, tmp_path)
+    if bad == "shared_id":
         rows[0]["id"] = "q0"  # also in train
-    elif bad == "bad_lm":
-        inp["lm"] = str(tmp_path / "no_such_lm")
     elif bad == "not_causal_lm":
         (tmp_path / "empty_lm").mkdir()
         inp["lm"] = str(tmp_path / "empty_lm")        # a folder without a config
@@ -258,15 +264,8 @@ def test_radit_eval_rejects_bad_input_before_compute(tiny_run_inputs, tmp_path, 
     inp = {k: str(v) for k, v in tiny_run_inputs.items()}
     rows = _tasks(range(9, 12)) + _tasks(range(9, 11), mc=True)
     extra: list[str] = []
-    if bad == "no_answer":
-        rows[1]["output"] = [{"provenance": [{"id": "cap1"}]}]
-    elif bad == "unknown_field":
-        rows[0]["question"] = "?"
-    elif bad == "empty":
-        rows = []
-    elif bad == "bad_lm":
-        inp["lm"] = str(tmp_path / "no_such_lm")
-    elif bad == "bad_query_encoder":
+    rows = _broken(rows, bad, inp, tmp_path)
+    if bad == "bad_query_encoder":
         extra = ["--query-encoder", str(tmp_path / "no_such_encoder")]
     elif bad == "too_long":
         rows[3]["input"] = "Which one? " * 2000       # a multiple-choice question

@@ -15,6 +15,7 @@ from radit_fast._native import HAS_NATIVE, HAS_NATIVE_CUDA
 from radit_fast.ops._dispatch import triton_available
 from radit_fast.ops.replug import replug_logprob
 
+from _ops_checks import compiled_matches_eager
 from conftest import requires_cuda
 
 INF = float("inf")
@@ -237,19 +238,6 @@ def test_opcheck_custom_op():
     torch.library.opcheck(torch.ops.radit.replug_logprob_fwd.default, (lm, s, 1.0, None, "cpu", False))
 
 
-def _compiled_matches_eager(loss_fn, x, params):
-    """fullgraph torch.compile (aot_eager: the custom op's fake implementation and the autograd Function are
-    traced) gives the eager loss and parameter gradients."""
-    eager = loss_fn(x)
-    eager_grads = torch.autograd.grad(eager, params)
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    out = compiled(x)
-    grads = torch.autograd.grad(out, params)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    for i, (g, e) in enumerate(zip(grads, eager_grads)):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"compiled grad {i}: {m}")
-
-
 @pytest.mark.skipif(not HAS_NATIVE, reason="native module not built")
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
@@ -261,7 +249,7 @@ def test_torch_compile_matches_eager():
         lm = -torch.nn.functional.softplus(lm_head(x))  # answer log-likelihoods <= 0
         return -replug_logprob(lm, encoder(x), temperature=0.5, mask=mask, impl="cpu").sum()
 
-    _compiled_matches_eager(loss_fn, x, list(encoder.parameters()) + list(lm_head.parameters()))
+    compiled_matches_eager(loss_fn, x, list(encoder.parameters()) + list(lm_head.parameters()))
 
 
 def test_docstring_examples():
