@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from radit_fast.io import RaditError
-from radit_fast.training import RaItConfig, RetrieverConfig, identity, sources, train_lm, train_retriever
+from radit_fast.training import RaItConfig, identity, sources, train_lm, train_retriever
 from radit_fast.training.distributed import DistEnv
-from test_training_fixtures import cached_setup, corpus_rows, tiny_lm, write_jsonl
+from test_training_fixtures import cached_setup, corpus_rows, lm_config, retriever_config, tiny_lm, write_jsonl
 
 torch.set_num_threads(1)
 
@@ -26,16 +26,11 @@ def tiny(tmp_path):
 
 
 def _lm_cfg(p, out, **kw):
-    base = dict(train=str(p["train"]), index=str(p["index"]), lm=str(p["lm"]), out=str(out), max_steps=2,
-                batch_size=4, lr=5e-3, warmup_steps=1, save_every=0, progress=False, max_length=64, threads=1)
-    return RaItConfig(**{**base, **kw})
+    return lm_config(p, out, **{"max_steps": 2, **kw})
 
 
 def _r_cfg(p, out, **kw):
-    base = dict(train=str(p["train"]), index=str(p["index"]), lm=str(p["lm"]), out=str(out), max_steps=1,
-                batch_size=4, k=4, lr=1e-2, warmup_steps=0, save_every=0, progress=False, max_length=64,
-                threads=1, cache_dir=str(out) + ".lsr")
-    return RetrieverConfig(**{**base, **kw})
+    return retriever_config(p, out, **{"max_steps": 1, **kw})
 
 
 def _rewrite_weights(lm_dir: Path, tmp: Path, seed: int) -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from radit_fast.io import RaditError
-from radit_fast.training import RaItConfig, RetrieverConfig, train_lm, train_retriever
-from test_training_fixtures import cached_setup, task_rows, tiny_encoder, write_jsonl
+from radit_fast.training import RaItConfig, train_lm, train_retriever
+from test_training_fixtures import cached_setup, lm_config, retriever_config, task_rows, tiny_encoder, write_jsonl
 
 torch.set_num_threads(1)
 
@@ -20,17 +20,8 @@ def tiny(tmp_path):
     return cached_setup(tmp_path / "tiny")
 
 
-def _lm_cfg(p, out, **kw):
-    base = dict(train=str(p["train"]), index=str(p["index"]), lm=str(p["lm"]), out=str(out), max_steps=3,
-                batch_size=4, lr=5e-3, warmup_steps=1, save_every=0, progress=False, max_length=64, threads=1)
-    return RaItConfig(**{**base, **kw})
-
-
-def _r_cfg(p, out, **kw):
-    base = dict(train=str(p["train"]), index=str(p["index"]), lm=str(p["lm"]), out=str(out), max_steps=2,
-                batch_size=4, k=4, lr=1e-2, warmup_steps=0, save_every=0, progress=False, max_length=64,
-                threads=1, cache_dir=str(out) + ".lsr")
-    return RetrieverConfig(**{**base, **kw})
+_lm_cfg = lm_config
+_r_cfg = retriever_config
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
