@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from radit_fast.io import RaditError, write_json
+from radit_fast.training.checkpoint import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,6 @@ MEMO_DIR = "file_sha256"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    from radit_fast.training.checkpoint import sha256_file as _sha
-
-    return _sha(path)
 
 
 def _stamp(p: Path) -> dict[str, Any]:
@@ -107,13 +102,17 @@ def module_identity(lm: nn.Module) -> dict[str, Any]:
             "dtype": str(next(lm.parameters()).dtype)}
 
 
-def fingerprint(cfg: Any, *, lm: nn.Module | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Identity of the data and models of a run: a resumed run must see the same. ``lm``: the model
-    given in memory (else ``cfg.lm`` is identified by its files)."""
+def fingerprint(cfg: Any, *, lm: nn.Module | None = None, lm_ident: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Identity of the data and models of a run: a resumed run must see the same. ``lm_ident``: the LM's
+    identity when the caller has computed it already (stage 2's LSR cache key); else ``lm``, the model given
+    in memory, or ``cfg.lm``'s files."""
     idx = Path(cfg.index) / "manifest.json"
+    if lm_ident is None:
+        lm_ident = model_identity(cfg.lm) if lm is None else module_identity(lm)
     fp = {"train_sha256": sha256_file(cfg.train),
           "index_manifest_sha256": sha256_file(idx) if idx.is_file() else None,
-          "lm": model_identity(cfg.lm) if lm is None else module_identity(lm)}
+          "lm": lm_ident}
     if getattr(cfg, "corpus", None):
         fp["corpus_sha256"] = sha256_file(cfg.corpus)
     return {**fp, **(extra or {})}

@@ -263,8 +263,9 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
 
             return load_lm(config.lm, device=env.device)[0]
 
-        data = build_data(config, env, index, tokenizer, lm_loader, lsr_cache.lm_identity(config, lm), evaluation)
-        fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, extra={
+        lm_ident = lsr_cache.lm_identity(config, lm)  # hashed once: the LSR cache key and the resume check
+        data = build_data(config, env, index, tokenizer, lm_loader, lm_ident, evaluation)
+        fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, lm_ident=lm_ident, extra={
             "query_encoder": index.retriever.query_encoder.identity()["fingerprint"],
             "items": len(data.queries), "lsr_targets": Path(data.cache_path).name}))
         stage = RetrieverStage(config, env, index, data, fingerprint)
