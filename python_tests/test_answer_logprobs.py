@@ -21,6 +21,7 @@ from radit_fast.ops.answer_logprobs import naive_answer_logprobs
 
 # The module (radit_fast.ops re-exports a function of the same name).
 al = importlib.import_module("radit_fast.ops.answer_logprobs")
+blocked = importlib.import_module("radit_fast.ops._answer_logprobs_blocked")
 
 IMPLS = ["torch"] + (["cpu"] if HAS_NATIVE else [])
 needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="radit_fast._C is not built")
@@ -29,8 +30,9 @@ needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="radit_fast._C is not b
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of 96 vocabulary entries and (cpu) at most 40 rows of 96 float32 entries per buffer."""
-    monkeypatch.setattr(al, "CPU_BLOCK_COLS", 96)
-    monkeypatch.setattr(al, "CPU_BLOCK_BYTES", 40 * 96 * 4)
+    monkeypatch.setattr(blocked, "CPU_BLOCK_COLS", 96)
+    monkeypatch.setattr(blocked, "CPU_BLOCK_BYTES", 40 * 96 * 4)
+    monkeypatch.setattr(blocked, "CPU_LOSS_BLOCK_BYTES", 7 * 200 * 4)
     monkeypatch.setattr(al, "TORCH_BLOCK_COLS", 96)
 
 
@@ -339,6 +341,116 @@ def test_native_entry_points_check_arguments():
                                      m.data_ptr(), s.data_ptr(), tl.data_ptr())
 
 
+# ---- reduction="sum" | "mean": gradients formed in the forward pass --------------------------------------
+def run_reduced(impl, hidden, weight, bias, targets, reduction, grad_out=1.0, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = answer_logprobs(leaves[0], leaves[1], targets, bias=b, impl=impl, reduction=reduction, **kw)
+    (out.double() * grad_out).backward()
+    return out, [leaves[0].grad, leaves[1].grad] + ([] if b is None else [b.grad])
+
+
+def reduced_reference(hidden, weight, bias, targets, reduction, grad_out=1.0):
+    ref, leaves = reference(hidden, weight, bias, targets)
+    count = max(int((targets != -100).sum()), 1)
+    value = ref.sum() if reduction == "sum" else ref.sum() / count
+    (value * grad_out).backward()
+    return value, leaves
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(257, 67, 1031), (1, 5, 3), (7, 33, 200), (40, 16, 96)])
+def test_reduced_float32_matches_float64(impl, reduction, bias, shape):
+    """Several row chunks (the loss block holds 7 rows of 200 float32 entries) and one-chunk shapes."""
+    hidden, weight, b, targets = make_inputs(*shape, bias=bias)
+    out, grads = run_reduced(impl, hidden, weight, b, targets, reduction, grad_out=-2.5)
+    assert out.dtype == torch.float32 and out.shape == ()
+    ref, leaves = reduced_reference(hidden, weight, b, targets, reduction, grad_out=-2.5)
+    max_err(out, ref, "value", 2e-5, scale=float(ref.detach().abs()) + 1.0)
+    for name, g, r in zip(["hidden", "weight", "bias"], grads, leaves):
+        assert g.dtype == torch.float32
+        max_err(g, r.grad, f"grad_{name}", 1e-5, scale=float(r.grad.abs().max()) + 1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduced_bfloat16_error_bounded_by_torch_error(impl, reduction):
+    n, d, v = 257, 67, 1031
+    hidden, weight, b, targets = make_inputs(n, d, v, torch.bfloat16, scale=2.0)
+    out, grads = run_reduced(impl, hidden, weight, b, targets, reduction)
+    ref, leaves = reduced_reference(hidden, weight, b, targets, reduction)
+    naive = naive_answer_logprobs(hidden, weight, targets, bias=b).double()
+    naive_value = naive.sum() if reduction == "sum" else naive.sum() / int((targets != -100).sum())
+    max_err(out, ref, "value", max(1.0 * float((naive_value - ref.detach()).abs()), 1e-4))
+    unreduced, unreduced_grads = run(impl, hidden, weight, b, targets, torch.ones(n, dtype=torch.float64))
+    for name, g, r, ug in zip(["hidden", "weight", "bias"], grads, leaves, unreduced_grads):
+        assert g.dtype == torch.bfloat16
+        scale = float(r.grad.abs().max())
+        # the same precision as the unreduced op's backward (itself bounded by PyTorch's error above)
+        ref_err = (ug.double() * (1.0 if reduction == "sum" else 1.0 / int((targets != -100).sum())) -
+                   r.grad).abs().max().item() / scale
+        max_err(g, r.grad, f"grad_{name}", 2.0 * ref_err + 4e-3, scale=scale)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reduced_all_ignored_no_grad_and_partial_grads(impl):
+    hidden, weight, b, targets = make_inputs(9, 8, 50)
+    targets[:] = -100
+    for reduction in ("sum", "mean"):
+        out, grads = run_reduced(impl, hidden, weight, b, targets, reduction)
+        assert out.item() == 0.0
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+    hidden, weight, b, targets = make_inputs(9, 8, 50)
+    with torch.no_grad():
+        value = answer_logprobs(hidden.requires_grad_(), weight, targets, bias=b, impl=impl, reduction="sum")
+    assert not value.requires_grad
+    max_err(value, reference(hidden, weight, b, targets)[0].sum(), "no-grad value", 1e-4)
+    w = weight.detach().clone().requires_grad_()  # only the weight needs a gradient
+    answer_logprobs(hidden.detach(), w, targets, bias=b, impl=impl, reduction="mean").backward()
+    _, leaves = reduced_reference(hidden, weight, b, targets, "mean")
+    max_err(w.grad, leaves[1].grad, "grad_weight only", 1e-5, scale=float(leaves[1].grad.abs().max()))
+
+
+def test_reduced_bad_reduction_and_targets():
+    hidden, weight, b, targets = make_inputs(4, 8, 10)
+    with pytest.raises(ValueError, match=r"reduction must be one of"):
+        answer_logprobs(hidden, weight, targets, reduction="max")
+    targets[1] = 12
+    with pytest.raises(ValueError, match=r"targets\[1\] = 12 is outside \[0, 10\)"):
+        answer_logprobs(hidden.requires_grad_(), weight, targets, reduction="sum")
+
+
+@needs_native
+def test_reduced_uses_three_products(monkeypatch):
+    """The cpu loss path runs 3 GEMM products (no recomputation), the unreduced path 4."""
+    hidden, weight, b, targets = make_inputs(40, 16, 96)
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(*args, **kwargs):
+        calls.append(1)
+        return real_mm(*args, **kwargs)
+
+    real_addmm_ = torch.Tensor.addmm_
+
+    def counting_addmm_(self, *args, **kwargs):
+        calls.append(1)
+        return real_addmm_(self, *args, **kwargs)
+
+    monkeypatch.setattr(blocked.torch, "mm", counting_mm)
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting_addmm_)
+    monkeypatch.setattr(blocked, "CPU_LOSS_BLOCK_BYTES", 40 * 96 * 4)  # one row chunk
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    answer_logprobs(h, w, targets, impl="cpu", reduction="sum").backward()
+    reduced = len(calls)
+    calls.clear()
+    answer_logprobs(h, w, targets, impl="cpu").sum().backward()
+    assert (reduced, len(calls)) == (3, 4)
+
+
 # ---- torch.library / torch.compile ---------------------------------------------------------------------
 def test_opcheck_custom_ops():
     hidden, weight, b, targets = make_inputs(6, 4, 30)
@@ -350,6 +462,9 @@ def test_opcheck_custom_ops():
     g = torch.where(targets != -100, torch.randn(6), 0.0)
     torch.library.opcheck(torch.ops.radit.answer_logprobs_bwd.default,
                           (hidden, weight, b, targets, lse, g, -100, True, True, True, impl))
+    for reduction in ("sum", "mean"):
+        torch.library.opcheck(torch.ops.radit.answer_logprobs_loss.default,
+                              (hidden, weight, b, targets, -100, reduction, True, True, True, impl))
 
 
 def test_torch_compile_matches_eager():
@@ -365,7 +480,8 @@ def test_torch_compile_matches_eager():
         h = body(x)
         seq = answer_logprobs_per_sequence(h, head.weight, targets, bias=head.bias, segment_ids=seg, num_segments=4)
         tok = answer_logprobs(h, head.weight, targets, bias=head.bias)
-        return -seq.sum() - 0.5 * tok.mean()
+        mean = answer_logprobs(h, head.weight, targets, bias=head.bias, reduction="mean")
+        return -seq.sum() - 0.5 * tok.mean() - 0.25 * mean
 
     params = list(body.parameters()) + list(head.parameters())
     eager = loss_fn(x)
@@ -380,4 +496,4 @@ def test_torch_compile_matches_eager():
 
 def test_docstring_examples():
     result = doctest.testmod(al, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 2 and result.failed == 0
+    assert result.attempted >= 3 and result.failed == 0

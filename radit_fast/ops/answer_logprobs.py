@@ -11,10 +11,19 @@ grad_weight = dz^T @ H, grad_bias = column sums of dz.
 
 The N x V logits are never materialised: every backend walks the vocabulary in blocks, keeps an online
 logsumexp per row, gathers the target logit in the block that holds it, and recomputes the blocks in the
-backward pass. Memory O(N d + V d + one block).
+backward pass. Memory O(N d + V d + one block). Reduced to a loss (``reduction="sum" | "mean"``), dz is known
+in the forward pass (g_n is 1 or 1/count), so the gradients are formed there from row chunks that span the
+vocabulary (Liger-Kernel's scheme): 3 GEMMs in all instead of 4, and the backward pass only scales them.
 
-Precision with bfloat16 inputs (accumulation is float32 everywhere). The triton and cuda backends keep each
-logit tile in float32 registers; impl="torch" multiplies float32 upcasts. impl="cpu" stores each logit block
+Backends. "cpu" and "cuda" are one blocked driver (radit_fast/ops/_answer_logprobs_blocked.py): the vendor GEMM
+(torch.mm: oneDNN/MKL, cuBLAS) writes each logit block into a reused buffer and a fused epilogue per device
+(C++/OpenMP, CUDA; math shared in csrc/common/radit_math.h) does the rest. "triton" is the fully fused kernel
+(logits never leave SRAM). "torch" is the chunked reference below. On GPUs no call synchronises with the host:
+out-of-range targets give NaN and set a device flag, raised as ValueError only under RADIT_DEBUG_CHECKS=1.
+
+Precision with bfloat16 inputs (accumulation is float32 everywhere). The triton backend keeps each logit tile
+in float32 registers and the cuda backend writes float32 blocks (torch.mm out_dtype); impl="torch" multiplies
+float32 upcasts. impl="cpu" stores each logit block
 in bfloat16 before its float32 logsumexp epilogue, because torch.mm on CPU writes its output in the input
 dtype: bfloat16 x bfloat16 into a float32 ``out`` raises, ``out_dtype=`` (aten::mm.dtype / addmm.dtype) has
 no CPU kernel in torch 2.13, and no torch CPU op exposes oneDNN's bf16 -> f32 matmul
@@ -26,19 +35,21 @@ impl="cpu"). Upcasting the blocks to float32 would make the CPU GEMMs ~3.5x slow
 fp32 217 GFLOP/s at 1024 x 576 x 4096 on 2 cores) and is not done; for float32-accurate results from
 bfloat16 weights use impl="torch" (5.6x slower than impl="cpu" at that shape) or float32 inputs.
 
-Layers (STYLE section 2): launchers ``_fwd_launch``/``_bwd_launch`` (no autograd; backends "cpu", "torch",
-"triton", "cuda") -> custom ops ``torch.ops.radit.answer_logprobs_fwd``/``_bwd`` (so torch.compile sees opaque
-nodes with fake implementations) -> ``AnswerLogprobsFunction`` (autograd) -> ``answer_logprobs`` and
-``answer_logprobs_per_sequence``.
+Layers (STYLE section 2): launchers ``_fwd_launch``/``_bwd_launch``/``_loss_launch`` (no autograd) -> custom
+ops ``torch.ops.radit.answer_logprobs_fwd``/``_bwd``/``_loss`` (so torch.compile sees opaque nodes with fake
+implementations) -> ``AnswerLogprobsFunction``/``AnswerLogprobsLossFunction`` (autograd) -> ``answer_logprobs``
+and ``answer_logprobs_per_sequence``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 
 import torch
 
-from radit_fast._native import _C, dtype_code
+from radit_fast.ops import _answer_logprobs_blocked as blocked
 from radit_fast.ops._dispatch import common_device, resolve_impl
 
 log = logging.getLogger(__name__)
@@ -52,11 +63,7 @@ __all__ = [
 ]
 
 OP = "answer_logprobs"
-# Tiles of the cpu backend: at most CPU_BLOCK_ROWS rows x CPU_BLOCK_COLS vocabulary entries per GEMM output
-# block, and at most CPU_BLOCK_BYTES bytes for the block buffer (rows shrink to fit).
-CPU_BLOCK_ROWS = 4096
-CPU_BLOCK_COLS = 4096
-CPU_BLOCK_BYTES = 64 << 20  # N=4096: one [4096, 4096] float32 block (measured best here; 2048 rows: ~5% slower)
+REDUCTIONS = ("none", "sum", "mean")
 # Vocabulary entries per block of the torch reference.
 TORCH_BLOCK_COLS = 4096
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # dtypes of the cpu, triton and cuda backends
@@ -138,7 +145,7 @@ def _segments(op: str, n: int, device: torch.device, segment_ids, cu_seqlens, nu
     if num_segments is not None and num_segments != s:
         raise ValueError(f"{op}: num_segments = {num_segments} but cu_seqlens has S+1 = {s + 1} entries")
     cu = cu_seqlens.to(torch.int64)
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and _sync_checks(device):
         if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{op}: cu_seqlens must be non-decreasing from 0 to N = {n}, got {cu.tolist()[:8]}...")
     # Row i belongs to the number of segment ends cu[1:] that are <= i (empty segments are skipped).
@@ -214,124 +221,50 @@ def _torch_bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# cpu backend: torch.mm per vocabulary block into one reused buffer, C++ epilogues (radit_fast._C)
+# Launchers (no autograd). "cpu" and "cuda": the blocked driver (vendor GEMM + fused epilogue); "triton": the
+# fully fused kernel; "torch": the chunked reference.
 # ----------------------------------------------------------------------------------------------------------
-def _cpu_blocks(n: int, v: int, elt: int) -> tuple[int, int]:
-    cols = min(v, CPU_BLOCK_COLS)
-    rows = max(1, min(n, CPU_BLOCK_ROWS, CPU_BLOCK_BYTES // (cols * elt)))
-    return rows, cols
+def _sync_checks(device: torch.device) -> bool:
+    """Value checks that read device memory on the host: always on CPU, on GPUs only under RADIT_DEBUG_CHECKS=1."""
+    return device.type == "cpu" or os.environ.get("RADIT_DEBUG_CHECKS", "0") == "1"
 
 
-def _ptr(t: torch.Tensor | None, offset: int = 0) -> int:
-    return 0 if t is None else t.data_ptr() + offset * t.element_size()
+def _device_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _cpu_fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segments):
-    """(tok_logprob [N], lse [N], seg_logprob [S] or [0]) float32."""
-    n, v = hidden.shape[0], weight.shape[0]
-    h, w, t = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    b = None if bias is None else bias.contiguous()
-    code, bcode = dtype_code(h, "hidden"), (0 if b is None else dtype_code(b, "bias"))
-    rows, cols = _cpu_blocks(n, v, h.element_size())
-    # The block is in the input dtype: torch.mm on CPU has no bf16 x bf16 -> fp32 output (module doc,
-    # "Precision"), so bfloat16 logits are rounded before the float32 epilogue.
-    buf = torch.empty(rows * cols, dtype=h.dtype)
-    m = torch.full((n,), -math.inf)
-    s, tl = torch.zeros(n), torch.zeros(n)
-    threads = torch.get_num_threads()
-    for v0 in range(0, v, cols):  # vocabulary outer: the weight block stays in cache across row tiles
-        c = min(cols, v - v0)
-        wb = w[v0:v0 + c]
-        for r0 in range(0, n, rows):
-            rr = min(rows, n - r0)
-            z = buf[:rr * c].view(rr, c)
-            torch.mm(h[r0:r0 + rr], wb.T, out=z)
-            _C.answer_logprobs_fwd_block(z.data_ptr(), code, rr, c, c, v0, v, _ptr(b), bcode, _ptr(t, r0), 3,
-                                         ignore_index, threads, _ptr(m, r0), _ptr(s, r0), _ptr(tl, r0))
-    lse, tok = torch.empty(n), torch.empty(n)
-    seg = torch.empty(num_segments if segment_ids is not None else 0)
-    _C.answer_logprobs_fwd_finalize(n, v, _ptr(t), 3, ignore_index, _ptr(m), _ptr(s), _ptr(tl), _ptr(lse), _ptr(tok),
-                                    _ptr(segment_ids), seg.shape[0], _ptr(seg))
-    return tok, lse, seg
+def _kernel_fwd(impl, hidden, weight, bias, targets, ignore_index):
+    if impl == "triton":  # imported on first use: triton is a heavy package and optional
+        from radit_fast.triton.answer_logprobs import triton_fwd
+        return triton_fwd(hidden, weight, bias, targets, ignore_index)
+    return _torch_fwd(hidden, weight, bias, targets, ignore_index)
 
 
-def _cpu_bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden, need_weight, need_bias):
-    """(grad_hidden, grad_weight, grad_bias): hidden's float32 accumulator, weight's dtype, float32."""
-    n, d = hidden.shape
-    v = weight.shape[0]
-    h, w, t = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    b = None if bias is None else bias.contiguous()
-    lse, g = lse.contiguous(), grad_tok.to(torch.float32).contiguous()
-    code, bcode = dtype_code(h, "hidden"), (0 if b is None else dtype_code(b, "bias"))
-    f32 = h.dtype == torch.float32
-    rows, cols = _cpu_blocks(n, v, h.element_size())
-    one_chunk = rows >= n
-    buf = torch.empty(rows * cols, dtype=h.dtype)  # bf16 logits and dz for bf16 inputs, as in _cpu_fwd
-    gh = torch.zeros(n, d) if need_hidden else None
-    gh_tmp = torch.empty(rows, d, dtype=h.dtype) if need_hidden and not f32 else None
-    gw = (torch.empty(v, d, dtype=h.dtype) if one_chunk else torch.zeros(v, d, dtype=h.dtype)) if need_weight else None
-    gw_tmp = torch.empty(cols, d, dtype=h.dtype) if need_weight and not (one_chunk or f32) else None
-    gw_acc = torch.zeros(cols, d) if gw_tmp is not None else None
-    gb = torch.zeros(v) if need_bias else None
-    threads = torch.get_num_threads()
-    for v0 in range(0, v, cols):
-        c = min(cols, v - v0)
-        wb = w[v0:v0 + c]
-        if gw_acc is not None:
-            gw_acc[:c].zero_()
-        for r0 in range(0, n, rows):
-            rr = min(rows, n - r0)
-            hr = h[r0:r0 + rr]
-            z = buf[:rr * c].view(rr, c)
-            torch.mm(hr, wb.T, out=z)
-            _C.answer_logprobs_bwd_block(z.data_ptr(), code, rr, c, c, v0, v, _ptr(b), bcode, _ptr(t, r0), 3,
-                                         ignore_index, threads, _ptr(lse, r0), _ptr(g, r0), _ptr(gb))
-            if gh is not None:
-                if f32:
-                    gh[r0:r0 + rr].addmm_(z, wb)
-                else:
-                    torch.mm(z, wb, out=gh_tmp[:rr])
-                    gh[r0:r0 + rr] += gh_tmp[:rr]
-            if gw is not None:
-                if one_chunk:
-                    torch.mm(z.T, hr, out=gw[v0:v0 + c])
-                elif f32:
-                    gw[v0:v0 + c].addmm_(z.T, hr)
-                else:
-                    torch.mm(z.T, hr, out=gw_tmp[:c])
-                    gw_acc[:c] += gw_tmp[:c]
-        if gw_acc is not None:
-            gw[v0:v0 + c] = gw_acc[:c]
-    return gh, gw, gb
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Launchers (no autograd)
-# ----------------------------------------------------------------------------------------------------------
-def _gpu_kernels(impl: str):
+def _kernel_bwd(impl, *args):
     if impl == "triton":
-        from radit_fast.triton.answer_logprobs import triton_bwd, triton_fwd
-        return triton_fwd, triton_bwd
-    from radit_fast.ops._answer_logprobs_cuda import cuda_bwd, cuda_fwd
-    return cuda_fwd, cuda_bwd
+        from radit_fast.triton.answer_logprobs import triton_bwd
+        return triton_bwd(*args)
+    return _torch_bwd(*args)
 
 
 def _fwd_launch(impl, hidden, weight, bias, targets, segment_ids, num_segments, ignore_index):
     """(tok_logprob [N], lse [N], seg_logprob [S] or [0]) in the accumulation dtype, on hidden's device."""
     targets = targets.to(torch.int64).contiguous()
-    _check_target_values(targets, weight.shape[0], ignore_index)
-    if segment_ids is not None:
-        _check_segment_values(segment_ids, num_segments)
-    if impl == "cpu":
-        return _cpu_fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segments)
-    if impl == "torch":
-        tok, lse = _torch_fwd(hidden, weight, bias, targets, ignore_index)
-    else:
-        tok, lse = _gpu_kernels(impl)[0](hidden, weight, bias, targets, ignore_index)
-    seg = tok.new_zeros(num_segments if segment_ids is not None else 0)
-    if segment_ids is not None:
-        seg.index_add_(0, segment_ids, tok)
-    return tok, lse, seg
+    if _sync_checks(hidden.device):
+        _check_target_values(targets, weight.shape[0], ignore_index)
+        if segment_ids is not None:
+            _check_segment_values(segment_ids, num_segments)
+    with _device_guard(hidden.device):
+        if impl in ("cpu", "cuda"):
+            out = blocked.fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segments)
+        else:
+            tok, lse = _kernel_fwd(impl, hidden, weight, bias, targets, ignore_index)
+            seg = tok.new_zeros(num_segments if segment_ids is not None else 0)
+            if segment_ids is not None:
+                seg.index_add_(0, segment_ids, tok)
+            out = tok, lse, seg
+    _raise_flagged(hidden.device)
+    return out
 
 
 def _bwd_launch(impl, hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden, need_weight,
@@ -341,14 +274,46 @@ def _bwd_launch(impl, hidden, weight, bias, targets, lse, grad_tok, ignore_index
         return None, None, None
     targets = targets.to(torch.int64).contiguous()
     args = (hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden, need_weight, need_bias)
-    if impl == "cpu":
-        grads = _cpu_bwd(*args)
-    elif impl == "torch":
-        grads = _torch_bwd(*args)
-    else:
-        grads = _gpu_kernels(impl)[1](*args)
+    with _device_guard(hidden.device):
+        grads = blocked.bwd(*args) if impl in ("cpu", "cuda") else _kernel_bwd(impl, *args)
     like = (hidden, weight, bias)
     return tuple(None if gr is None else gr.to(x.dtype) for gr, x in zip(grads, like))
+
+
+def _loss_grad_tok(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """d(reduced)/d tok: 1 (sum) or 1 / count (mean) at the rows that count, 0 at ignored rows. No host sync."""
+    valid = (targets != ignore_index).to(torch.float32)
+    if reduction == "mean":
+        return valid / valid.sum().clamp_min(1.0)
+    return valid
+
+
+def _loss_launch(impl, hidden, weight, bias, targets, ignore_index, reduction, need_hidden, need_weight, need_bias):
+    """(reduced log-prob [], grad_hidden, grad_weight, grad_bias): the gradients of the reduced value, formed in
+    the forward pass (blocked driver: 3 GEMMs; other backends: their forward then backward)."""
+    targets = targets.to(torch.int64).contiguous()
+    if _sync_checks(hidden.device):
+        _check_target_values(targets, weight.shape[0], ignore_index)
+    g = _loss_grad_tok(targets, ignore_index, reduction)
+    with _device_guard(hidden.device):
+        if impl in ("cpu", "cuda"):
+            tok, gh, gw, gb = blocked.loss_and_grads(hidden, weight, bias, targets, ignore_index, g, need_hidden,
+                                                     need_weight, need_bias)
+        else:
+            tok, lse = _kernel_fwd(impl, hidden, weight, bias, targets, ignore_index)
+            gh = gw = gb = None
+            if need_hidden or need_weight or need_bias:
+                gh, gw, gb = _kernel_bwd(impl, hidden, weight, bias, targets, lse, g.to(lse.dtype), ignore_index,
+                                         need_hidden, need_weight, need_bias)
+    _raise_flagged(hidden.device)
+    value = (tok * g.to(tok.dtype)).sum()  # g is 1 or 1/count at the counted rows and tok is 0 elsewhere
+    like = (hidden, weight, bias)
+    return (value,) + tuple(None if gr is None else gr.to(x.dtype) for gr, x in zip((gh, gw, gb), like))
+
+
+def _raise_flagged(device: torch.device) -> None:
+    if device.type == "cuda" and _sync_checks(device) and blocked.pending_error(device):
+        raise ValueError(f"{OP}: a target is outside [0, V) and is not ignore_index (flagged on {device})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,20 +334,42 @@ def _(hidden, weight, bias, targets, segment_ids, num_segments, ignore_index, im
     return hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc), seg
 
 
+def _grads_or_empty(hidden, grads):
+    return tuple(hidden.new_empty(0) if gr is None else gr for gr in grads)  # custom ops return no None
+
+
+def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_hidden else empty, torch.empty_like(weight) if need_weight else empty,
+            torch.empty_like(bias) if need_bias and bias is not None else empty)
+
+
 @torch.library.custom_op("radit::answer_logprobs_bwd", mutates_args=())
 def _bwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
             lse: torch.Tensor, grad_tok: torch.Tensor, ignore_index: int, need_hidden: bool, need_weight: bool,
             need_bias: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _bwd_launch(impl, hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden,
-                        need_weight, need_bias)
-    return tuple(hidden.new_empty(0) if gr is None else gr for gr in grads)  # custom ops return no None
+    return _grads_or_empty(hidden, _bwd_launch(impl, hidden, weight, bias, targets, lse, grad_tok, ignore_index,
+                                               need_hidden, need_weight, need_bias))
 
 
 @_bwd_op.register_fake
 def _(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden, need_weight, need_bias, impl):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty, torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if need_bias and bias is not None else empty)
+    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
+@torch.library.custom_op("radit::answer_logprobs_loss", mutates_args=())
+def _loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+             ignore_index: int, reduction: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+             impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    value, *grads = _loss_launch(impl, hidden, weight, bias, targets, ignore_index, reduction, need_hidden,
+                                 need_weight, need_bias)
+    return (value,) + _grads_or_empty(hidden, grads)
+
+
+@_loss_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, reduction, need_hidden, need_weight, need_bias, impl):
+    value = hidden.new_empty((), dtype=_acc_dtype(hidden.dtype))
+    return (value,) + _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,11 +400,30 @@ class AnswerLogprobsFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+class AnswerLogprobsLossFunction(torch.autograd.Function):
+    """sum or mean of the token log-probs; the gradients are formed in the forward pass and only scaled here."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, impl):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        value, gh, gw, gb = torch.ops.radit.answer_logprobs_loss(hidden, weight, bias, targets, ignore_index,
+                                                                 reduction, need_h, need_w, need_b, impl)
+        ctx.save_for_backward(gh if need_h else None, gw if need_w else None, gb if need_b else None)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        grads = tuple(None if gr is None else gr * grad_value.to(gr.dtype) for gr in ctx.saved_tensors)
+        return grads + (None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------
 def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    bias: torch.Tensor | None = None, ignore_index: int = -100, impl: str = "auto") -> torch.Tensor:
+                    bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "none",
+                    impl: str = "auto") -> torch.Tensor:
     """Log-probability of each target token under softmax(hidden @ weight.T + bias), without N x V logits.
 
     Args:
@@ -426,10 +432,17 @@ def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         targets: [N] int64 or int32, each in [0, V) or equal to ``ignore_index``.
         bias: optional [V], same dtype as hidden.
         ignore_index: targets with this value give 0 and no gradient.
+        reduction: "none" (default): the [N] token log-probs. "sum": their sum, a scalar. "mean": their mean over
+            the rows whose target is not ``ignore_index`` (0 when there is none). With "sum" and "mean" the
+            gradients are formed in the forward pass (3 GEMMs in all instead of 4: the backward pass only
+            scales them), so use them for a loss, e.g. ``loss = -answer_logprobs(h, W, y, reduction="mean")``
+            (the cross-entropy of the targets). Their memory is the gradients' (N x d + V x d) while the
+            graph holds them; double backward is not supported.
         impl: "auto" | "cpu" | "cuda" | "triton" | "torch" (see radit_fast.ops._dispatch.resolve_impl).
 
     Returns:
-        [N] float32 (float64 for float64 inputs): log p(targets[n] | hidden[n]), 0 at ignored rows. No reduction.
+        [N] float32 (float64 for float64 inputs): log p(targets[n] | hidden[n]), 0 at ignored rows; a scalar of
+        that dtype for reduction="sum" | "mean".
         Differentiable w.r.t. hidden, weight and bias (gradients in their dtypes). With bfloat16 inputs,
         impl="cpu" rounds the logits to bfloat16 (absolute error up to |logit| * 2^-9, see the module doc);
         the other backends are float32-accurate.
@@ -441,9 +454,18 @@ def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         >>> weight = torch.eye(2)
         >>> answer_logprobs(hidden, weight, torch.tensor([0, 1, -100]))
         tensor([-0.3133, -0.1269,  0.0000])
+        >>> answer_logprobs(hidden, weight, torch.tensor([0, 1, -100]), reduction="mean")
+        tensor(-0.2201)
     """
     device = _check_inputs(OP, hidden, weight, targets, bias)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     chosen = _choose_impl(OP, impl, device, hidden.dtype)
+    if reduction != "none":
+        leaves = (hidden, weight, bias)
+        if not torch.is_grad_enabled():  # needs_input_grad follows requires_grad even under no_grad
+            leaves = tuple(None if x is None else x.detach() for x in leaves)
+        return AnswerLogprobsLossFunction.apply(*leaves, targets, int(ignore_index), reduction, chosen)
     tok, _ = AnswerLogprobsFunction.apply(hidden, weight, bias, targets, None, 0, int(ignore_index), chosen)
     return tok
 

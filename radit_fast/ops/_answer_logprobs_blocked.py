@@ -1,0 +1,259 @@
+"""The blocked driver of ``answer_logprobs`` for every device: vendor GEMM per logit block + fused epilogue.
+
+Scheme. The vocabulary (and, when needed, the rows) is cut into blocks. For each block the vendor GEMM
+(``torch.mm`` into one reused buffer: oneDNN/MKL on CPU, cuBLAS on GPU) computes z = H_r @ W_c^T, and one fused
+epilogue pass over the block (radit_fast/ops/_answer_logprobs_epilogue.py: C++/OpenMP on CPU, CUDA on GPU, math
+shared in csrc/common/radit_math.h) does the rest:
+
+* forward (``fwd``): merge the block into each row's online-logsumexp state (m, s) and gather the target logit;
+  a finalize pass gives lse = m + log s, tok = z_t - lse and the per-segment sums. 1 GEMM.
+* backward (``bwd``): recompute the block, turn it into dz = g (onehot(t) - exp(z - lse)) in place, then
+  grad_hidden += dz @ W_c and grad_weight[c] = dz^T @ H (+ column sums for grad_bias). 3 GEMMs.
+* loss with gradients formed in the forward pass (``loss_and_grads``, for ``reduction="sum" | "mean"``): the
+  rows are cut into chunks that span the whole vocabulary, so lse is known before the block leaves the
+  buffer; the same epilogues then write dz in place and grad_hidden[r] = dz @ W, grad_weight += dz^T @ H_r.
+  3 GEMMs in all (instead of 4: no recomputation in the backward pass), nothing kept but the gradients.
+
+Block dtype. On CPU the block is in the input dtype (torch.mm on CPU has no bf16 x bf16 -> fp32 output: see
+the "Precision" section of radit_fast/ops/answer_logprobs.py). On CUDA, bfloat16 inputs write float32 blocks
+(``torch.mm(..., out_dtype=torch.float32)``, cuBLAS accumulates in fp32 anyway) when the running torch offers
+it, and the backward epilogue writes dz into a separate bfloat16 buffer for the two gradient GEMMs.
+
+Memory: one block buffer of at most ``BLOCK_BYTES[device]`` (+ a dz buffer on CUDA), the per-row state, the
+gradients, and for bfloat16 a float32 accumulator of grad_weight only when several row chunks add into it.
+No host synchronisation on CUDA: the epilogues flag out-of-range targets on the device (``error_flag``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from radit_fast.ops import _answer_logprobs_epilogue as epilogue
+
+# Upper bounds on a block [rows, cols]: vocabulary entries per block (fwd/bwd), and the bytes of the buffer.
+CPU_BLOCK_COLS = 4096
+CPU_BLOCK_BYTES = 64 << 20  # one [4096, 4096] float32 block (measured best on CPU here)
+CPU_LOSS_BLOCK_BYTES = 64 << 20  # row chunk x whole vocabulary of loss_and_grads on CPU
+CUDA_BLOCK_COLS = 8192
+CUDA_BLOCK_BYTES = 256 << 20  # [8192, 8192] float32: 1/16 of the naive bf16 logits at N=8192, V=128256
+CUDA_LOSS_BLOCK_BYTES = 512 << 20
+
+
+def _budget(device: torch.device, loss: bool) -> tuple[int, int]:
+    if device.type == "cuda":
+        return CUDA_BLOCK_COLS, CUDA_LOSS_BLOCK_BYTES if loss else CUDA_BLOCK_BYTES
+    return CPU_BLOCK_COLS, CPU_LOSS_BLOCK_BYTES if loss else CPU_BLOCK_BYTES
+
+
+def blocks(n: int, v: int, elt: int, device: torch.device) -> tuple[int, int]:
+    """(rows, cols) of the fwd/bwd blocks: at most the device's column width and byte budget."""
+    max_cols, budget = _budget(device, loss=False)
+    cols = min(v, max_cols)
+    return max(1, min(n, budget // (cols * elt))), cols
+
+
+def loss_rows(n: int, v: int, elt: int, device: torch.device) -> int:
+    """Rows per chunk of loss_and_grads (each chunk spans the whole vocabulary)."""
+    return max(1, min(n, _budget(device, loss=True)[1] // (v * elt)))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_out_ok(device_type: str) -> bool:
+    """True when torch.mm writes bf16 x bf16 products into float32 on this device type (out_dtype=)."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(2, 2, dtype=torch.float32, device="cuda")
+        torch.mm(a, a, out_dtype=torch.float32, out=out)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+def block_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype == torch.bfloat16 and _fp32_out_ok(device.type):
+        return torch.float32
+    return dtype
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+
+_ERROR_FLAGS: dict[torch.device, torch.Tensor] = {}
+
+
+def error_flag(device: torch.device) -> torch.Tensor | None:
+    """The int32 [1] flag the CUDA epilogues set on an out-of-range target (None on CPU, which raises)."""
+    if device.type != "cuda":
+        return None
+    flag = _ERROR_FLAGS.get(device)
+    if flag is None:
+        flag = _ERROR_FLAGS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return flag
+
+
+def pending_error(device: torch.device) -> bool:
+    """Read (and clear) the device's error flag: True when a call since the last read met a bad target."""
+    flag = _ERROR_FLAGS.get(device)
+    if flag is None:
+        return False
+    bad = bool(flag.item())  # the one host synchronisation, only when asked
+    flag.zero_()
+    return bad
+
+
+def _state(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.full((n,), -math.inf, device=device), torch.zeros(n, device=device),
+            torch.zeros(n, device=device))
+
+
+def fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segments):
+    """(tok [N], lse [N], seg [S] or [0]) float32. targets int64 contiguous; segment_ids int64 [N] or None."""
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    b = None if bias is None else bias.contiguous()
+    bdt = block_dtype(hidden.dtype, dev)
+    rows, cols = blocks(n, v, torch.finfo(bdt).bits // 8, dev)
+    buf = torch.empty(rows * cols, dtype=bdt, device=dev)
+    m, s, tl = _state(n, dev)
+    for v0 in range(0, v, cols):  # vocabulary outer: the weight block stays in cache across row tiles
+        c = min(cols, v - v0)
+        wt = weight[v0:v0 + c].T
+        for r0 in range(0, n, rows):
+            rr = min(rows, n - r0)
+            z = buf[:rr * c].view(rr, c)
+            _mm(hidden[r0:r0 + rr], wt, z)
+            epilogue.fwd_block(z, v0, v, b, targets[r0:r0 + rr], ignore_index, m[r0:r0 + rr], s[r0:r0 + rr],
+                               tl[r0:r0 + rr])
+    lse, tok = torch.empty(n, device=dev), torch.empty(n, device=dev)
+    seg = torch.empty(num_segments if segment_ids is not None else 0, device=dev)
+    epilogue.fwd_finalize(targets, v, ignore_index, m, s, tl, lse, tok, segment_ids,
+                          seg if segment_ids is not None else None, error_flag(dev))
+    return tok, lse, seg
+
+
+class _WeightGrad:
+    """grad_weight rows of one vocabulary block [v0, v0 + c), written once (one row chunk) or summed over chunks.
+
+    float32 sums in place with addmm_; other dtypes sum each chunk's product in a float32 accumulator of the
+    block (``width`` rows), never in bfloat16, and ``flush`` stores the block once in the weight's dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, chunks: int, width: int):
+        self.out = torch.empty_like(weight)
+        multi = chunks > 1 and weight.dtype != torch.float32
+        self.acc = torch.empty(width, weight.shape[1], device=weight.device) if multi else None
+        self.tmp = torch.empty(width, weight.shape[1], dtype=weight.dtype, device=weight.device) if multi else None
+
+    def add(self, dz: torch.Tensor, h: torch.Tensor, v0: int, first: bool) -> None:
+        c = dz.shape[1]
+        if self.acc is None:
+            if first:
+                torch.mm(dz.T, h, out=self.out[v0:v0 + c])
+            else:
+                self.out[v0:v0 + c].addmm_(dz.T, h)
+        elif first:
+            torch.mm(dz.T, h, out=self.tmp[:c])
+            self.acc[:c].copy_(self.tmp[:c])
+        else:
+            torch.mm(dz.T, h, out=self.tmp[:c])
+            self.acc[:c] += self.tmp[:c]
+
+    def flush(self, v0: int, c: int) -> None:
+        if self.acc is not None:
+            self.out[v0:v0 + c].copy_(self.acc[:c])
+
+
+def bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden, need_weight, need_bias):
+    """(grad_hidden float32 [N, d], grad_weight [V, d] in weight's dtype, grad_bias float32 [V]); None if unused.
+
+    grad_tok: float32 [N], 0 at ignored rows. Recomputes each logit block (4 GEMMs with the forward's).
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    b = None if bias is None else bias.contiguous()
+    lse, g = lse.contiguous(), grad_tok.to(torch.float32).contiguous()
+    bdt = block_dtype(hidden.dtype, dev)
+    rows, cols = blocks(n, v, torch.finfo(bdt).bits // 8, dev)
+    chunks = -(-n // rows)
+    buf = torch.empty(rows * cols, dtype=bdt, device=dev)
+    dzbuf = None if bdt == hidden.dtype else torch.empty(rows * cols, dtype=hidden.dtype, device=dev)
+    f32 = hidden.dtype == torch.float32
+    gh = torch.zeros(n, d, device=dev) if need_hidden else None
+    gh_tmp = torch.empty(rows, d, dtype=hidden.dtype, device=dev) if need_hidden and not f32 else None
+    gw = _WeightGrad(weight, chunks, cols) if need_weight else None
+    gb = torch.zeros(v, device=dev) if need_bias else None
+    for v0 in range(0, v, cols):
+        c = min(cols, v - v0)
+        wb = weight[v0:v0 + c]
+        for r0 in range(0, n, rows):
+            rr = min(rows, n - r0)
+            hr = hidden[r0:r0 + rr]
+            z = buf[:rr * c].view(rr, c)
+            _mm(hr, wb.T, z)
+            dz = z if dzbuf is None else dzbuf[:rr * c].view(rr, c)
+            epilogue.bwd_block(z, v0, v, b, targets[r0:r0 + rr], ignore_index, lse[r0:r0 + rr], g[r0:r0 + rr], gb,
+                               out=None if dzbuf is None else dz)
+            if gh is not None:
+                if f32:
+                    gh[r0:r0 + rr].addmm_(dz, wb)
+                else:
+                    torch.mm(dz, wb, out=gh_tmp[:rr])
+                    gh[r0:r0 + rr] += gh_tmp[:rr]
+            if gw is not None:
+                gw.add(dz, hr, v0, first=r0 == 0)
+        if gw is not None:
+            gw.flush(v0, c)
+    return gh, None if gw is None else gw.out, gb
+
+
+def loss_and_grads(hidden, weight, bias, targets, ignore_index, grad_tok, need_hidden, need_weight, need_bias):
+    """tok [N] float32 and the gradients of sum_n grad_tok[n] * tok[n], formed in one pass (3 GEMMs).
+
+    grad_tok: float32 [N] (0 at ignored rows), known before the pass (1 for a sum, 1 / count for a mean).
+    Returns (tok, grad_hidden [N, d] in hidden's dtype, grad_weight [V, d] in weight's dtype, grad_bias float32
+    [V]), None where not needed.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    b = None if bias is None else bias.contiguous()
+    g = grad_tok.to(torch.float32).contiguous()
+    bdt = block_dtype(hidden.dtype, dev)
+    rows = loss_rows(n, v, torch.finfo(bdt).bits // 8, dev)
+    chunks = -(-n // rows)
+    buf = torch.empty(rows * v, dtype=bdt, device=dev)
+    dzbuf = None if bdt == hidden.dtype else torch.empty(rows * v, dtype=hidden.dtype, device=dev)
+    gh = torch.empty(n, d, dtype=hidden.dtype, device=dev) if need_hidden else None
+    gw = _WeightGrad(weight, chunks, v) if need_weight else None
+    gb = torch.zeros(v, device=dev) if need_bias else None
+    m, s, tl = _state(n, dev)
+    lse, tok = torch.empty(n, device=dev), torch.empty(n, device=dev)
+    flag = error_flag(dev)
+    for r0 in range(0, n, rows):
+        rr = min(rows, n - r0)
+        sl = slice(r0, r0 + rr)
+        hr, t = hidden[sl], targets[sl]
+        z = buf[:rr * v].view(rr, v)
+        _mm(hr, weight.T, z)
+        epilogue.fwd_block(z, 0, v, b, t, ignore_index, m[sl], s[sl], tl[sl])
+        epilogue.fwd_finalize(t, v, ignore_index, m[sl], s[sl], tl[sl], lse[sl], tok[sl], None, None, flag)
+        if not (need_hidden or need_weight or need_bias):
+            continue
+        dz = z if dzbuf is None else dzbuf[:rr * v].view(rr, v)
+        epilogue.bwd_block(z, 0, v, b, t, ignore_index, lse[sl], g[sl], gb, out=None if dzbuf is None else dz)
+        if gh is not None:
+            torch.mm(dz, weight, out=gh[sl])  # every row once: written in hidden's dtype directly
+        if gw is not None:
+            gw.add(dz, hr, 0, first=r0 == 0)
+    if gw is not None:
+        gw.flush(0, v)
+    return tok, gh, None if gw is None else gw.out, gb
