@@ -214,3 +214,20 @@ def test_example_trains_with_sentence_transformer_trainer(tmp_path):
     assert res["loss_after"] < res["loss_before"], res
     assert res["max_weight_change"] > 0
     assert res["saved_matches"] is True
+
+
+@pytest.mark.parametrize("config,want", [
+    ({"embedding_dimension": 4, "pooling_mode": "mean"}, "mean"),  # sentence-transformers >= 6
+    ({"embedding_dimension": 4, "pooling_mode": "cls"}, "cls"),
+    ({"word_embedding_dimension": 4, "pooling_mode_cls_token": True}, "cls"),  # earlier versions
+    ({"word_embedding_dimension": 4, "pooling_mode_mean_tokens": True}, "mean"),
+    ({"embedding_dimension": 4, "pooling_mode": "max"}, "max"),
+])
+def test_pooling_read_from_both_sentence_transformers_formats(tmp_path, config, want):
+    from radit_fast.retrieval.encoder import _sentence_transformers_defaults
+
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "modules.json").write_text(json.dumps([{"path": "", "type": "x.Transformer"}]))
+    got = _sentence_transformers_defaults(tmp_path)
+    assert got["pooling"] == want and got["normalize"] is False

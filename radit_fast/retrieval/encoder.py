@@ -117,10 +117,18 @@ def _sentence_transformers_defaults(folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         pool = json.loads((folder / "1_Pooling" / "config.json").read_text())
-        if pool.get("pooling_mode_cls_token"):
+        mode = pool.get("pooling_mode")  # sentence-transformers >= 6: "mean", "cls", "max", ...
+        if isinstance(mode, list) and len(mode) == 1:
+            mode = mode[0]
+        if isinstance(mode, str):
+            out["pooling"] = mode
+        elif pool.get("pooling_mode_cls_token"):  # earlier versions: one boolean per mode
             out["pooling"] = "cls"
         elif pool.get("pooling_mode_mean_tokens"):
             out["pooling"] = "mean"
+        elif mode is not None or any(v for key, v in pool.items() if key.startswith("pooling_mode_")):
+            out["pooling"] = str(mode or [key[len("pooling_mode_"):] for key, v in pool.items()
+                                          if key.startswith("pooling_mode_") and v])
         modules = json.loads((folder / "modules.json").read_text())
         out["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
     except (OSError, ValueError, AttributeError, TypeError):  # ValueError: bad JSON or UTF-8
@@ -237,6 +245,9 @@ class TextEncoder(nn.Module):
             raise RaditError(f"cannot load encoder {name_or_path!r}: {first}") from None
         model.eval()
         pooling = pooling or meta.get("pooling") or st.get("pooling") or "cls"
+        if pooling not in POOLINGS:
+            raise RaditError(f"encoder {name_or_path}: its sentence-transformers pooling {pooling!r} is not "
+                             f"supported (radit pools with {' or '.join(POOLINGS)})")
         if normalize is None:
             normalize = meta.get("normalize", st.get("normalize", False))
         if max_length is None:
