@@ -131,8 +131,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the index, evaluate lm_only and replug, run RA-IT and R-IT (steps selected on --dev), "
                     "evaluate ra_it, r_it and ra_dit on --test, and write OUT/report.{json,md,png}. "
                     "Each step is cached in OUT; rerun the same command to resume.")
-    p.add_argument("--corpus", required=True, type=Path, help="corpus JSON lines {id, title, text}")
-    p.add_argument("--train", required=True, type=Path, help="training examples (KILT JSON lines)")
+    p.add_argument("--corpus", required=True, type=Path, help="corpus records {id, title, text}: JSON lines, Parquet, or a datasets folder[:split]")
+    p.add_argument("--train", required=True, type=Path, help="training examples (KILT records: JSON lines, Parquet, or a datasets folder[:split])")
     p.add_argument("--dev", required=True, type=Path, help="dev examples: step selection only")
     p.add_argument("--test", required=True, type=Path, help="test examples: the reported table only")
     p.add_argument("--out", required=True, type=Path, help="run folder (steps, report)")

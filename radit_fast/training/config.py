@@ -34,7 +34,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """Knobs shared by both stages."""
 
-    train: str = _f("", "training examples (KILT-style JSON lines)")
+    train: str = _f("", "training examples (KILT-style JSON lines, Parquet, or a datasets folder[:split])")
     index: str = _f("", "index folder built by `radit index build`")
     out: str = _f("", "output folder (save_pretrained model, checkpoints, metrics.jsonl, config)")
     lm: str | None = _f(None, "causal LM name or path (default: the embedded SmolLM2-135M-Instruct)")
