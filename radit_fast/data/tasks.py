@@ -1,4 +1,5 @@
-"""KILT-style task files (JSON lines, or the same records in Parquet or a ``datasets`` folder), read strictly.
+"""KILT-style task files (JSON lines, or the same records in Parquet or a ``datasets`` folder), read
+strictly.
 
 One example per line::
 
@@ -8,10 +9,10 @@ One example per line::
      "context": "Paris is ...",            # optional: gold background (reading comprehension)
      "meta": {...}}                         # optional, kept as is (KILT)
 
-Every problem is a one-line RaditError naming ``file:line`` (``file:row`` for Parquet and datasets): malformed JSON, a missing or empty field, a
-field of the wrong type, an unknown field (at the top level and in ``output`` entries; provenance
-entries may carry KILT's other keys), an example without answers (unless ``require_answers=False``), a
-duplicate id, an answer that is not one of the choices, an empty file.
+Every problem is a one-line RaditError naming ``file:line`` (``file:row`` for Parquet and datasets):
+malformed JSON, a missing or empty field, a field of the wrong type, an unknown field (at the top level
+and in ``output`` entries; provenance entries may carry KILT's other keys), an example without answers
+(unless ``require_answers=False``), a duplicate id, an answer that is not one of the choices, an empty file.
 """
 from __future__ import annotations
 
