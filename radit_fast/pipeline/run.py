@@ -416,7 +416,7 @@ class Pipeline:
 # Stage settings that name this run's own files or only change how a run looks (progress bars, log lines,
 # resuming), not what it computes. Checkpointing stays in: R-IT's kept checkpoints are its dev candidates.
 _NOT_IN_STAGE_KEY = ("out", "index", "train", "cache_dir", "progress", "threads", "resume", "overwrite",
-                     "log_every")
+                     "log_every", "report_to")
 
 
 def stage_key(stage_cfg: Any) -> dict[str, Any]:
