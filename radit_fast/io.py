@@ -1,4 +1,6 @@
-"""File input/output shared by every layer: JSON lines with precise errors, atomic files and folders.
+"""File input/output shared by every layer: JSON lines with precise errors, task/corpus records from JSON
+lines, Parquet or Hugging Face ``datasets`` folders (:func:`iter_records`, the one place that detects the
+format), atomic files and folders.
 
 User errors (malformed files, missing fields, mismatched models) raise :class:`RaditError`; the CLI turns
 them into a one-line message and a non-zero exit, never a traceback.
