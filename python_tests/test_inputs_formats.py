@@ -176,3 +176,23 @@ def test_json_lines_unchanged(tmp_path):
     path.write_text(json.dumps(TASKS[0]) + "\n\n" + json.dumps({"id": "x", "input": "y", "output": None}) + "\n")
     with pytest.raises(RaditError, match=rf"^{path}:3 \(id 'x'\): missing field 'output'"):
         load_tasks(path)
+
+
+@pytest.mark.slow
+def test_train_retriever_reads_a_dataset_dict_split(tmp_path):
+    """Stage 2 end to end with --train FOLDER:SPLIT: the examples, the resume fingerprint and the run."""
+    from test_training_fixtures import cached_setup, retriever_config
+
+    from radit_fast.io import read_jsonl
+    from radit_fast.training import train_retriever
+
+    p = cached_setup(tmp_path / "setup")
+    rows = read_jsonl(p["train"])
+    dd = datasets.DatasetDict({"train": _ds(rows), "validation": _ds(rows[:4])})
+    dd.save_to_disk(str(tmp_path / "tasks"))
+    cfg = retriever_config(p, tmp_path / "r", train=f"{tmp_path / 'tasks'}:train", save_every=2)
+    out = train_retriever(cfg)
+    assert (out / "modules.json").is_file() and len(read_jsonl(out / "metrics.jsonl")) >= 2
+    (state_file,) = (out / "checkpoints").glob("*/trainer_state.json")
+    state = json.loads(state_file.read_text())
+    assert state["fingerprint"]["train_sha256"] == records_sha256(cfg.train)

@@ -160,3 +160,19 @@ def test_train_retriever_cli_writes_tensorboard(tmp_path):
     expected = expected_from_jsonl(Path(cfg.out) / "metrics.jsonl")
     assert [s for s, _ in expected["train/loss"]] == [1, 2]
     assert_same_curves(events, expected)
+
+
+def test_radit_run_passes_report_to_both_stages(tmp_path):
+    from radit_fast.cli.main import build_parser
+    from radit_fast.cli.run import _overrides
+    from radit_fast.pipeline.config import make_config
+
+    args = build_parser().parse_args(["run", "--corpus", "c", "--train", "t", "--dev", "d", "--test", "e",
+                                      "--out", str(tmp_path / "run"), "--report-to", "tensorboard"])
+    cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(tmp_path / "run"), overrides=_overrides(args))
+    assert cfg.lm_config(tmp_path / "lm").report_to == "tensorboard"
+    assert cfg.retriever_config(tmp_path / "r").report_to == "tensorboard"
+    plain = build_parser().parse_args(["run", "--corpus", "c", "--train", "t", "--dev", "d", "--test", "e",
+                                       "--out", str(tmp_path / "run")])
+    cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(tmp_path / "run"), overrides=_overrides(plain))
+    assert cfg.lm_config(tmp_path / "lm").report_to == "none"
