@@ -231,3 +231,12 @@ def test_pooling_read_from_both_sentence_transformers_formats(tmp_path, config, 
     (tmp_path / "modules.json").write_text(json.dumps([{"path": "", "type": "x.Transformer"}]))
     got = _sentence_transformers_defaults(tmp_path)
     assert got["pooling"] == want and got["normalize"] is False
+
+
+def test_docstring_examples():
+    import doctest
+
+    import radit_fast.integrations.sentence_transformers as mod
+
+    result = doctest.testmod(mod)
+    assert result.attempted >= 1 and result.failed == 0
