@@ -6,7 +6,10 @@ log-probabilities are the labels of :class:`radit_fast.integrations.sentence_tra
 trains the query encoder (the embedded all-MiniLM-L6-v2) towards the chunks that help the LM, the document
 side frozen. The trained model is saved with ``model.save`` and read back by sentence-transformers and radit.
 
-    python examples/st_lsr.py --out runs/st-lsr        # about 30 s on 2 CPU cores (after the LM is cached)
+    python examples/st_lsr.py --out runs/st-lsr
+
+Measured on this project's shared 2-core machine (other jobs running): 2-3 minutes, of which about 25 s
+for the two training steps; the first run also converts the embedded GGUF LM once (cached afterwards).
 
 The last line printed is a JSON summary (the test suite runs this script and checks it).
 """
