@@ -114,7 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Evaluate an LM (alone, or with a retriever and the REPLUG ensemble) on "
                                           "a KILT task file: exact match / F1 for generation, accuracy for "
                                           "multiple choice, recall@k when the examples have provenance.")
-    p.add_argument("--test", required=True, type=Path, help="examples to evaluate (KILT JSON lines)")
+    p.add_argument("--test", required=True, type=Path,
+                   help="examples to evaluate (KILT records: JSON lines, Parquet, or a datasets folder[:split])")
     p.add_argument("--out", required=True, type=Path, help="output folder (predictions.jsonl, metrics.json)")
     p.add_argument("--index", type=Path, help="index folder from `radit index build` (needed when --k > 0)")
     p.add_argument("--query-encoder", help="query encoder folder (default: the index's; e.g. a tuned one)")

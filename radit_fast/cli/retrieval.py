@@ -70,8 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
     b = actions.add_parser("build", help="encode a corpus and build a FAISS index folder",
-                           description="Chunk a JSON-lines corpus {id, title, text}, encode it and build an index.")
-    b.add_argument("--corpus", required=True, type=Path, help="corpus JSON lines {id, title, text}")
+                           description="Chunk a corpus {id, title, text}, encode it and build an index.")
+    b.add_argument("--corpus", required=True, type=Path,
+                   help="corpus records {id, title, text}: JSON lines, Parquet, or a datasets folder[:split]")
     b.add_argument("--out", required=True, type=Path, help="index folder to create")
     b.add_argument("--encoder", help="encoder for queries and documents, HF name or folder (default: all-MiniLM-L6-v2)")
     b.add_argument("--doc-encoder", help="document encoder when asymmetric (e.g. a DRAGON+ context encoder)")
@@ -98,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = subparsers.add_parser("retrieve", help="retrieve top-k passages for KILT queries",
                               description="Retrieve the top-k passages of each query ({id, input}) of a KILT file.")
     r.add_argument("--index", required=True, type=Path, help="index folder from `radit index build`")
-    r.add_argument("--queries", required=True, type=Path, help="KILT JSON lines with id and input")
+    r.add_argument("--queries", required=True, type=Path,
+                   help="KILT records with id and input (JSON lines, Parquet, or a datasets folder[:split])")
     r.add_argument("--k", type=_positive, default=10, help="passages per query (default 10)")
     r.add_argument("--out", required=True, type=Path, help="output JSON lines {id, passages: [{id, score, title, text}]}")
     r.add_argument("--query-encoder", help="query encoder folder or name (default: the index's)")
@@ -148,10 +150,10 @@ def read_queries(path: Path) -> list[dict]:
 
     Ids are compared as the strings the output holds, so ``2`` and ``"2"`` are duplicates.
     """
-    from radit_fast.io import iter_jsonl
+    from radit_fast.io import iter_records
 
     out, first_line = [], {}
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_records(path):
         for key in ("id", "input"):
             if key not in obj:
                 raise RaditError(f"{path}:{lineno}: missing field {key!r}")

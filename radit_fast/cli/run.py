@@ -36,6 +36,9 @@ def _common(p: argparse.ArgumentParser, shown: dict[str, str] | None = None) -> 
                    help=f"stage 2 optimizer steps (default {shown['retriever_steps']})")
     p.add_argument("--select-every", type=int,
                    help=f"score a candidate on dev every N training steps (default {shown['select_every']})")
+    p.add_argument("--report-to", choices=("none", "tensorboard"),
+                   help="also write both stages' training curves for TensorBoard (event files beside each stage's "
+                        "metrics.jsonl; default none)")
     p.add_argument("--threads", type=_threads, help="torch CPU threads, or 'auto': the cores not already busy "
                    "(on a shared machine fewer threads avoid stalls at every op; "
                    f"default {shown['threads']})")
@@ -131,8 +134,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the index, evaluate lm_only and replug, run RA-IT and R-IT (steps selected on --dev), "
                     "evaluate ra_it, r_it and ra_dit on --test, and write OUT/report.{json,md,png}. "
                     "Each step is cached in OUT; rerun the same command to resume.")
-    p.add_argument("--corpus", required=True, type=Path, help="corpus JSON lines {id, title, text}")
-    p.add_argument("--train", required=True, type=Path, help="training examples (KILT JSON lines)")
+    p.add_argument("--corpus", required=True, type=Path,
+                   help="corpus records {id, title, text}: JSON lines, Parquet, or a datasets folder[:split]")
+    p.add_argument("--train", required=True, type=Path,
+                   help="training examples (KILT records: JSON lines, Parquet, or a datasets folder[:split])")
     p.add_argument("--dev", required=True, type=Path, help="dev examples: step selection only")
     p.add_argument("--test", required=True, type=Path, help="test examples: the reported table only")
     p.add_argument("--out", required=True, type=Path, help="run folder (steps, report)")
@@ -186,6 +191,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
         out["train_lm"]["max_steps"] = args.lm_steps
     if args.retriever_steps is not None:
         out["train_retriever"]["max_steps"] = args.retriever_steps
+    if args.report_to is not None:
+        out["train_lm"]["report_to"] = out["train_retriever"]["report_to"] = args.report_to
     return out
 
 

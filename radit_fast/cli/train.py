@@ -21,7 +21,8 @@ def _common(p: argparse.ArgumentParser, cls: type) -> None:
     from radit_fast.training.config import add_config_arguments
 
     p.add_argument("--config", type=Path, help="YAML or TOML file with any of the options below")
-    p.add_argument("--train", help="training examples, KILT-style JSON lines {id, input, output, [context]}")
+    p.add_argument("--train", help="training examples, KILT-style records {id, input, output, [context]}: "
+                                   "JSON lines, Parquet, or a datasets folder[:split]")
     p.add_argument("--index", help="index folder built by `radit index build`")
     p.add_argument("--out", help="output folder")
     p.add_argument("--lm", help="causal LM name or folder (default: the embedded SmolLM2-135M-Instruct)")

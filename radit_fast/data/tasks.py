@@ -1,4 +1,5 @@
-"""KILT-style task files (JSON lines), read strictly.
+"""KILT-style task files (JSON lines, or the same records in Parquet or a ``datasets`` folder), read
+strictly.
 
 One example per line::
 
@@ -8,10 +9,10 @@ One example per line::
      "context": "Paris is ...",            # optional: gold background (reading comprehension)
      "meta": {...}}                         # optional, kept as is (KILT)
 
-Every problem is a one-line RaditError naming ``file:line``: malformed JSON, a missing or empty field, a
-field of the wrong type, an unknown field (at the top level and in ``output`` entries; provenance
-entries may carry KILT's other keys), an example without answers (unless ``require_answers=False``), a
-duplicate id, an answer that is not one of the choices, an empty file.
+Every problem is a one-line RaditError naming ``file:line`` (``file:row`` for Parquet and datasets):
+malformed JSON, a missing or empty field, a field of the wrong type, an unknown field (at the top level
+and in ``output`` entries; provenance entries may carry KILT's other keys), an example without answers
+(unless ``require_answers=False``), a duplicate id, an answer that is not one of the choices, an empty file.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from radit_fast.io import RaditError, iter_jsonl, write_jsonl
+from radit_fast.io import RaditError, iter_records, write_jsonl
 
 TOP_LEVEL_FIELDS = ("id", "input", "output", "choices", "context", "meta")
 OUTPUT_FIELDS = ("answer", "provenance", "meta")
@@ -141,10 +142,11 @@ def parse_example(obj: dict[str, Any], where: str, *, require_answers: bool = Tr
 
 
 def load_tasks(path: str | os.PathLike, *, require_answers: bool = True) -> list[Example]:
-    """Read and validate a KILT-style task file (see the module docstring for the format and errors)."""
+    """Read and validate a KILT-style task file (see the module docstring for the format and errors): JSON
+    lines, Parquet or a Hugging Face ``datasets`` folder (:func:`radit_fast.io.iter_records`)."""
     examples: list[Example] = []
     first_line: dict[str, int] = {}
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_records(path):
         ex = parse_example(obj, f"{path}:{lineno}", require_answers=require_answers)
         if ex.id in first_line:
             raise RaditError(f"{path}:{lineno}: duplicate id {ex.id!r} (first on line {first_line[ex.id]})")

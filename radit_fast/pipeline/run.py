@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from radit_fast.evaluation.report import task_average, write_report
-from radit_fast.io import RaditError, read_jsonl, write_json, write_jsonl
+from radit_fast.io import RaditError, read_jsonl, record_source, write_json, write_jsonl
 from radit_fast.pipeline.config import RunConfig
 from radit_fast.pipeline.steps import StepRunner, file_fingerprint
 
@@ -56,8 +56,10 @@ def load_splits(cfg: RunConfig) -> dict[str, list]:
     """Read and check train/dev/test: answers, known fields, non-empty, pairwise disjoint ids."""
     from radit_fast.data.tasks import check_disjoint, load_tasks
 
-    if not Path(cfg.corpus).is_file():
-        raise RaditError(f"{cfg.corpus}: no such file (--corpus)")
+    try:
+        record_source(cfg.corpus)
+    except RaditError as e:
+        raise RaditError(f"{e} (--corpus)") from None
     splits = {name: load_tasks(getattr(cfg, name), require_answers=True) for name in ("train", "dev", "test")}
     for a, b in (("train", "test"), ("dev", "test"), ("train", "dev")):
         check_disjoint(splits[a], splits[b], names=(a, b))
@@ -414,7 +416,7 @@ class Pipeline:
 # Stage settings that name this run's own files or only change how a run looks (progress bars, log lines,
 # resuming), not what it computes. Checkpointing stays in: R-IT's kept checkpoints are its dev candidates.
 _NOT_IN_STAGE_KEY = ("out", "index", "train", "cache_dir", "progress", "threads", "resume", "overwrite",
-                     "log_every")
+                     "log_every", "report_to")
 
 
 def stage_key(stage_cfg: Any) -> dict[str, Any]:

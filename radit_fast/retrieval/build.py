@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from radit_fast.io import RaditError, atomic_dir
+from radit_fast.io import RaditError, atomic_dir, record_source
 from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, encoder_text, iter_corpus
 from radit_fast.retrieval.distributed import DEFAULT_TIMEOUT_S, DistContext, run_step, shard_range
 from radit_fast.retrieval.encoder import TextEncoder, check_device
@@ -154,8 +154,7 @@ def build_index(corpus: str | os.PathLike, out: str | os.PathLike, config: Index
     corpus, out = Path(corpus), Path(out)
     if out.exists() and not overwrite:
         raise RaditError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not corpus.is_file():
-        raise RaditError(f"{corpus}: no such file")
+    record_source(corpus)  # RaditError when missing or unreadable
     with DistContext.from_env(timeout_s=cfg.dist_timeout_s) as ctx:
         if ctx.is_main:
             with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -1,4 +1,4 @@
-"""Corpus reading and chunking (DPR/Atlas JSON lines ``{"id", "title", "text"}``).
+"""Corpus reading and chunking (DPR/Atlas records ``{"id", "title", "text"}``: JSON lines, Parquet or ``datasets``).
 
 A document of at most ``chunk_words`` words stays one passage with its own id. A longer document is split
 into ``ceil(words / chunk_words)`` chunks of near-equal size (each at most ``chunk_words`` words, no tiny
@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from radit_fast.io import RaditError, iter_jsonl
+from radit_fast.io import RaditError, iter_records
 
 DEFAULT_CHUNK_WORDS = 200
 
@@ -86,7 +86,10 @@ def _field(obj: dict, name: str, where: str, *, required: bool = True) -> str:
 def iter_corpus(
     path: str | os.PathLike, chunk_size: int = DEFAULT_CHUNK_WORDS
 ) -> Iterator[tuple[int, Passage]]:
-    """Yield ``(line_number, passage)`` for every passage of a corpus file, chunking long documents.
+    """Yield ``(line_number, passage)`` for every passage of a corpus, chunking long documents.
+
+    The corpus is JSON lines, Parquet or a Hugging Face ``datasets`` folder (:func:`radit_fast.io.iter_records`;
+    for those two the number is the 1-based row).
 
     Each line needs ``id`` (string or integer, not ending with ``'#'`` and digits) and a non-empty ``text``;
     ``title`` is optional (empty when absent). Errors name the file and line. Duplicate ids are detected by the passage
@@ -94,7 +97,7 @@ def iter_corpus(
     """
     if chunk_size < 1:
         raise RaditError(f"--chunk-words must be >= 1, got {chunk_size}")
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_records(path):
         where = f"{path}:{lineno}"
         pid = _field(obj, "id", where)
         if not pid.strip():

@@ -16,7 +16,9 @@ from their sentence-transformers files when present, else ``cls`` without normal
 ``trust_remote_code`` is off unless asked for.
 
 A fine-tuned query encoder is saved with :meth:`TextEncoder.save_pretrained` (safetensors weights, the
-tokenizer and ``radit_encoder.json`` with pooling, normalisation and lineage) and loaded back by path.
+tokenizer and ``radit_encoder.json`` with pooling, normalisation and lineage) and loaded back by path; the
+same folder carries the sentence-transformers files (``modules.json``, ``1_Pooling``, ``2_Normalize``), so
+``SentenceTransformer(folder)`` loads it with the same pooling and normalisation.
 """
 from __future__ import annotations
 
@@ -115,10 +117,18 @@ def _sentence_transformers_defaults(folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         pool = json.loads((folder / "1_Pooling" / "config.json").read_text())
-        if pool.get("pooling_mode_cls_token"):
+        mode = pool.get("pooling_mode")  # sentence-transformers >= 6: "mean", "cls", "max", ...
+        if isinstance(mode, list) and len(mode) == 1:
+            mode = mode[0]
+        if isinstance(mode, str):
+            out["pooling"] = mode
+        elif pool.get("pooling_mode_cls_token"):  # earlier versions: one boolean per mode
             out["pooling"] = "cls"
         elif pool.get("pooling_mode_mean_tokens"):
             out["pooling"] = "mean"
+        elif mode is not None or any(v for key, v in pool.items() if key.startswith("pooling_mode_")):
+            out["pooling"] = str(mode or [key[len("pooling_mode_"):] for key, v in pool.items()
+                                          if key.startswith("pooling_mode_") and v])
         modules = json.loads((folder / "modules.json").read_text())
         out["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
     except (OSError, ValueError, AttributeError, TypeError):  # ValueError: bad JSON or UTF-8
@@ -235,6 +245,9 @@ class TextEncoder(nn.Module):
             raise RaditError(f"cannot load encoder {name_or_path!r}: {first}") from None
         model.eval()
         pooling = pooling or meta.get("pooling") or st.get("pooling") or "cls"
+        if pooling not in POOLINGS:
+            raise RaditError(f"encoder {name_or_path}: its sentence-transformers pooling {pooling!r} is not "
+                             f"supported (radit pools with {' or '.join(POOLINGS)})")
         if normalize is None:
             normalize = meta.get("normalize", st.get("normalize", False))
         if max_length is None:
@@ -349,7 +362,9 @@ class TextEncoder(nn.Module):
         return emb[inverse.to(emb.device)]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write safetensors weights, the tokenizer and ``radit_encoder.json`` (pooling and lineage)."""
+        """Write safetensors weights, the tokenizer, ``radit_encoder.json`` (pooling and lineage) and the
+        sentence-transformers files (:func:`write_sentence_transformers_files`), so that
+        ``SentenceTransformer(folder)`` computes the same embeddings."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder, safe_serialization=True)
@@ -362,6 +377,44 @@ class TextEncoder(nn.Module):
             "normalize": self.normalize,
             "max_length": self.max_length,
         })
+        write_sentence_transformers_files(folder, dim=self.dim, pooling=self.pooling, normalize=self.normalize,
+                                          max_length=self.max_length)
+
+
+def write_sentence_transformers_files(folder: str | os.PathLike, *, dim: int, pooling: str, normalize: bool,
+                                      max_length: int) -> None:
+    """Describe a saved Hugging Face encoder folder as a sentence-transformers model.
+
+    ``modules.json`` lists Transformer (the folder itself) -> Pooling (``1_Pooling/config.json``: CLS or mean
+    tokens) -> Normalize (``2_Normalize/``, only when ``normalize``); ``sentence_bert_config.json`` holds the
+    max sequence length. These are the files every sentence-transformers version reads, and the ones
+    :func:`_sentence_transformers_defaults` reads back. Files written by an earlier save are replaced (a
+    stale ``2_Normalize`` would make sentence-transformers normalise an encoder that no longer does).
+    """
+    if pooling not in POOLINGS:
+        raise RaditError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    folder = Path(folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    norm_dir = folder / "2_Normalize"
+    if normalize:
+        norm_dir.mkdir(exist_ok=True)
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    elif norm_dir.is_dir() and not any(norm_dir.iterdir()):
+        norm_dir.rmdir()
+    write_json(folder / "modules.json", modules)
+    write_json(folder / "sentence_bert_config.json", {"max_seq_length": int(max_length), "do_lower_case": False})
+    write_json(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": int(dim),
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False,
+        "include_prompt": True,
+    })
 
 
 class DualEncoder(nn.Module):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 import typing
@@ -26,6 +27,18 @@ from radit_fast.io import RaditError, atomic_file
 _CLI_SKIP = {"train", "index", "out", "lm"}  # declared by the CLI itself (required/positional semantics)
 
 
+REPORT_TO = ("none", "tensorboard")
+
+
+def check_report_to(value: str) -> None:
+    """RaditError for an unknown ``--report-to`` or a missing tensorboard package (before any model loads)."""
+    if value not in REPORT_TO:
+        raise RaditError(f"--report-to must be one of {'|'.join(REPORT_TO)}, got {value!r}")
+    if value == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise RaditError("--report-to tensorboard needs the package tensorboard "
+                         "(pip install radit-fast[tensorboard])")
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -34,7 +47,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """Knobs shared by both stages."""
 
-    train: str = _f("", "training examples (KILT-style JSON lines)")
+    train: str = _f("", "training examples (KILT-style JSON lines, Parquet, or a datasets folder[:split])")
     index: str = _f("", "index folder built by `radit index build`")
     out: str = _f("", "output folder (save_pretrained model, checkpoints, metrics.jsonl, config)")
     lm: str | None = _f(None, "causal LM name or path (default: the embedded SmolLM2-135M-Instruct)")
@@ -59,6 +72,8 @@ class TrainConfig:
     save_every: int = _f(50, "write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk (oldest are deleted)")
     log_every: int = _f(1, "write a metrics line every N steps")
+    report_to: str = _f("none", "also write the training curves for: none | tensorboard (event files in "
+                                "OUT/tensorboard, beside metrics.jsonl; no network)")
     resume: bool = _f(False, "continue from the last checkpoint in --out")
     overwrite: bool = _f(False, "allow --out to exist (without --resume its checkpoints are discarded)")
     progress: bool = _f(True, "show a progress bar")
@@ -72,6 +87,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise RaditError(f"--{name.replace('_', '-')} is required")
         _positive(self, "max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every")
+        check_report_to(self.report_to)
         if self.max_examples is not None and self.max_examples < 1:
             raise RaditError(f"--max-examples must be > 0, got {self.max_examples}")
         _non_negative(self, "warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm")

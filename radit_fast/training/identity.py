@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from radit_fast.io import RaditError, write_json
+from radit_fast.io import RaditError, records_sha256, write_json
 from radit_fast.training.checkpoint import sha256_file
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,11 @@ def fingerprint(cfg: Any, *, lm: nn.Module | None = None, lm_ident: dict[str, An
     idx = Path(cfg.index) / "manifest.json"
     if lm_ident is None:
         lm_ident = model_identity(cfg.lm) if lm is None else module_identity(lm)
-    fp = {"train_sha256": sha256_file(cfg.train),
+    fp = {"train_sha256": records_sha256(cfg.train),
           "index_manifest_sha256": sha256_file(idx) if idx.is_file() else None,
           "lm": lm_ident}
     if getattr(cfg, "corpus", None):
-        fp["corpus_sha256"] = sha256_file(cfg.corpus)
+        fp["corpus_sha256"] = records_sha256(cfg.corpus)
     return {**fp, **(extra or {})}
 
 

@@ -38,7 +38,7 @@ CHECKPOINTS = "checkpoints"
 # Options that may differ between a run and its --resume (they change neither data nor math).
 _MUTABLE = {"resume", "overwrite", "progress", "threads", "log_every", "save_every", "keep_checkpoints",
             "eval_every", "eval_file", "eval_examples", "out", "impl", "device", "cache_dir",
-            "score_batch_size", "grad_accum", "fsdp"}
+            "score_batch_size", "grad_accum", "fsdp", "report_to"}
 
 Callback = Callable[[str, int, dict[str, Any]], None]
 
@@ -98,7 +98,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / CHECKPOINTS
-        self.metrics = MetricsWriter(self.out / METRICS, enabled=env.is_main)
+        self.metrics = MetricsWriter(self.out / METRICS, enabled=env.is_main, report_to=cfg.report_to)
 
     # --------------------------------------------------------------------------------------- set-up
     def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
