@@ -60,8 +60,8 @@ log = logging.getLogger("bench_answer_logprobs")
 
 OP = "answer_logprobs"
 # The files whose edits make the "commit" column "-dirty" (not other engineers' work in progress).
-harness.DIRTY_PATHS = ["benchmarks/harness.py", "benchmarks/bench_answer_logprobs.py", "radit_fast/ops/answer_logprobs.py",
-                       "csrc/answer_logprobs", "csrc/common", "csrc/bindings.cpp"]
+harness.DIRTY_PATHS = ["benchmarks/harness.py", "benchmarks/bench_answer_logprobs.py",
+                       "radit_fast/ops/answer_logprobs.py", "csrc/answer_logprobs", "csrc/common", "csrc/bindings.cpp"]
 RESULTS = Path(__file__).resolve().parent / "results"
 D, V = 576, 49152  # SmolLM2-135M's head
 FULL_TOKENS = (2048, 4096)
@@ -308,11 +308,12 @@ def summarize(rows: list[dict]) -> str:
         if not ours:
             continue
         best = min(ours, key=lambda r: float(r["median_s"]))
+        best_err = best.get("tok_max_abs_err") or best.get("loss_abs_err")
         peers = [r for r in sub if r["impl"] in ("naive", "cce", "liger") or r["impl"].startswith("torch.lce")]
         text = ", ".join(f"{r['impl']} {float(r['vs_radit']):.2f}x ({float(r['peak_extra_MB']):.0f} MB, "
                          f"err {r.get('tok_max_abs_err') or r.get('loss_abs_err')})" for r in peers)
         lines.append(f"N={g[0]} {g[1]} {g[2]} {g[3]} threads: {best['impl']} {float(best['median_s']):.3f} s, "
-                     f"{float(best['peak_extra_MB']):.0f} MB, err {best.get('tok_max_abs_err') or best.get('loss_abs_err')}"
+                     f"{float(best['peak_extra_MB']):.0f} MB, err {best_err}"
                      f"; speed-up of radit over {text}")
     return "\n".join(lines)
 
