@@ -372,7 +372,9 @@ def main(argv=None) -> None:
                         rows += group
                         harness.write_csv(out, rows, FIELDS)
     if rows:
-        harness.plot(out, out.with_suffix(".png"), f"{OP} on {args.device}", keys=("N", "dtype", "pass", "threads"))
+        harness.plot(out, out.with_suffix(".png"), f"{OP} on {args.device}", keys=("N", "dtype", "pass", "threads"),
+                     extra_metrics=(("tok_max_abs_err", "max abs error of log p vs float64", True),
+                                    ("grad_max_abs_err", "max abs error of dS/dh, dS/dW vs float64", True)))
     log.info("%s", summarize(rows))
 
 

@@ -213,9 +213,10 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def plot(csv_path: Path, png_path: Path, title: str, keys: tuple[str, ...] = ("dtype", "pass")) -> None:
-    """Grouped bars per value of the columns ``keys`` (default (dtype, pass)): time (log), peak extra memory (log)
-    and GFLOP/s per implementation."""
+def plot(csv_path: Path, png_path: Path, title: str, keys: tuple[str, ...] = ("dtype", "pass"),
+         extra_metrics: tuple[tuple[str, str, bool], ...] = ()) -> None:
+    """Grouped bars per value of the columns ``keys`` (default (dtype, pass)): time (log), peak extra memory (log),
+    GFLOP/s and the ``extra_metrics`` (column, axis label, log scale) per implementation; empty cells: no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,21 +227,29 @@ def plot(csv_path: Path, png_path: Path, title: str, keys: tuple[str, ...] = ("d
     def group_of(r: dict) -> tuple:
         return tuple(r.get(k, "") for k in keys)
 
+    def tick(g: tuple) -> str:
+        return "\n".join(v if k in ("dtype", "pass") else f"{k}={v}" for k, v in zip(keys, g))
+
     groups = sorted({group_of(r) for r in rows}, key=lambda g: [(x != "fwd", x) for x in g])
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     metrics = [("median_s", "median time (s)", True), ("peak_extra_MB", "peak extra memory (MB)", True),
-               ("gflops", "useful GFLOP/s", False)]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+               ("gflops", "useful GFLOP/s", False), *extra_metrics]
+    ncols, nrows = min(3, len(metrics)), -(-len(metrics) // 3)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(16, 4.8 * nrows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
     width = 0.8 / max(1, len(impls))
     for ax, (key, label, log) in zip(axes, metrics):
         for i, impl in enumerate(impls):
             vals = []
             for g in groups:
-                match = [r for r in rows if group_of(r) == g and r["impl"] == impl]
-                vals.append(max(float(match[0][key]), 1e-3) if match else 0.0)
+                match = [r for r in rows if group_of(r) == g and r["impl"] == impl and r.get(key)]
+                floor = 1e-3 if key == "peak_extra_MB" else 0.0  # 0 MB still shows on the log axis
+                vals.append(max(float(match[0][key]), floor) if match else 0.0)
             xs = [j + (i - (len(impls) - 1) / 2) * width for j in range(len(groups))]
             ax.bar(xs, vals, width, label=impl)
-        ax.set_xticks(range(len(groups)), ["\n".join(map(str, g)) for g in groups], fontsize=7)
+        ax.set_xticks(range(len(groups)), [tick(g) for g in groups], fontsize=7)
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
