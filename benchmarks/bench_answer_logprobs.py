@@ -61,7 +61,8 @@ log = logging.getLogger("bench_answer_logprobs")
 OP = "answer_logprobs"
 # The files whose edits make the "commit" column "-dirty" (not other engineers' work in progress).
 harness.DIRTY_PATHS = ["benchmarks/harness.py", "benchmarks/bench_answer_logprobs.py",
-                       "radit_fast/ops/answer_logprobs.py", "csrc/answer_logprobs", "csrc/common", "csrc/bindings.cpp"]
+                       "radit_fast/ops/answer_logprobs.py", "radit_fast/ops/_answer_logprobs_blocked.py",
+                       "radit_fast/ops/_answer_logprobs_epilogue.py", "csrc/answer_logprobs", "csrc/common", "csrc/bindings.cpp"]
 RESULTS = Path(__file__).resolve().parent / "results"
 D, V = 576, 49152  # SmolLM2-135M's head
 FULL_TOKENS = (2048, 4096)
@@ -94,10 +95,10 @@ def has_reduction() -> bool:
 
 def _blocked_mm(hidden, weight, fwdbwd: bool):
     """The GEMMs of the fused cpu scheme without its epilogues (same block sizes, reused buffers)."""
-    al = importlib.import_module("radit_fast.ops.answer_logprobs")
+    blocked = importlib.import_module("radit_fast.ops._answer_logprobs_blocked")
     n, d = hidden.shape
     v = weight.shape[0]
-    rows, cols = al._cpu_blocks(n, v, hidden.element_size())
+    rows, cols = blocked.blocks(n, v, hidden.element_size(), hidden.device)
 
     def run():  # allocates its buffers and outputs per call, like the fused op
         buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
