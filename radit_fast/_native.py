@@ -1,4 +1,10 @@
-"""Loads the native module ``radit_fast._C`` when it was built; the package works without it."""
+"""Loads the native module ``radit_fast._C`` when it was built; the package works without it.
+
+The native calling convention (csrc/common/tensor.h): every tensor crosses as a ``_C.TensorArg`` (data pointer,
+dtype, sizes, strides, device) built by :func:`tensor_arg`; dtypes are the members of the ``_C.DType`` enum,
+named like torch's dtypes, so no numeric dtype code is written on either side. CUDA entry points take the raw
+stream of the tensors' device last (:func:`cuda_stream`).
+"""
 from __future__ import annotations
 
 import logging
@@ -18,23 +24,29 @@ except ImportError as exc:  # the torch reference path still works
     HAS_NATIVE_CUDA = False
     log.debug("radit_fast._C not available (%s); using the torch reference", exc)
 
-# dtype codes shared with csrc/common/checks.h (enum class DType).
-DTYPE_CODES = {
-    torch.float32: 0,
-    torch.bfloat16: 1,
-    torch.float16: 2,
-    torch.int64: 3,
-    torch.int32: 4,
-    torch.bool: 5,
+# torch dtype -> _C.DType member (the enum is the one source of the codes).
+_DTYPES = {} if _C is None else {
+    getattr(torch, name): getattr(_C.DType, name)
+    for name in ("float32", "bfloat16", "float16", "int64", "int32", "bool")
 }
 
 
-def dtype_code(t: torch.Tensor, name: str) -> int:
-    """The native dtype code of ``t``; ValueError naming ``name`` when the dtype is not supported."""
+def dtype_code(t: torch.Tensor, name: str):
+    """The native dtype (a ``_C.DType`` member) of ``t``; ValueError naming ``name`` when it is not supported."""
     try:
-        return DTYPE_CODES[t.dtype]
+        return _DTYPES[t.dtype]
     except KeyError:
         raise ValueError(f"{name}: unsupported dtype {t.dtype}") from None
+
+
+def tensor_arg(t: torch.Tensor | None, name: str = "tensor"):
+    """``t`` as the native entry points take it (a ``_C.TensorArg``); an absent argument for None."""
+    if t is None:
+        return _C.TensorArg()
+    if t.dim() > 3:
+        raise ValueError(f"{name}: at most 3 dimensions, got shape {list(t.shape)}")
+    device = t.device.index if t.device.type == "cuda" else -1
+    return _C.TensorArg(t.data_ptr(), dtype_code(t, name), list(t.shape), list(t.stride()), device)
 
 
 def cuda_stream(t: torch.Tensor) -> int:
