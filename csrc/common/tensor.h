@@ -39,7 +39,8 @@ template <> struct DTypeOf<std::int64_t> { static constexpr DType value = DType:
 template <> struct DTypeOf<std::int32_t> { static constexpr DType value = DType::kInt32; };
 template <> struct DTypeOf<bool> { static constexpr DType value = DType::kBool; };
 
-// A strided tensor of up to 3 dimensions. data == nullptr means "absent" (an optional argument given as None).
+// A strided tensor of up to 3 dimensions. The default-constructed TensorArg (no dimensions, null data) is "absent"
+// (an optional argument given as None); an empty tensor has dimensions and may have a null data pointer.
 // device: -1 for host memory, else the CUDA device index.
 struct TensorArg {
   static constexpr int kMaxDims = 3;
@@ -66,7 +67,7 @@ struct TensorArg {
     }
   }
 
-  bool present() const { return data != nullptr; }
+  bool present() const { return data != nullptr || ndim > 0; }
   std::int64_t numel() const {
     std::int64_t n = 1;
     for (int i = 0; i < ndim; ++i) n *= size[i];
@@ -111,7 +112,7 @@ void dispatch_dtype(DType dt, const char* what, F&& f) {
 template <class... Ts>
 void check_tensor(const TensorArg& t, const char* fn, const char* name, int device,
                   std::initializer_list<std::int64_t> sizes) {
-  RADIT_CHECK(t.present(), fn << ": " << name << " is missing (null data pointer)");
+  RADIT_CHECK(t.present(), fn << ": " << name << " is missing");
   RADIT_CHECK(t.device == device, fn << ": " << name << " is on "
                                      << (t.device < 0 ? std::string("cpu") : "cuda:" + std::to_string(t.device))
                                      << " but the op runs on "
