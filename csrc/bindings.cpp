@@ -3,11 +3,11 @@
 // dtype, shape, strides, device), built in Python by radit_fast._native.tensor_arg, so the module does not link
 // libtorch and works across torch versions. CUDA entry points take the raw stream (an integer) last.
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include "answer_logprobs/answer_logprobs.h"
 #include "common/checks.h"
 #include "common/tensor.h"
+#include "common/tensor_caster.h"
 #include "ensemble/ensemble.h"
 
 namespace py = pybind11;
@@ -38,12 +38,7 @@ PYBIND11_MODULE(_C, m) {
       .value("int64", radit::DType::kInt64)
       .value("int32", radit::DType::kInt32)
       .value("bool", radit::DType::kBool);
-  py::class_<radit::TensorArg>(m, "TensorArg", "A tensor as the entry points take it (data_ptr 0 = absent).")
-      .def(py::init<>())
-      .def(py::init<std::uint64_t, radit::DType, const std::vector<std::int64_t>&, const std::vector<std::int64_t>&,
-                    int>(),
-           py::arg("data_ptr"), py::arg("dtype"), py::arg("sizes"), py::arg("strides"), py::arg("device"))
-      .def("__repr__", [](const radit::TensorArg& t) { return "TensorArg(" + t.describe() + ")"; });
+  m.attr("tensor_dims_max") = radit::TensorArg::kMaxDims;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
 
   // ---- answer_logprobs (csrc/answer_logprobs/answer_logprobs.h) ----

@@ -256,15 +256,17 @@ def test_bad_arguments(device):
 
 def test_cpu_entry_points_reject_cuda_pointers_by_device():
     # A tensor that claims another device is refused by the CPU entry point (the device travels in TensorArg).
-    from radit_fast._native import _C
+    from radit_fast._native import _C, tensor_arg
 
     z = torch.zeros(2, 4)
-    arg = _C.TensorArg(z.data_ptr(), _C.DType.float32, [2, 4], [4, 1], 0)
-    t = torch.zeros(2, dtype=torch.int64)
-    v = torch.zeros(2)
-    ta = [_C.TensorArg(x.data_ptr(), d, [2], [1], -1) for x, d in ((t, _C.DType.int64), (v, _C.DType.float32))]
+    arg = (z.data_ptr(), int(_C.DType.float32), (2, 4), (4, 1), 0)
+    t, v = tensor_arg(torch.zeros(2, dtype=torch.int64)), tensor_arg(torch.zeros(2))
     with pytest.raises(ValueError, match="z is on cuda:0 but the op runs on cpu"):
-        _C.answer_logprobs_fwd_block_cpu(arg, 0, 4, _C.TensorArg(), ta[0], IGNORE, ta[1], ta[1], ta[1], 1)
+        _C.answer_logprobs_fwd_block_cpu(arg, 0, 4, None, t, IGNORE, v, v, v, 1)
+    with pytest.raises(ValueError, match="TensorArg: sizes and strides must be tuples of one length"):
+        _C.answer_logprobs_fwd_block_cpu((z.data_ptr(), 0, (2, 4), (4,), -1), 0, 4, None, t, IGNORE, v, v, v, 1)
+    with pytest.raises(ValueError, match="TensorArg: unknown dtype code 99"):
+        _C.answer_logprobs_fwd_block_cpu((z.data_ptr(), 99, (2, 4), (4, 1), -1), 0, 4, None, t, IGNORE, v, v, v, 1)
 
 
 # ---- CUDA only ----

@@ -217,7 +217,7 @@ def test_native_entry_point_checks():
 
     lm = torch.zeros(2, 3)
     out = torch.empty(2)
-    arg, none = tensor_arg(lm), _C.TensorArg()
+    arg, none = tensor_arg(lm), None
     with pytest.raises(ValueError, match="temperature must be a finite positive number"):
         _C.replug_forward_cpu(arg, arg, none, 0.0, tensor_arg(out), none, none)
     with pytest.raises(ValueError, match="k \\(chunks per query\\) must be >= 1"):

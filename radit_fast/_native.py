@@ -1,9 +1,10 @@
 """Loads the native module ``radit_fast._C`` when it was built; the package works without it.
 
-The native calling convention (csrc/common/tensor.h): every tensor crosses as a ``_C.TensorArg`` (data pointer,
-dtype, sizes, strides, device) built by :func:`tensor_arg`; dtypes are the members of the ``_C.DType`` enum,
-named like torch's dtypes, so no numeric dtype code is written on either side. CUDA entry points take the raw
-stream of the tensors' device last (:func:`cuda_stream`).
+The native calling convention (csrc/common/tensor.h): every tensor crosses as a TensorArg, passed as the tuple
+:func:`tensor_arg` builds (data pointer, dtype code, sizes, strides, device) or None for an absent argument. The
+dtype codes are read from the ``_C.DType`` enum (members named like torch's dtypes), the one place they are
+defined, so no numeric code is written in Python. CUDA entry points take the raw stream of the tensors' device
+last (:func:`cuda_stream`).
 """
 from __future__ import annotations
 
@@ -24,29 +25,26 @@ except ImportError as exc:  # the torch reference path still works
     HAS_NATIVE_CUDA = False
     log.debug("radit_fast._C not available (%s); using the torch reference", exc)
 
-# torch dtype -> _C.DType member (the enum is the one source of the codes).
-_DTYPES = {} if _C is None else {
-    getattr(torch, name): getattr(_C.DType, name)
-    for name in ("float32", "bfloat16", "float16", "int64", "int32", "bool")
-}
+# torch dtype -> native dtype code, read from the _C.DType enum (the one source of the codes).
+_DTYPES = {} if _C is None else {getattr(torch, name): int(code) for name, code in _C.DType.__members__.items()}
 
 
-def dtype_code(t: torch.Tensor, name: str):
-    """The native dtype (a ``_C.DType`` member) of ``t``; ValueError naming ``name`` when it is not supported."""
+def dtype_code(t: torch.Tensor, name: str) -> int:
+    """The native dtype code of ``t`` (``int(_C.DType.<dtype>)``); ValueError naming ``name`` when unsupported."""
     try:
         return _DTYPES[t.dtype]
     except KeyError:
         raise ValueError(f"{name}: unsupported dtype {t.dtype}") from None
 
 
-def tensor_arg(t: torch.Tensor | None, name: str = "tensor"):
-    """``t`` as the native entry points take it (a ``_C.TensorArg``); an absent argument for None."""
+def tensor_arg(t: torch.Tensor | None, name: str = "tensor") -> tuple | None:
+    """``t`` as the native entry points take it: (data_ptr, dtype code, sizes, strides, device index or -1 for
+    the CPU) for 1 to 3 dimensions; None (an absent argument) for None."""
     if t is None:
-        return _C.TensorArg()
-    if t.dim() > 3:
-        raise ValueError(f"{name}: at most 3 dimensions, got shape {list(t.shape)}")
-    device = t.device.index if t.device.type == "cuda" else -1
-    return _C.TensorArg(t.data_ptr(), dtype_code(t, name), list(t.shape), list(t.stride()), device)
+        return None
+    if not 1 <= t.dim() <= 3:
+        raise ValueError(f"{name}: 1 to 3 dimensions, got shape {list(t.shape)}")
+    return (t.data_ptr(), dtype_code(t, name), t.shape, t.stride(), t.get_device())
 
 
 def cuda_stream(t: torch.Tensor) -> int:

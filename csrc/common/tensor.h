@@ -1,15 +1,16 @@
 // The one native calling convention: every tensor crosses the binding as a TensorArg (pointer, dtype, shape,
 // strides in elements, device), and kernels pick their element types with one dtype switch (dispatch_dtype).
 //
-// Python builds TensorArgs with radit_fast._native.tensor_arg(t) (None -> an absent TensorArg with a null
-// pointer); the dtype codes are the DType enum below, exported to Python as radit_fast._C.DType, so no code
-// number is written anywhere else.
+// Python passes radit_fast._native.tensor_arg(t) = (data_ptr, dtype code, sizes, strides, device) or None (an
+// absent argument); common/tensor_caster.h converts it. The dtype codes are the DType enum below, exported to
+// Python as radit_fast._C.DType, so no code number is written anywhere else.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <sstream>
 #include <string>
-#include <vector>
 
 #include "common/checks.h"
 #include "common/radit_math.h"
@@ -52,15 +53,15 @@ struct TensorArg {
   int device = -1;
 
   TensorArg() = default;
-  // The binding's constructor (radit_fast._native.tensor_arg): sizes and strides (elements) of equal length.
-  TensorArg(std::uint64_t ptr, DType dt, const std::vector<std::int64_t>& sizes,
-            const std::vector<std::int64_t>& strides, int dev)
-      : data(reinterpret_cast<void*>(static_cast<std::uintptr_t>(ptr))), dtype(dt),
-        ndim(static_cast<int>(sizes.size())), device(dev) {
-    RADIT_CHECK(sizes.size() == strides.size(), "TensorArg: " << sizes.size() << " sizes but " << strides.size()
-                                                              << " strides");
-    RADIT_CHECK(ndim <= kMaxDims, "TensorArg: at most " << kMaxDims << " dimensions, got " << ndim);
-    for (int i = 0; i < ndim; ++i) {
+  // From the binding (common/tensor_caster.h): ndim sizes and strides (elements), a DType code.
+  TensorArg(std::uint64_t ptr, int dtype_code, int dims, const std::int64_t* sizes, const std::int64_t* strides,
+            int dev)
+      : data(reinterpret_cast<void*>(static_cast<std::uintptr_t>(ptr))), ndim(dims), device(dev) {
+    RADIT_CHECK(dtype_code >= 0 && dtype_code <= static_cast<int>(DType::kBool),
+                "TensorArg: unknown dtype code " << dtype_code);
+    dtype = static_cast<DType>(dtype_code);
+    RADIT_CHECK(dims >= 1 && dims <= kMaxDims, "TensorArg: 1 to " << kMaxDims << " dimensions, got " << dims);
+    for (int i = 0; i < dims; ++i) {
       RADIT_CHECK(sizes[i] >= 0 && strides[i] >= 0, "TensorArg: negative size or stride");
       size[i] = sizes[i];
       stride[i] = strides[i];
