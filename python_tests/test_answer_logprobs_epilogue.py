@@ -114,8 +114,9 @@ def test_forward_blocks_and_finalize(device, dtype, bias_dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_many_rows_and_wide_rows(device):
-    # Many short rows (a warp per row on a GPU) and a few very wide ones (a block per row).
-    for n, v, widths in ((3000, 40, [16]), (3, 20000, [8192])):
+    # Many short rows (more than every resident warp of an H100/H200: a warp per row on a GPU) and a few very
+    # wide ones (a block per row).
+    for n, v, widths in ((20000, 24, [16]), (3, 20000, [8192])):
         z, b, t, _ = _case(n, v, torch.bfloat16, torch.float32, seed=n)
         _, lse_ref, tok_ref = _ref(z, b, t)
         lse, tok, _ = _run_fwd(z, b, t, widths, 0, device)
