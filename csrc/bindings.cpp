@@ -1,10 +1,13 @@
 // Python bindings of radit_fast._C: declarations and docstrings only. Each op's entry points live in
-// csrc/<op>/<op>.h and check their own arguments. Pointers travel as integers (tensor.data_ptr()),
-// so the module does not link libtorch and works across torch versions.
+// csrc/<op>/<op>.h and check their own arguments. Every tensor crosses as a TensorArg (common/tensor.h: pointer,
+// dtype, shape, strides, device), built in Python by radit_fast._native.tensor_arg, so the module does not link
+// libtorch and works across torch versions. CUDA entry points take the raw stream (an integer) last.
 #include <pybind11/pybind11.h>
 
 #include "answer_logprobs/answer_logprobs.h"
-#include "answer_logprobs/answer_logprobs_cuda.h"
+#include "common/checks.h"
+#include "common/tensor.h"
+#include "common/tensor_caster.h"
 #include "ensemble/ensemble.h"
 
 namespace py = pybind11;
@@ -22,119 +25,87 @@ PYBIND11_MODULE(_C, m) {
       if (p) std::rethrow_exception(p);
     } catch (const std::invalid_argument& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const radit::CudaError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
 
-  // ---- BEGIN answer_logprobs (owned by csrc/answer_logprobs) ----
+  // ---- the calling convention (csrc/common/tensor.h) ----
+  py::enum_<radit::DType>(m, "DType", "Element types of the native kernels (names follow torch's dtypes).")
+      .value("float32", radit::DType::kFloat32)
+      .value("bfloat16", radit::DType::kBFloat16)
+      .value("float16", radit::DType::kFloat16)
+      .value("int64", radit::DType::kInt64)
+      .value("int32", radit::DType::kInt32)
+      .value("bool", radit::DType::kBool);
+  m.attr("tensor_dims_max") = radit::TensorArg::kMaxDims;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  // ---- answer_logprobs (csrc/answer_logprobs/answer_logprobs.h) ----
   {
     namespace al = radit::answer_logprobs;
-    // The block epilogues take the fields of al::BlockParams flat (see answer_logprobs.h).
-    auto block = [](std::intptr_t logits, int logits_dtype, std::int64_t rows, std::int64_t cols, std::int64_t ld,
-                    std::int64_t col0, std::int64_t vocab, std::intptr_t bias, int bias_dtype, std::intptr_t targets,
-                    int targets_dtype, std::int64_t ignore_index, int num_threads) {
-      al::BlockParams p;
-      p.logits = logits; p.logits_dtype = logits_dtype; p.rows = rows; p.cols = cols; p.ld = ld; p.col0 = col0;
-      p.vocab = vocab; p.bias = bias; p.bias_dtype = bias_dtype; p.targets = targets;
-      p.targets_dtype = targets_dtype; p.ignore_index = ignore_index; p.num_threads = num_threads;
-      return p;
-    };
-#define RADIT_AL_BLOCK_ARGS                                                                                  \
-  py::arg("logits"), py::arg("logits_dtype"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("col0"), \
-      py::arg("vocab"), py::arg("bias"), py::arg("bias_dtype"), py::arg("targets"), py::arg("targets_dtype"),   \
-      py::arg("ignore_index"), py::arg("num_threads")
-    m.def(
-        "answer_logprobs_fwd_block",
-        [block](std::intptr_t logits, int logits_dtype, std::int64_t rows, std::int64_t cols, std::int64_t ld,
-                std::int64_t col0, std::int64_t vocab, std::intptr_t bias, int bias_dtype, std::intptr_t targets,
-                int targets_dtype, std::int64_t ignore_index, int num_threads, std::intptr_t row_max,
-                std::intptr_t row_sum, std::intptr_t target_logit) {
-          py::gil_scoped_release nogil;
-          al::fwd_block(block(logits, logits_dtype, rows, cols, ld, col0, vocab, bias, bias_dtype, targets,
-                              targets_dtype, ignore_index, num_threads),
-                        row_max, row_sum, target_logit);
-        },
-        RADIT_AL_BLOCK_ARGS, py::arg("row_max"), py::arg("row_sum"), py::arg("target_logit"),
-        "Merge one [rows, cols] logits block (+ bias[col0:col0+cols]) into the per-row online logsumexp state "
-        "(row_max, row_sum: float32 [rows]) and gather the target logit into target_logit (float32 [rows]).");
-    m.def("answer_logprobs_fwd_finalize", &al::fwd_finalize, py::arg("n"), py::arg("vocab"), py::arg("targets"),
-          py::arg("targets_dtype"), py::arg("ignore_index"), py::arg("row_max"), py::arg("row_sum"),
-          py::arg("target_logit"), py::arg("lse"), py::arg("tok_logprob"), py::arg("segment_ids"),
-          py::arg("num_segments"), py::arg("seg_logprob"),
-          "lse = row_max + log(row_sum), tok_logprob = target_logit - lse (0 at ignore_index), and the per-segment "
-          "sums of tok_logprob when segment_ids (int64 [n]) is given; checks targets lie in [0, vocab).",
-          py::call_guard<py::gil_scoped_release>());
-    m.def(
-        "answer_logprobs_bwd_block",
-        [block](std::intptr_t logits, int logits_dtype, std::int64_t rows, std::int64_t cols, std::int64_t ld,
-                std::int64_t col0, std::int64_t vocab, std::intptr_t bias, int bias_dtype, std::intptr_t targets,
-                int targets_dtype, std::int64_t ignore_index, int num_threads, std::intptr_t lse,
-                std::intptr_t grad_tok, std::intptr_t grad_bias) {
-          py::gil_scoped_release nogil;
-          al::bwd_block(block(logits, logits_dtype, rows, cols, ld, col0, vocab, bias, bias_dtype, targets,
-                              targets_dtype, ignore_index, num_threads),
-                        lse, grad_tok, grad_bias);
-        },
-        RADIT_AL_BLOCK_ARGS, py::arg("lse"), py::arg("grad_tok"), py::arg("grad_bias"),
-        "In place, turn a logits block into dlogits = grad_tok * (onehot(target) - softmax) (0 at ignored rows); "
-        "add its column sums to grad_bias[col0:col0+cols] (float32 [V]) when grad_bias != 0.");
-#undef RADIT_AL_BLOCK_ARGS
-  }
+    m.def("answer_logprobs_fwd_block_cpu", &al::fwd_block_cpu, nogil, py::arg("z"), py::arg("col0"), py::arg("vocab"),
+          py::arg("bias"), py::arg("targets"), py::arg("ignore_index"), py::arg("row_max"), py::arg("row_sum"),
+          py::arg("target_logit"), py::arg("num_threads"),
+          "Merge one [rows, cols] logits block (+ bias[col0:col0+cols]) into the per-row online logsumexp state "
+          "(row_max, row_sum) and gather the target logit into target_logit.");
+    m.def("answer_logprobs_fwd_finalize_cpu", &al::fwd_finalize_cpu, nogil, py::arg("targets"), py::arg("vocab"),
+          py::arg("ignore_index"), py::arg("row_max"), py::arg("row_sum"), py::arg("target_logit"), py::arg("lse"),
+          py::arg("tok"), py::arg("segment_ids"), py::arg("seg"),
+          "lse = row_max + log(row_sum), tok = target_logit - lse (0 at ignore_index), per-segment sums of tok "
+          "into seg when segment_ids is given; ValueError for a target outside [0, vocab).");
+    m.def("answer_logprobs_bwd_block_cpu", &al::bwd_block_cpu, nogil, py::arg("z"), py::arg("col0"), py::arg("vocab"),
+          py::arg("bias"), py::arg("targets"), py::arg("ignore_index"), py::arg("lse"), py::arg("grad_tok"),
+          py::arg("grad_bias"), py::arg("out"), py::arg("num_threads"),
+          "dz = grad_tok * (onehot(target) - softmax) of a logits block into out (or in place); column sums "
+          "added to grad_bias[col0:col0+cols] when given.");
+    m.def("answer_logprobs_bwd_workspace_rows", &al::bwd_workspace_rows, py::arg("rows"),
+          "Rows of the float32 [rows', cols] grad_bias workspace of answer_logprobs_bwd_block_cuda.");
 #ifdef RADIT_WITH_CUDA
-  {  // CUDA backend (csrc/answer_logprobs/answer_logprobs_cuda.h); launched by radit_fast/ops/_answer_logprobs_cuda.py
-    namespace alc = radit::answer_logprobs;
-    m.def("answer_logprobs_fwd_cuda", &alc::fwd_cuda, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
-          py::arg("hidden_stride0"), py::arg("hidden_stride1"), py::arg("weight"), py::arg("weight_stride0"),
-          py::arg("weight_stride1"), py::arg("dtype"), py::arg("bias"), py::arg("targets"), py::arg("n"),
-          py::arg("v"), py::arg("d"), py::arg("ignore_index"), py::arg("tok_logprob"), py::arg("lse"),
-          py::arg("workspace"), py::arg("num_splits"), py::arg("stream"),
-          "Fused LM-head log-probs on `stream`: tok_logprob[n] and lse[n] (float32) from hidden [n, d] and "
-          "weight [v, d] (float32 | bfloat16), bias float32 [v] or 0; workspace float32 [(2 num_splits + 1) n].");
-    m.def("answer_logprobs_bwd_cuda", &alc::bwd_cuda, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
-          py::arg("hidden_stride0"), py::arg("hidden_stride1"), py::arg("weight"), py::arg("weight_stride0"),
-          py::arg("weight_stride1"), py::arg("dtype"), py::arg("bias"), py::arg("targets"), py::arg("n"),
-          py::arg("v"), py::arg("d"), py::arg("lse"), py::arg("grad_tok"), py::arg("grad_hidden"),
-          py::arg("grad_weight"), py::arg("grad_bias"), py::arg("dz_workspace"), py::arg("chunk_v"),
-          py::arg("stream"),
-          "Backward of sum grad_tok * tok_logprob on `stream`: grad_hidden [n, d] and grad_weight [v, d] "
-          "(float32, overwritten), grad_bias float32 [v] (accumulated); 0 = not wanted; dz_workspace [n, chunk_v].");
-  }
+    m.def("answer_logprobs_fwd_block_cuda", &al::fwd_block_cuda, nogil, py::arg("z"), py::arg("col0"),
+          py::arg("vocab"), py::arg("bias"), py::arg("targets"), py::arg("ignore_index"), py::arg("row_max"),
+          py::arg("row_sum"), py::arg("target_logit"), py::arg("stream"), "CUDA answer_logprobs_fwd_block_cpu.");
+    m.def("answer_logprobs_fwd_finalize_cuda", &al::fwd_finalize_cuda, nogil, py::arg("targets"), py::arg("vocab"),
+          py::arg("ignore_index"), py::arg("row_max"), py::arg("row_sum"), py::arg("target_logit"), py::arg("lse"),
+          py::arg("tok"), py::arg("segment_ids"), py::arg("seg"), py::arg("error_flag"), py::arg("stream"),
+          "CUDA answer_logprobs_fwd_finalize_cpu: an out-of-range target gives NaN and sets error_flag to 1.");
+    m.def("answer_logprobs_bwd_block_cuda", &al::bwd_block_cuda, nogil, py::arg("z"), py::arg("col0"),
+          py::arg("vocab"), py::arg("bias"), py::arg("targets"), py::arg("ignore_index"), py::arg("lse"),
+          py::arg("grad_tok"), py::arg("grad_bias"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+          "CUDA answer_logprobs_bwd_block_cpu (deterministic grad_bias through the workspace).");
 #endif
-  // ---- END answer_logprobs ----
+  }
 
-  // ---- BEGIN ensemble (owned by csrc/ensemble) ----
-  // Tensor arguments are tuples (data_ptr, stride0, stride1, dtype code); the mask tuple has data_ptr 0 when
-  // absent. Outputs are contiguous float32 buffers given by data_ptr (0 = do not compute).
+  // ---- ensemble (csrc/ensemble/ensemble.h): [B, k] inputs, contiguous float32 outputs ----
   {
     namespace en = radit::ensemble;
-    const auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.attr("mixture_max_splits") = en::kMixtureMaxSplits;
     m.def("replug_forward_cpu", &en::replug_forward_cpu, nogil,
           "REPLUG marginal out[B] = logsumexp_i(log_softmax(scores/t)_i + lm_i) over present chunks, and "
           "optionally d out/d lm and d out/d scores ([B, k] each).",
-          py::arg("B"), py::arg("k"), py::arg("lm"), py::arg("scores"), py::arg("mask"), py::arg("temperature"),
-          py::arg("out"), py::arg("grad_lm"), py::arg("grad_scores"));
+          py::arg("lm"), py::arg("scores"), py::arg("mask"), py::arg("temperature"), py::arg("out"),
+          py::arg("grad_lm"), py::arg("grad_scores"));
     m.def("lsr_forward_cpu", &en::lsr_forward_cpu, nogil,
           "Per-row LSR KL loss[B] (direction 0: KL(p_LSR||p_R), 1: KL(p_R||p_LSR)) and optionally its "
           "gradient w.r.t. the retriever scores [B, k].",
-          py::arg("B"), py::arg("k"), py::arg("scores"), py::arg("lm_scores"), py::arg("mask"),
-          py::arg("retriever_temperature"), py::arg("lm_temperature"), py::arg("direction"), py::arg("loss"),
-          py::arg("grad_scores"));
+          py::arg("scores"), py::arg("lm_scores"), py::arg("mask"), py::arg("retriever_temperature"),
+          py::arg("lm_temperature"), py::arg("direction"), py::arg("loss"), py::arg("grad_scores"));
     m.def("mixture_forward_cpu", &en::mixture_forward_cpu, nogil,
           "Token mixture out[B, V] = logsumexp_i(w_i + log_softmax(logits_i)); also writes c[B, k] = "
           "w_i - logsumexp_v(logits_i).",
-          py::arg("B"), py::arg("k"), py::arg("V"), py::arg("logits"), py::arg("log_weights"), py::arg("c"),
-          py::arg("out"));
+          py::arg("logits"), py::arg("log_weights"), py::arg("c"), py::arg("out"));
 #ifdef RADIT_WITH_CUDA
     m.def("replug_forward_cuda", &en::replug_forward_cuda, nogil, "CUDA replug_forward_cpu (on `stream`).",
-          py::arg("B"), py::arg("k"), py::arg("lm"), py::arg("scores"), py::arg("mask"), py::arg("temperature"),
-          py::arg("out"), py::arg("grad_lm"), py::arg("grad_scores"), py::arg("stream"));
-    m.def("lsr_forward_cuda", &en::lsr_forward_cuda, nogil, "CUDA lsr_forward_cpu (on `stream`).", py::arg("B"),
-          py::arg("k"), py::arg("scores"), py::arg("lm_scores"), py::arg("mask"), py::arg("retriever_temperature"),
+          py::arg("lm"), py::arg("scores"), py::arg("mask"), py::arg("temperature"), py::arg("out"),
+          py::arg("grad_lm"), py::arg("grad_scores"), py::arg("stream"));
+    m.def("lsr_forward_cuda", &en::lsr_forward_cuda, nogil, "CUDA lsr_forward_cpu (on `stream`).",
+          py::arg("scores"), py::arg("lm_scores"), py::arg("mask"), py::arg("retriever_temperature"),
           py::arg("lm_temperature"), py::arg("direction"), py::arg("loss"), py::arg("grad_scores"),
           py::arg("stream"));
-    m.def("mixture_forward_cuda", &en::mixture_forward_cuda, nogil, "CUDA mixture_forward_cpu (on `stream`).",
-          py::arg("B"), py::arg("k"), py::arg("V"), py::arg("logits"), py::arg("log_weights"), py::arg("c"),
-          py::arg("out"), py::arg("stream"));
+    m.def("mixture_forward_cuda", &en::mixture_forward_cuda, nogil,
+          "CUDA mixture_forward_cpu (on `stream`); workspace float32 [B * k * mixture_max_splits * 2].",
+          py::arg("logits"), py::arg("log_weights"), py::arg("c"), py::arg("out"), py::arg("workspace"),
+          py::arg("stream"));
 #endif
   }
-  // ---- END ensemble ----
 }

@@ -18,13 +18,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 def _launchers(impl: str):
+    """The Triton launchers; None for "cuda" (the vendor-GEMM driver with the CUDA epilogues has no launcher of
+    its own: it is checked through the public op here and through its epilogues in
+    test_answer_logprobs_epilogue.py)."""
     if impl == "triton":
         return tri.triton_fwd, tri.triton_bwd
     if not HAS_NATIVE_CUDA:
         pytest.skip("radit_fast._C was built without CUDA")
-    from radit_fast.ops import _answer_logprobs_cuda as cu
-
-    return cu.cuda_fwd, cu.cuda_bwd
+    return None
 
 
 def _make(n, d, v, dtype, device, bias=True, ignored_every=5, seed=0):
@@ -76,18 +77,20 @@ def _assert_close(name, got, ref, lowp, factor=4.0, rtol_floor=1e-5):
 
 def _check_backend(impl, n, d, v, dtype, device, bias=True, ignored_every=5, seed=0):
     """The public op (autograd) with ``impl`` and the launchers' lse, against float64 and torch in ``dtype``."""
-    fwd, _ = _launchers(impl)
+    launchers = _launchers(impl)
     h, w, b, t, g = _make(n, d, v, dtype, device, bias, ignored_every, seed)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     bb = None if b is None else b.clone().requires_grad_()
     tok = answer_logprobs(hh, ww, t, bias=bb, ignore_index=IGNORE, impl=impl)
     (tok * g).sum().backward()
-    lse = fwd(h, w, b, t, IGNORE)[1]
+    lse = None if launchers is None else launchers[0](h, w, b, t, IGNORE)[1]
     ref = _autograd(h, w, b, t, g, torch.float64, torch.float64)
     # PyTorch's own result in the input dtype (logits in that dtype, log-softmax in fp32).
     low = _autograd(h, w, b, t, g, dtype, torch.float32)
     got = (tok, lse, hh.grad, ww.grad, None if bb is None else bb.grad)
     for name, x, r, lo in zip(("tok", "lse", "grad_hidden", "grad_weight", "grad_bias"), got, ref, low):
+        if name == "lse" and x is None:
+            continue
         if r is None:
             assert x is None, f"{name}: expected None without bias"
             continue
@@ -169,14 +172,15 @@ def _check_neg_inf_bias(impl, dtype, device):
     hh, ww, bb = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
     tok = answer_logprobs(hh, ww, t, bias=bb, ignore_index=IGNORE, impl=impl)
     (tok * g).sum().backward()  # -inf, but the gradient is finite: d tok_n / d z_nv = [v == t_n] - p_nv
-    lse = _launchers(impl)[0](h, w, b, t, IGNORE)[1]
+    launchers = _launchers(impl)
     ref = _autograd(h, w, b, t, g, torch.float64, torch.float64)
     low = _autograd(h, w, b, t, g, dtype, torch.float32)
     masked = torch.isinf(ref[0])
     assert masked.cpu().tolist() == [i in (2, 3) for i in range(12)], "the setup must mask rows 2 and 3 only"
     assert torch.equal(tok[masked].cpu(), ref[0][masked].float().cpu()), f"{impl}: masked targets must give -inf"
     _assert_close(f"{impl} -inf bias tok", tok[~masked], ref[0][~masked], low[0][~masked])
-    _assert_close(f"{impl} -inf bias lse", lse, ref[1], low[1])
+    if launchers is not None:
+        _assert_close(f"{impl} -inf bias lse", launchers[0](h, w, b, t, IGNORE)[1], ref[1], low[1])
     for name, x, r, lo in zip(("grad_hidden", "grad_weight", "grad_bias"), (hh.grad, ww.grad, bb.grad), ref[2:],
                               low[2:]):
         _assert_close(f"{impl} -inf bias {name}", x, r, lo)
@@ -215,29 +219,3 @@ def test_gpu_backend_matches_float64(impl, dtype, shape, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_cuda_neg_inf_bias_tile(dtype):
     _check_neg_inf_bias("cuda", dtype, "cuda")
-
-
-@pytest.mark.cuda
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_cuda_matches_triton_multi_chunk(dtype):
-    from radit_fast.ops import _answer_logprobs_cuda as cu
-
-    if not HAS_NATIVE_CUDA:
-        pytest.skip("radit_fast._C was built without CUDA")
-    h, w, b, t, g = _make(500, 96, 3000, dtype, "cuda", ignored_every=4)
-    old = cu.DZ_CHUNK_ELEMENTS
-    cu.DZ_CHUNK_ELEMENTS = 500 * 640  # 5 chunks of 640 columns
-    try:
-        tok_c, lse_c = cu.cuda_fwd(h, w, b, t, IGNORE)
-        grads_c = cu.cuda_bwd(h, w, b, t, lse_c, g, IGNORE, True, True, True)
-    finally:
-        cu.DZ_CHUNK_ELEMENTS = old
-    tok_t, lse_t = tri.triton_fwd(h, w, b, t, IGNORE)
-    grads_t = tri.triton_bwd(h, w, b, t, lse_t, g, IGNORE, True, True, True)
-    ref = _autograd(h, w, b, t, g, torch.float64, torch.float64)
-    low = _autograd(h, w, b, t, g, dtype, torch.float32)
-    for name, c, tr, r, lo in zip(("tok", "lse", "gh", "gw", "gb"), (tok_c, lse_c, *grads_c),
-                                  (tok_t, lse_t, *grads_t), ref, low):
-        _assert_close(f"cuda {name}", c, r, lo)
-        _assert_close(f"triton {name}", tr, r, lo)

@@ -198,3 +198,32 @@ def test_torch_compile_matches_eager():
 def test_docstring_examples():
     result = doctest.testmod(mixture_mod, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0, result  # 0 attempted: the examples were not found
+
+
+GPU = [requires_cuda, pytest.mark.cuda, pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="built without CUDA")]
+
+
+@pytest.mark.parametrize("shape", [pytest.param((1, 10, 50000), marks=GPU), pytest.param((7000, 10, 16), marks=GPU)])
+def test_cuda_decode_sizes_and_many_rows(shape):
+    # Decode size (one query: the vocabulary is split over many blocks, then merged) and more than 65535 [b, i]
+    # rows (several launches of the split pass), on a strided view of the logits, against the float64 formula.
+    B, k, V = shape
+    x, w = make_case(B, 2 * k, V, seed=V, drop=True)
+    x, w = x[:, ::2], w[:, ::2]  # stride(1) = 2 V: not contiguous
+    out = mixture_logprobs(x.cuda(), w.cuda(), impl="cuda").cpu()
+    ref = torch.logsumexp(w.double()[..., None] + torch.log_softmax(x.double(), -1), 1)
+    err = (out.double() - ref).abs()
+    assert torch.isfinite(out).all() and err.max().item() < 1e-4 * (1 + ref.abs().max().item())
+    again = mixture_logprobs(x.cuda(), w.cuda(), impl="cuda").cpu()
+    assert torch.equal(out, again), "the split merge runs in a fixed order: same bits on every run"
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=GPU)])
+def test_cuda_device_guard(_):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, w = make_case(2, 3, 700, seed=3)
+    with torch.cuda.device(0):
+        out = mixture_logprobs(x.to("cuda:1"), w.to("cuda:1"), impl="cuda")
+    assert out.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu(), mixture_logprobs(x, w, impl="torch").float(), rtol=1e-5, atol=1e-5)

@@ -213,21 +213,26 @@ def test_errors(impl):
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="native module not built")
 def test_native_entry_point_checks():
-    from radit_fast._native import _C
+    from radit_fast._native import _C, tensor_arg
 
     lm = torch.zeros(2, 3)
     out = torch.empty(2)
-    arg = (lm.data_ptr(), 3, 1, 0)
-    no_mask = (0, 0, 0, 0)
+    arg, none = tensor_arg(lm), None
     with pytest.raises(ValueError, match="temperature must be a finite positive number"):
-        _C.replug_forward_cpu(2, 3, arg, arg, no_mask, 0.0, out.data_ptr(), 0, 0)
+        _C.replug_forward_cpu(arg, arg, none, 0.0, tensor_arg(out), none, none)
     with pytest.raises(ValueError, match="k \\(chunks per query\\) must be >= 1"):
-        _C.replug_forward_cpu(2, 0, arg, arg, no_mask, 1.0, out.data_ptr(), 0, 0)
-    with pytest.raises(ValueError, match="lm_logprobs: expected a float32, bfloat16 or float16"):
-        _C.replug_forward_cpu(2, 3, (lm.data_ptr(), 3, 1, 3), arg, no_mask, 1.0, out.data_ptr(), 0, 0)
+        _C.replug_forward_cpu(tensor_arg(lm[:, :0]), arg, none, 1.0, tensor_arg(out), none, none)
+    with pytest.raises(ValueError, match=r"lm_logprobs must be float32 \| bfloat16 \| float16, got int64"):
+        _C.replug_forward_cpu(tensor_arg(lm.long()), arg, none, 1.0, tensor_arg(out), none, none)
+    with pytest.raises(ValueError, match=r"retriever_scores dimension 1 must be 3, got float32 \[2, 4\]"):
+        _C.replug_forward_cpu(arg, tensor_arg(torch.zeros(2, 4)), none, 1.0, tensor_arg(out), none, none)
+    with pytest.raises(ValueError, match="out dimension 0 must be 2"):
+        _C.replug_forward_cpu(arg, arg, none, 1.0, tensor_arg(out[:1]), none, none)
+    with pytest.raises(ValueError, match="grad_lm and grad_scores: give both"):
+        _C.replug_forward_cpu(arg, arg, none, 1.0, tensor_arg(out), tensor_arg(torch.empty(2, 3)), none)
     mask = torch.tensor([[True, True, False], [False, False, False]])
     with pytest.raises(ValueError, match="mask row 1 has no present chunk"):
-        _C.replug_forward_cpu(2, 3, arg, arg, (mask.data_ptr(), 3, 1, 5), 1.0, out.data_ptr(), 0, 0)
+        _C.replug_forward_cpu(arg, arg, tensor_arg(mask), 1.0, tensor_arg(out), none, none)
 
 
 # ---- torch.library / torch.compile ----
@@ -255,3 +260,24 @@ def test_torch_compile_matches_eager():
 def test_docstring_examples():
     result = doctest.testmod(replug_mod, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0, result  # 0 attempted: the examples were not found
+
+
+GPU = [requires_cuda, pytest.mark.cuda, pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="built without CUDA")]
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=GPU)])
+def test_cuda_many_rows_and_empty_mask_row(_, monkeypatch):
+    # More than 65535 queries (grid in x, no 65535 limit) against the CPU kernel; an all-False mask row gives
+    # -inf with zero gradient without a host sync, and the ValueError under RADIT_DEBUG_CHECKS=1.
+    lm, s, mask = make_case(70000, 5, 1.0, 3.0, seed=4, masked=True)
+    want = replug_logprob(lm, s, mask=mask, impl="cpu")
+    got = replug_logprob(lm.cuda(), s.cuda(), mask=mask.cuda(), impl="cuda").cpu()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mask[1] = False
+    lm_c = lm[:4].cuda().requires_grad_()
+    out = replug_logprob(lm_c, s[:4].cuda(), mask=mask[:4].cuda(), impl="cuda")
+    out.sum().backward()
+    assert out[1].item() == -INF and (lm_c.grad[1] == 0).all()
+    monkeypatch.setenv("RADIT_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match="mask row 1 has no present chunk"):
+        replug_logprob(lm[:4].cuda(), s[:4].cuda(), mask=mask[:4].cuda(), impl="cuda")

@@ -1,57 +1,95 @@
 // answer_logprobs: log p(target | hidden) under softmax(hidden @ weight.T + bias), never materialising logits.
 //
-// The CPU backend splits the work between the Python launcher and these entry points: the launcher runs
-// one optimised GEMM per vocabulary block (torch.mm into a preallocated [rows, cols] buffer) and these
-// functions are the fused epilogues around it. Pointers travel as integers (tensor.data_ptr()); every
-// 1-D array is contiguous; the logits block is row-major with row stride `ld` (elements).
-// The math and the gradient are derived at the top of answer_logprobs_cpu.cpp.
+// One blocked driver for every device (radit_fast/ops/answer_logprobs.py) runs the vendor GEMM per vocabulary
+// block (torch.mm into a reused [rows, cols] buffer: oneDNN/MKL on CPU, cuBLAS on GPU); the entry points here
+// are the fused epilogues around it, one set for the CPU (answer_logprobs_cpu.cpp, OpenMP) and one for CUDA
+// (answer_logprobs_cuda.cu), with the math shared in common/radit_math.h. The Python contract is
+// radit_fast/ops/_answer_logprobs_epilogue.py. The math and the gradient are derived at the top of
+// answer_logprobs_cpu.cpp; the CUDA kernel design at the top of answer_logprobs_cuda.cu.
+//
+// Arguments (common/tensor.h TensorArg; checked by every entry point, messages name the argument):
+//   z            [rows, cols] float32 | bfloat16, stride(1) == 1, stride(0) >= cols: logits of the vocabulary
+//                columns [col0, col0 + cols), bias not yet added.
+//   bias         absent or [vocab] float32 | bfloat16, contiguous.
+//   targets      [rows] int64 contiguous; ignore_index marks rows without a target.
+//   row_max, row_sum, target_logit, lse, grad_tok: float32 [rows] contiguous.
+//   grad_bias    absent or float32 [vocab] contiguous: the block's column sums of dz are ADDED to
+//                grad_bias[col0 : col0 + cols], deterministically (fixed-order reductions, no float atomics).
+//   out          absent (dz written in place into z) or [rows, cols] float32 | bfloat16 with stride(1) == 1.
 #pragma once
 
 #include <cstdint>
 
-#include "common/checks.h"
+#include "common/tensor.h"
 
 namespace radit {
 namespace answer_logprobs {
 
-// One vocabulary block [rows, cols] of logits z = hidden[r0:r0+rows] @ weight[col0:col0+cols].T (bias not
-// yet added) and the per-row arrays that belong to the same rows.
-struct BlockParams {
-  std::intptr_t logits = 0;   // [rows, cols] (row stride ld), dtype logits_dtype (float32 | bfloat16)
-  int logits_dtype = 0;       // DType code
-  std::int64_t rows = 0;
-  std::int64_t cols = 0;
-  std::int64_t ld = 0;        // row stride of logits in elements (>= cols)
-  std::int64_t col0 = 0;      // first vocabulary id of the block
-  std::int64_t vocab = 0;     // V, the full vocabulary size (bias has V entries)
-  std::intptr_t bias = 0;     // [V] or 0, dtype bias_dtype (float32 | bfloat16)
-  int bias_dtype = 0;
-  std::intptr_t targets = 0;  // [rows] int64 | int32
-  int targets_dtype = 3;
-  std::int64_t ignore_index = -100;
-  int num_threads = 1;
+// One checked [rows, cols] logits block and the arrays of its rows.
+struct Block {
+  TensorArg z, bias, targets;
+  std::int64_t col0 = 0, vocab = 0, ignore_index = -100;
+  std::int64_t rows() const { return z.size[0]; }
+  std::int64_t cols() const { return z.size[1]; }
+  std::int64_t ld() const { return z.stride[0]; }
 };
 
-// Forward epilogue: merges the block into the running online-logsumexp state of every row,
-// (row_max[r], row_sum[r]) (float32 [rows]; start at (-inf, 0)), and stores the target logit
-// z[r, t_r] + bias[t_r] into target_logit[r] (float32 [rows]) when t_r falls inside the block.
+// Checks shared by the CPU and CUDA entry points (device: -1 for the CPU, else the CUDA index of z).
+Block make_block(const char* fn, const TensorArg& z, std::int64_t col0, std::int64_t vocab, const TensorArg& bias,
+                 const TensorArg& targets, std::int64_t ignore_index, int device);
+void check_finalize(const char* fn, const TensorArg& targets, std::int64_t vocab, const TensorArg& row_max,
+                    const TensorArg& row_sum, const TensorArg& target_logit, const TensorArg& lse,
+                    const TensorArg& tok, const TensorArg& segment_ids, const TensorArg& seg, int device);
+void check_bwd(const char* fn, const Block& b, const TensorArg& lse, const TensorArg& grad_tok,
+               const TensorArg& grad_bias, const TensorArg& out, int device);
+
+// ---- CPU (OpenMP over rows; num_threads from torch.get_num_threads()) ----
+
+// Forward epilogue: merges the block (+ bias) into each row's online-logsumexp state (row_max, row_sum; start at
+// (-inf, 0)) and stores z[r, t_r - col0] + bias[t_r] into target_logit[r] when t_r falls inside the block.
 // Rows whose target is ignore_index are skipped.
-void fwd_block(const BlockParams& p, std::intptr_t row_max, std::intptr_t row_sum, std::intptr_t target_logit);
+void fwd_block_cpu(const TensorArg& z, std::int64_t col0, std::int64_t vocab, const TensorArg& bias,
+                   const TensorArg& targets, std::int64_t ignore_index, const TensorArg& row_max,
+                   const TensorArg& row_sum, const TensorArg& target_logit, int num_threads);
 
-// Forward finalize over all n rows: lse[r] = row_max[r] + log(row_sum[r]) and
-// tok_logprob[r] = target_logit[r] - lse[r] (0 where t_r == ignore_index). When segment_ids != 0
-// (int64 [n], values in [0, num_segments)), seg_logprob[s] (float32 [num_segments]) is overwritten with
-// the sum of tok_logprob over the rows of segment s (0 for an empty segment). Checks every target is in
-// [0, vocab) or ignore_index.
-void fwd_finalize(std::int64_t n, std::int64_t vocab, std::intptr_t targets, int targets_dtype,
-                  std::int64_t ignore_index, std::intptr_t row_max, std::intptr_t row_sum,
-                  std::intptr_t target_logit, std::intptr_t lse, std::intptr_t tok_logprob,
-                  std::intptr_t segment_ids, std::int64_t num_segments, std::intptr_t seg_logprob);
+// Forward finalize over all n rows: lse = row_max + log(row_sum), tok = target_logit - lse (both 0 at ignored
+// rows); with segment_ids (int64 [n] in [0, S)), seg (float32 [S]) is overwritten with the per-segment sums of tok.
+// A target outside [0, vocab) that is not ignore_index raises ValueError naming the row.
+void fwd_finalize_cpu(const TensorArg& targets, std::int64_t vocab, std::int64_t ignore_index,
+                      const TensorArg& row_max, const TensorArg& row_sum, const TensorArg& target_logit,
+                      const TensorArg& lse, const TensorArg& tok, const TensorArg& segment_ids, const TensorArg& seg);
 
-// Backward epilogue, in place: the block becomes dz[r, j] = g_r * ([col0+j == t_r] - exp(z[r, j] + bias - lse_r))
-// (0 for ignored rows and rows with g_r == 0), in the block's dtype. lse and grad_tok are float32 [rows].
-// When grad_bias != 0 (float32 [V]), adds the column sums of dz to grad_bias[col0 : col0+cols].
-void bwd_block(const BlockParams& p, std::intptr_t lse, std::intptr_t grad_tok, std::intptr_t grad_bias);
+// Backward epilogue: dz[r, j] = g_r ([col0 + j == t_r] - exp(z[r, j] + bias[col0 + j] - lse_r)), 0 for ignored rows
+// and rows with g_r == 0, written into out (or in place into z); column sums added to grad_bias when present.
+void bwd_block_cpu(const TensorArg& z, std::int64_t col0, std::int64_t vocab, const TensorArg& bias,
+                   const TensorArg& targets, std::int64_t ignore_index, const TensorArg& lse, const TensorArg& grad_tok,
+                   const TensorArg& grad_bias, const TensorArg& out, int num_threads);
+
+// ---- CUDA (on `stream`, a raw cudaStream_t of z's device; under a device guard; no host synchronisation) ----
+
+// Rows of the float32 grad_bias workspace bwd_block_cuda needs (workspace: [bwd_workspace_rows(rows), cols]).
+inline std::int64_t bwd_workspace_rows(std::int64_t rows) {
+  constexpr std::int64_t kMaxRowTiles = 64, kMinTileRows = 8;
+  const std::int64_t tiles = (rows + kMinTileRows - 1) / kMinTileRows;
+  return tiles < kMaxRowTiles ? (tiles > 0 ? tiles : 1) : kMaxRowTiles;
+}
+
+#ifdef RADIT_WITH_CUDA
+void fwd_block_cuda(const TensorArg& z, std::int64_t col0, std::int64_t vocab, const TensorArg& bias,
+                    const TensorArg& targets, std::int64_t ignore_index, const TensorArg& row_max,
+                    const TensorArg& row_sum, const TensorArg& target_logit, std::uint64_t stream);
+// As fwd_finalize_cpu, except that an out-of-range target gives tok = NaN for its row and sets error_flag
+// (int32 [1], may be absent) to 1; a segment id outside [0, S) sets it too (the row is left out of seg).
+void fwd_finalize_cuda(const TensorArg& targets, std::int64_t vocab, std::int64_t ignore_index,
+                       const TensorArg& row_max, const TensorArg& row_sum, const TensorArg& target_logit,
+                       const TensorArg& lse, const TensorArg& tok, const TensorArg& segment_ids, const TensorArg& seg,
+                       const TensorArg& error_flag, std::uint64_t stream);
+// workspace: float32 [bwd_workspace_rows(rows) * cols] contiguous when grad_bias is present (else absent).
+void bwd_block_cuda(const TensorArg& z, std::int64_t col0, std::int64_t vocab, const TensorArg& bias,
+                    const TensorArg& targets, std::int64_t ignore_index, const TensorArg& lse,
+                    const TensorArg& grad_tok, const TensorArg& grad_bias, const TensorArg& out,
+                    const TensorArg& workspace, std::uint64_t stream);
+#endif
 
 }  // namespace answer_logprobs
 }  // namespace radit

@@ -1,4 +1,5 @@
-// answer_logprobs, CPU epilogues (the GEMM per vocabulary block runs in torch.mm, driven from Python).
+// answer_logprobs, CPU epilogues (the GEMM per vocabulary block runs in torch.mm, driven from Python), and the
+// argument checks the CPU and CUDA entry points share.
 //
 // Math. For a row h (one answer position), logits z_v = h . W_v + b_v over the vocabulary v in [0, V) and
 // the target t:
@@ -20,7 +21,7 @@
 // polynomial exp of common/radit_math.h (exp_poly: Cephes expf, ~1 ulp, exactly 0 for -inf); target_clones
 // compiles them for AVX-512, AVX2+FMA and baseline x86-64 and the loader picks one at run time (no hardware
 // probing at build time). bfloat16 blocks are widened row by row into a float32 scratch row (and narrowed
-// back after the backward epilogue).
+// into the destination after the backward epilogue: z itself, or `out`, whose dtype may differ from z's).
 // Threads: rows are handed out to OpenMP threads (num_threads from torch.get_num_threads(); the module
 // shares torch's libgomp) in dynamic chunks; every result is independent of the schedule.
 #include "answer_logprobs/answer_logprobs.h"
@@ -52,13 +53,7 @@ namespace radit {
 namespace answer_logprobs {
 namespace {
 
-using bf16_t = std::uint16_t;
-
-// bfloat16 conversions and the polynomial exp come from common/radit_math.h (shared with the ensemble kernels).
-RADIT_INLINE float load(const float* p) { return *p; }
-RADIT_INLINE float load(const bf16_t* p) { return bf16_to_float(*p); }
-RADIT_INLINE void store(float* p, float x) { *p = x; }
-RADIT_INLINE void store(bf16_t* p, float x) { *p = float_to_bf16(x); }
+// bfloat16 (radit::Bf16) conversions and the polynomial exp come from common/radit_math.h (shared with CUDA).
 
 constexpr std::int64_t kLanes = 16;
 typedef float vfloat __attribute__((vector_size(kLanes * 4)));
@@ -145,18 +140,20 @@ RADIT_CLONES void row_bwd(float* z, const float* b, std::int64_t n, float lse, f
     gb ? row_bwd_impl<false, true>(z, b, n, lse, scale, gb) : row_bwd_impl<false, false>(z, b, n, lse, scale, gb);
   }
 }
-RADIT_CLONES void widen_row(const bf16_t* in, float* out, std::int64_t n) {
+RADIT_CLONES void widen_row(const Bf16* in, float* out, std::int64_t n) {
 #pragma omp simd
-  for (std::int64_t j = 0; j < n; ++j) out[j] = load(in + j);
+  for (std::int64_t j = 0; j < n; ++j) out[j] = bf16_to_float(in[j].x);
 }
-RADIT_CLONES void narrow_row(const float* in, bf16_t* out, std::int64_t n) {
+RADIT_CLONES void narrow_row(const float* in, Bf16* out, std::int64_t n) {
 #pragma omp simd
-  for (std::int64_t j = 0; j < n; ++j) store(out + j, in[j]);
+  for (std::int64_t j = 0; j < n; ++j) out[j].x = float_to_bf16(in[j]);
 }
 
-std::int64_t target_at(std::intptr_t targets, int dtype, std::int64_t r) {
-  return dtype == static_cast<int>(DType::kInt64) ? reinterpret_cast<const std::int64_t*>(targets)[r]
-                                                  : reinterpret_cast<const std::int32_t*>(targets)[r];
+// A float32 view of a row of n entries of dtype dt at raw: the row itself (float32) or its widening into scratch.
+RADIT_INLINE const float* row_as_float(const void* raw, DType dt, std::int64_t n, float* scratch) {
+  if (dt == DType::kFloat32) return static_cast<const float*>(raw);
+  widen_row(static_cast<const Bf16*>(raw), scratch, n);
+  return scratch;
 }
 
 int threads_for(std::int64_t rows, std::int64_t cols, int requested) {
@@ -164,172 +161,223 @@ int threads_for(std::int64_t rows, std::int64_t cols, int requested) {
   return static_cast<int>(rows < requested ? rows : requested);
 }
 
-void check_targets_dtype(int dtype, const char* fn) {
-  RADIT_CHECK(dtype == static_cast<int>(DType::kInt64) || dtype == static_cast<int>(DType::kInt32),
-              fn << ": targets must be int64 or int32 (dtype code 3 or 4), got code " << dtype);
-}
-
-void check_block(const BlockParams& p, const char* fn) {
-  RADIT_CHECK(p.rows >= 0, fn << ": rows must be >= 0, got " << p.rows);
-  RADIT_CHECK(p.cols >= 1, fn << ": cols must be >= 1, got " << p.cols);
-  RADIT_CHECK(p.ld >= p.cols, fn << ": logits row stride ld must be >= cols = " << p.cols << ", got " << p.ld);
-  RADIT_CHECK(p.col0 >= 0 && p.col0 + p.cols <= p.vocab,
-              fn << ": block [" << p.col0 << ", " << p.col0 + p.cols << ") must lie inside the vocabulary [0, "
-                 << p.vocab << ")");
-  RADIT_CHECK(p.logits_dtype == static_cast<int>(DType::kFloat32) ||
-                  p.logits_dtype == static_cast<int>(DType::kBFloat16),
-              fn << ": logits must be float32 or bfloat16 (dtype code 0 or 1), got code " << p.logits_dtype);
-  RADIT_CHECK(p.bias == 0 || p.bias_dtype == static_cast<int>(DType::kFloat32) ||
-                  p.bias_dtype == static_cast<int>(DType::kBFloat16),
-              fn << ": bias must be float32 or bfloat16 (dtype code 0 or 1), got code " << p.bias_dtype);
-  check_targets_dtype(p.targets_dtype, fn);
-  RADIT_CHECK(p.rows == 0 || (p.logits != 0 && p.targets != 0), fn << ": null logits or targets pointer");
-}
-
 // The block's bias entries as float32 (empty when there is no bias).
-std::vector<float> bias_block(const BlockParams& p) {
+std::vector<float> bias_block(const Block& p) {
   std::vector<float> out;
-  if (p.bias == 0) return out;
-  out.resize(static_cast<std::size_t>(p.cols));
-  if (p.bias_dtype == static_cast<int>(DType::kFloat32)) {
-    const float* b = reinterpret_cast<const float*>(p.bias) + p.col0;
-    for (std::int64_t j = 0; j < p.cols; ++j) out[j] = b[j];
-  } else {
-    const bf16_t* b = reinterpret_cast<const bf16_t*>(p.bias) + p.col0;
-    for (std::int64_t j = 0; j < p.cols; ++j) out[j] = load(b + j);
-  }
+  if (!p.bias.present()) return out;
+  out.resize(static_cast<std::size_t>(p.cols()));
+  dispatch_dtype<float, Bf16>(p.bias.dtype, "bias", [&](auto tag) {
+    const auto* b = p.bias.ptr<const decltype(tag)>() + p.col0;
+    for (std::int64_t j = 0; j < p.cols(); ++j) out[j] = to_float(b[j]);
+  });
   return out;
 }
 
+std::size_t elt_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
 }  // namespace
 
-void fwd_block(const BlockParams& p, std::intptr_t row_max, std::intptr_t row_sum, std::intptr_t target_logit) {
-  check_block(p, "answer_logprobs_fwd_block");
-  RADIT_CHECK(p.rows == 0 || (row_max != 0 && row_sum != 0 && target_logit != 0),
-              "answer_logprobs_fwd_block: null row_max, row_sum or target_logit pointer");
+// ---- argument checks (shared with answer_logprobs_cuda.cu) ----
+Block make_block(const char* fn, const TensorArg& z, std::int64_t col0, std::int64_t vocab, const TensorArg& bias,
+                 const TensorArg& targets, std::int64_t ignore_index, int device) {
+  check_tensor<float, Bf16>(z, fn, "z", device, {-1, -1});
+  const std::int64_t rows = z.size[0], cols = z.size[1];
+  RADIT_CHECK(cols >= 1, fn << ": z must have at least one column, got " << z.describe());
+  RADIT_CHECK(z.stride[1] == 1 || rows == 0, fn << ": z must have stride(1) == 1, got " << z.stride[1]);
+  RADIT_CHECK(z.stride[0] >= cols || rows <= 1,
+              fn << ": z row stride must be >= cols = " << cols << ", got " << z.stride[0]);
+  RADIT_CHECK(vocab >= 1, fn << ": vocab must be >= 1, got " << vocab);
+  RADIT_CHECK(col0 >= 0 && col0 + cols <= vocab, fn << ": block columns [" << col0 << ", " << col0 + cols
+                                                    << ") must lie inside the vocabulary [0, " << vocab << ")");
+  if (bias.present()) {
+    check_tensor<float, Bf16>(bias, fn, "bias", device, {vocab});
+    RADIT_CHECK(bias.stride[0] == 1 || vocab == 1, fn << ": bias must be contiguous");
+  }
+  check_tensor<std::int64_t>(targets, fn, "targets", device, {rows});
+  RADIT_CHECK(targets.stride[0] == 1 || rows <= 1, fn << ": targets must be contiguous");
+  Block b;
+  b.z = z;
+  b.bias = bias;
+  b.targets = targets;
+  b.col0 = col0;
+  b.vocab = vocab;
+  b.ignore_index = ignore_index;
+  if (rows <= 1) b.z.stride[0] = cols > b.z.stride[0] ? cols : b.z.stride[0];  // a 1-row view may report any stride
+  return b;
+}
+
+void check_finalize(const char* fn, const TensorArg& targets, std::int64_t vocab, const TensorArg& row_max,
+                    const TensorArg& row_sum, const TensorArg& target_logit, const TensorArg& lse,
+                    const TensorArg& tok, const TensorArg& segment_ids, const TensorArg& seg, int device) {
+  RADIT_CHECK(vocab >= 1, fn << ": vocab must be >= 1, got " << vocab);
+  check_tensor<std::int64_t>(targets, fn, "targets", device, {-1});
+  const std::int64_t n = targets.size[0];
+  RADIT_CHECK(targets.stride[0] == 1 || n <= 1, fn << ": targets must be contiguous");
+  check_vector_f32(row_max, fn, "row_max", device, n);
+  check_vector_f32(row_sum, fn, "row_sum", device, n);
+  check_vector_f32(target_logit, fn, "target_logit", device, n);
+  check_vector_f32(lse, fn, "lse", device, n);
+  check_vector_f32(tok, fn, "tok", device, n);
+  if (segment_ids.present()) {
+    check_tensor<std::int64_t>(segment_ids, fn, "segment_ids", device, {n});
+    RADIT_CHECK(segment_ids.stride[0] == 1 || n <= 1, fn << ": segment_ids must be contiguous");
+    check_tensor<float>(seg, fn, "seg", device, {-1});
+    RADIT_CHECK(seg.stride[0] == 1 || seg.size[0] <= 1, fn << ": seg must be contiguous");
+  }
+}
+
+void check_bwd(const char* fn, const Block& b, const TensorArg& lse, const TensorArg& grad_tok,
+               const TensorArg& grad_bias, const TensorArg& out, int device) {
+  check_vector_f32(lse, fn, "lse", device, b.rows());
+  check_vector_f32(grad_tok, fn, "grad_tok", device, b.rows());
+  if (grad_bias.present()) check_vector_f32(grad_bias, fn, "grad_bias", device, b.vocab);
+  if (out.present()) {
+    check_tensor<float, Bf16>(out, fn, "out", device, {b.rows(), b.cols()});
+    RADIT_CHECK(out.stride[1] == 1 || b.rows() == 0, fn << ": out must have stride(1) == 1, got " << out.stride[1]);
+    RADIT_CHECK(out.stride[0] >= b.cols() || b.rows() <= 1,
+                fn << ": out row stride must be >= cols = " << b.cols() << ", got " << out.stride[0]);
+  }
+}
+
+// ---- CPU entry points ----
+void fwd_block_cpu(const TensorArg& z_arg, std::int64_t col0, std::int64_t vocab, const TensorArg& bias_arg,
+                   const TensorArg& targets, std::int64_t ignore_index, const TensorArg& row_max,
+                   const TensorArg& row_sum, const TensorArg& target_logit, int num_threads) {
+  const char* fn = "answer_logprobs_fwd_block";
+  const Block p = make_block(fn, z_arg, col0, vocab, bias_arg, targets, ignore_index, -1);
+  const std::int64_t rows = p.rows(), cols = p.cols();
+  check_vector_f32(row_max, fn, "row_max", -1, rows);
+  check_vector_f32(row_sum, fn, "row_sum", -1, rows);
+  check_vector_f32(target_logit, fn, "target_logit", -1, rows);
   const std::vector<float> bias = bias_block(p);
   const float* b = bias.empty() ? nullptr : bias.data();
-  const bool bf16 = p.logits_dtype == static_cast<int>(DType::kBFloat16);
-  const std::size_t elt = bf16 ? 2 : 4;
-  float* mx = reinterpret_cast<float*>(row_max);
-  float* sm = reinterpret_cast<float*>(row_sum);
-  float* tl = reinterpret_cast<float*>(target_logit);
-  const int nt = threads_for(p.rows, p.cols, p.num_threads);
+  const bool bf16 = p.z.dtype == DType::kBFloat16;
+  const std::size_t elt = elt_size(p.z.dtype);
+  const std::int64_t* tg = p.targets.ptr<const std::int64_t>();
+  float* mx = row_max.ptr<float>();
+  float* sm = row_sum.ptr<float>();
+  float* tl = target_logit.ptr<float>();
+  const int nt = threads_for(rows, cols, num_threads);
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> scratch(bf16 ? static_cast<std::size_t>(p.cols) : 0);
-#pragma omp for schedule(dynamic, 16)  // dynamic: see bwd_block
-    for (std::int64_t r = 0; r < p.rows; ++r) {
-      const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
+    std::vector<float> scratch(bf16 ? static_cast<std::size_t>(cols) : 0);
+#pragma omp for schedule(dynamic, 16)  // dynamic: see bwd_block_cpu
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t t = tg[r];
       if (t == p.ignore_index) continue;
-      const char* raw = reinterpret_cast<const char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
-      const float* row = reinterpret_cast<const float*>(raw);
-      if (bf16) {
-        widen_row(reinterpret_cast<const bf16_t*>(raw), scratch.data(), p.cols);
-        row = scratch.data();
-      }
-      const LseState st = lse_merge(LseState{mx[r], sm[r]}, row_lse(row, b, p.cols));
+      const char* raw = static_cast<const char*>(p.z.data) + static_cast<std::size_t>(r * p.ld()) * elt;
+      const float* row = row_as_float(raw, p.z.dtype, cols, scratch.data());
+      const LseState st = lse_merge(LseState{mx[r], sm[r]}, row_lse(row, b, cols));
       mx[r] = st.m;
       sm[r] = st.s;
       const std::int64_t j = t - p.col0;
-      if (j >= 0 && j < p.cols) tl[r] = b ? row[j] + b[j] : row[j];
+      if (j >= 0 && j < cols) tl[r] = b ? row[j] + b[j] : row[j];
     }
   }
 }
 
-void fwd_finalize(std::int64_t n, std::int64_t vocab, std::intptr_t targets, int targets_dtype,
-                  std::int64_t ignore_index, std::intptr_t row_max, std::intptr_t row_sum,
-                  std::intptr_t target_logit, std::intptr_t lse, std::intptr_t tok_logprob,
-                  std::intptr_t segment_ids, std::int64_t num_segments, std::intptr_t seg_logprob) {
-  const char* fn = "answer_logprobs_fwd_finalize";
-  RADIT_CHECK(n >= 0, fn << ": n must be >= 0, got " << n);
-  RADIT_CHECK(vocab >= 1, fn << ": vocab must be >= 1, got " << vocab);
-  check_targets_dtype(targets_dtype, fn);
-  RADIT_CHECK(n == 0 || (targets && row_max && row_sum && target_logit && lse && tok_logprob),
-              fn << ": null pointer argument");
+void fwd_finalize_cpu(const TensorArg& targets, std::int64_t vocab, std::int64_t ignore_index,
+                      const TensorArg& row_max, const TensorArg& row_sum, const TensorArg& target_logit,
+                      const TensorArg& lse, const TensorArg& tok_arg, const TensorArg& segment_ids,
+                      const TensorArg& seg_arg) {
+  const char* fn = "answer_logprobs";
+  check_finalize(fn, targets, vocab, row_max, row_sum, target_logit, lse, tok_arg, segment_ids, seg_arg, -1);
+  const std::int64_t n = targets.size[0];
+  const std::int64_t* tg = targets.ptr<const std::int64_t>();
   for (std::int64_t r = 0; r < n; ++r) {
-    const std::int64_t t = target_at(targets, targets_dtype, r);
-    RADIT_CHECK(t == ignore_index || (t >= 0 && t < vocab),
-                fn << ": targets[" << r << "] = " << t << " is outside [0, " << vocab << ") and is not ignore_index = "
-                   << ignore_index);
+    RADIT_CHECK(tg[r] == ignore_index || (tg[r] >= 0 && tg[r] < vocab),
+                fn << ": targets[" << r << "] = " << tg[r] << " is outside [0, " << vocab
+                   << ") and is not ignore_index = " << ignore_index);
   }
-  const float* mx = reinterpret_cast<const float*>(row_max);
-  const float* sm = reinterpret_cast<const float*>(row_sum);
-  const float* tl = reinterpret_cast<const float*>(target_logit);
-  float* out_lse = reinterpret_cast<float*>(lse);
-  float* tok = reinterpret_cast<float*>(tok_logprob);
+  const float* mx = row_max.ptr<const float>();
+  const float* sm = row_sum.ptr<const float>();
+  const float* tl = target_logit.ptr<const float>();
+  float* out_lse = lse.ptr<float>();
+  float* tok = tok_arg.ptr<float>();
   for (std::int64_t r = 0; r < n; ++r) {
-    const bool ignored = target_at(targets, targets_dtype, r) == ignore_index;
+    const bool ignored = tg[r] == ignore_index;
     const float l = ignored ? 0.0f : lse_value(LseState{mx[r], sm[r]});
     out_lse[r] = l;
     tok[r] = ignored ? 0.0f : tl[r] - l;
   }
-  if (segment_ids == 0) return;
-  RADIT_CHECK(num_segments >= 0, fn << ": num_segments must be >= 0, got " << num_segments);
-  RADIT_CHECK(num_segments == 0 || seg_logprob != 0, fn << ": null seg_logprob pointer");
-  const std::int64_t* seg = reinterpret_cast<const std::int64_t*>(segment_ids);
+  if (!segment_ids.present()) return;
+  const std::int64_t num_segments = seg_arg.size[0];
+  const std::int64_t* seg = segment_ids.ptr<const std::int64_t>();
   for (std::int64_t r = 0; r < n; ++r) {
     RADIT_CHECK(seg[r] >= 0 && seg[r] < num_segments,
                 fn << ": segment_ids[" << r << "] = " << seg[r] << " is outside [0, " << num_segments << ")");
   }
-  float* out = reinterpret_cast<float*>(seg_logprob);
+  float* out = seg_arg.ptr<float>();
   for (std::int64_t s = 0; s < num_segments; ++s) out[s] = 0.0f;
   for (std::int64_t r = 0; r < n; ++r) out[seg[r]] += tok[r];
 }
 
-void bwd_block(const BlockParams& p, std::intptr_t lse, std::intptr_t grad_tok, std::intptr_t grad_bias) {
-  check_block(p, "answer_logprobs_bwd_block");
-  RADIT_CHECK(p.rows == 0 || (lse != 0 && grad_tok != 0), "answer_logprobs_bwd_block: null lse or grad_tok pointer");
+void bwd_block_cpu(const TensorArg& z_arg, std::int64_t col0, std::int64_t vocab, const TensorArg& bias_arg,
+                   const TensorArg& targets, std::int64_t ignore_index, const TensorArg& lse_arg,
+                   const TensorArg& grad_tok, const TensorArg& grad_bias, const TensorArg& out_arg, int num_threads) {
+  const char* fn = "answer_logprobs_bwd_block";
+  const Block p = make_block(fn, z_arg, col0, vocab, bias_arg, targets, ignore_index, -1);
+  check_bwd(fn, p, lse_arg, grad_tok, grad_bias, out_arg, -1);
+  const std::int64_t rows = p.rows(), cols = p.cols();
   const std::vector<float> bias = bias_block(p);
   const float* b = bias.empty() ? nullptr : bias.data();
-  const bool bf16 = p.logits_dtype == static_cast<int>(DType::kBFloat16);
-  const std::size_t elt = bf16 ? 2 : 4;
-  const float* l = reinterpret_cast<const float*>(lse);
-  const float* g = reinterpret_cast<const float*>(grad_tok);
-  const int nt = threads_for(p.rows, p.cols, p.num_threads);
+  // Destination: out, or z itself. Rows are computed in float32 in the destination row (float32) or in a
+  // scratch row narrowed into it afterwards (bfloat16).
+  const TensorArg& dst = out_arg.present() ? out_arg : p.z;
+  const std::int64_t dst_ld = rows <= 1 ? cols : dst.stride[0];
+  const bool dst_bf16 = dst.dtype == DType::kBFloat16;
+  const std::size_t src_elt = elt_size(p.z.dtype), dst_elt = elt_size(dst.dtype);
+  const std::int64_t* tg = p.targets.ptr<const std::int64_t>();
+  const float* l = lse_arg.ptr<const float>();
+  const float* g = grad_tok.ptr<const float>();
+  const int nt = threads_for(rows, cols, num_threads);
   // Rows are handed out in fixed chunks, dynamically (a thread that loses its core on a shared machine does
   // not hold the others up at the barrier). Each chunk has its own column sums for the bias gradient,
   // reduced in chunk order afterwards: the result does not depend on which thread ran which chunk.
-  const std::int64_t chunks = p.rows < 16 * nt ? (p.rows > 0 ? p.rows : 1) : 16 * nt;
-  const std::int64_t chunk_rows = (p.rows + chunks - 1) / chunks;
-  std::vector<float> acc(grad_bias ? static_cast<std::size_t>(chunks) * static_cast<std::size_t>(p.cols) : 0, 0.0f);
+  const std::int64_t chunks = rows < 16 * nt ? (rows > 0 ? rows : 1) : 16 * nt;
+  const std::int64_t chunk_rows = (rows + chunks - 1) / chunks;
+  std::vector<float> acc(grad_bias.present() ? static_cast<std::size_t>(chunks) * static_cast<std::size_t>(cols) : 0,
+                         0.0f);
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> scratch(bf16 ? static_cast<std::size_t>(p.cols) : 0);
+    std::vector<float> scratch(static_cast<std::size_t>(cols));
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t k = 0; k < chunks; ++k) {
-      float* gb = grad_bias ? acc.data() + static_cast<std::size_t>(k) * static_cast<std::size_t>(p.cols) : nullptr;
-      const std::int64_t r_end = (k + 1) * chunk_rows < p.rows ? (k + 1) * chunk_rows : p.rows;
+      float* gb = acc.empty() ? nullptr : acc.data() + static_cast<std::size_t>(k) * static_cast<std::size_t>(cols);
+      const std::int64_t r_end = (k + 1) * chunk_rows < rows ? (k + 1) * chunk_rows : rows;
       for (std::int64_t r = k * chunk_rows; r < r_end; ++r) {
-        char* raw = reinterpret_cast<char*>(p.logits) + static_cast<std::size_t>(r * p.ld) * elt;
-        const std::int64_t t = target_at(p.targets, p.targets_dtype, r);
+        const char* src = static_cast<const char*>(p.z.data) + static_cast<std::size_t>(r * p.ld()) * src_elt;
+        char* dst_raw = static_cast<char*>(dst.data) + static_cast<std::size_t>(r * dst_ld) * dst_elt;
+        const std::int64_t t = tg[r];
         const float gr = g[r];
         if (t == p.ignore_index || gr == 0.0f) {
-          std::memset(raw, 0, static_cast<std::size_t>(p.cols) * elt);
+          std::memset(dst_raw, 0, static_cast<std::size_t>(cols) * dst_elt);
           continue;
         }
-        float* row = reinterpret_cast<float*>(raw);
-        if (bf16) {
-          widen_row(reinterpret_cast<const bf16_t*>(raw), scratch.data(), p.cols);
-          row = scratch.data();
+        // The row as float32 in `row` (the destination itself when it is float32).
+        float* row = dst_bf16 ? scratch.data() : reinterpret_cast<float*>(dst_raw);
+        if (p.z.dtype == DType::kBFloat16) {
+          widen_row(reinterpret_cast<const Bf16*>(src), row, cols);
+        } else if (reinterpret_cast<const char*>(row) != src) {
+          std::memcpy(row, src, static_cast<std::size_t>(cols) * sizeof(float));
         }
         const std::int64_t j = t - p.col0;
-        const bool has_t = j >= 0 && j < p.cols;
+        const bool has_t = j >= 0 && j < cols;
         const float xt = has_t ? (b ? row[j] + b[j] : row[j]) : 0.0f;
-        row_bwd(row, b, p.cols, l[r], -gr, gb);
+        row_bwd(row, b, cols, l[r], -gr, gb);
         if (has_t) {  // the one-hot term: dz_t = g (1 - p_t); the loop above added -g p_t to gb
-          row[j] = gr * (1.0f - exp_fast(xt - l[r]));
+          row[j] = dlogit(xt, l[r], gr, true);
           if (gb) gb[j] += gr;
         }
-        if (bf16) narrow_row(row, reinterpret_cast<bf16_t*>(raw), p.cols);
+        if (dst_bf16) narrow_row(row, reinterpret_cast<Bf16*>(dst_raw), cols);
       }
     }
   }
-  if (grad_bias) {
-    float* out = reinterpret_cast<float*>(grad_bias) + p.col0;
+  if (grad_bias.present()) {
+    float* gout = grad_bias.ptr<float>() + p.col0;
     for (std::int64_t k = 0; k < chunks; ++k) {
-      const float* a = acc.data() + static_cast<std::size_t>(k) * static_cast<std::size_t>(p.cols);
-      for (std::int64_t j = 0; j < p.cols; ++j) out[j] += a[j];
+      const float* a = acc.data() + static_cast<std::size_t>(k) * static_cast<std::size_t>(cols);
+      for (std::int64_t j = 0; j < cols; ++j) gout[j] += a[j];
     }
   }
 }

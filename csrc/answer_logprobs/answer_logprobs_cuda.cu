@@ -1,468 +1,406 @@
-// answer_logprobs, CUDA kernels: log p(target | hidden) without materialising the N x V logits.
+// answer_logprobs, CUDA epilogues around the vendor GEMM (cuBLAS via torch.mm in the Python driver).
 //
-// Math. Row r has hidden h_r [d] and target t_r; the logits over the vocabulary are
-//     z_rv = h_r . w_v + b_v,     lse_r = log sum_v exp(z_rv),     tok_r = z_{r t_r} - lse_r
-// (tok_r = 0 where t_r == ignore_index). lse is built online: the vocabulary is cut into 64-column blocks;
-// each block gives a state (m, s) = (max_v z, sum_v exp(z - m)) and states merge associatively,
-// (m1, s1) + (m2, s2) = (M, s1 e^{m1-M} + s2 e^{m2-M}) with M = max(m1, m2), lse = m + log s
-// (radit::lse_push / lse_merge / lse_value in common/radit_math.h, the same code the CPU path runs).
+// Math (derived in answer_logprobs_cpu.cpp; the same radit_math.h functions run here). Row r of a logits block
+// z [rows, cols] covers the vocabulary columns [col0, col0 + cols); x_rj = z_rj + b_{col0+j}.
+//   forward:  (m_r, s_r) <- lse_merge((m_r, s_r), (max_j x_rj, sum_j exp(x_rj - max)))   online logsumexp
+//             target_logit_r = x_{r, t_r - col0} when col0 <= t_r < col0 + cols
+//   finalize: lse_r = m_r + log s_r, tok_r = target_logit_r - lse_r (0 at ignored rows)
+//   backward: dz_rj = g_r ([col0 + j == t_r] - exp(x_rj - lse_r))  (d tok_r / d z_rj = onehot - softmax),
+//             grad_bias_{col0+j} += sum_r dz_rj.
 //
-// Gradient of L = sum_r g_r tok_r (g_r = dL/dtok_r, 0 at ignored rows). With p_rv = exp(z_rv - lse_r),
-//     d tok_r / d z_rv = [v == t_r] - p_rv,      dz_rv = g_r ([v == t_r] - p_rv),
-//     dL/dh_r = sum_v dz_rv w_v   (grad_hidden = dz W),      dL/dw_v = sum_r dz_rv h_r   (grad_weight = dz^T H),
-//     dL/db_v = sum_r dz_rv.
-// (The negative log-likelihood has g = -1, giving the usual dz = p - onehot.)
-//
-// Design. Everything is built from one block-tile product, block_gemm: a 128-thread block computes a
-// 64 x 64 fp32 tile C = A[64 x K] B[K x 64] from strided global views (transposes are strides), staging
-// 64 x 32 and 32 x 64 tiles in shared memory. The inner product is a compile-time switch on the input type:
-// bfloat16 uses tensor cores (nvcuda::wmma 16x16x16 bf16 fragments, fp32 accumulators, 4 warps of 2 x 2
-// fragments) on sm_80+; float32 (and bfloat16 below sm_80) uses a SIMT 4 x 8 register micro-tile per
-// thread. Three kernels use it:
-//   * fwd_partial_kernel: block (row block, vocabulary split) loops over its 64-column vocabulary blocks,
-//     C = H W^T, adds the bias, folds each row into an online-logsumexp state (one warp per 16 rows,
-//     two columns per lane, warp-shuffle lse_merge) and stores the target logit where it falls;
-//     fwd_merge_kernel merges the splits' states per row into lse and tok.
-//   * dlogits_kernel: recomputes C for (row block, vocabulary block) of one vocabulary chunk and writes
-//     dz into a [n, chunk] workspace in the input dtype, adding its column sums to grad_bias (atomics).
-//   * gemm_kernel: grad_hidden (+)= dz_chunk W_chunk and grad_weight_chunk = dz_chunk^T H, each output
-//     element reduced in registers by one block (no atomics on the big gradients).
-// Accumulation is fp32 throughout; outputs are fp32. Memory is O(n d + v d + n chunk), never O(n v).
-#include <cuda_bf16.h>
+// Design. Each thread owns 8-element chunks of a row (one 16-byte load for bfloat16, two for float32;
+// common/cuda_utils.cuh load_chunk / store_chunk), so a warp moves 512 contiguous bytes per step.
+//   * fwd_block_kernel<kGroup>: a group of kGroup threads per row, a warp (32) when the block has enough rows to
+//     fill every resident warp, else the whole 256-thread block; the group strides over the row's chunks with an
+//     online-logsumexp state per thread (lse_push_n: one rescale per chunk), reduced by warp shuffles (and a
+//     shared-memory step across the block's warps, in a fixed order). The grid is the number of resident blocks
+//     (SM count x occupancy from cudaOccupancyMaxActiveBlocksPerMultiprocessor), rows visited grid-stride.
+//   * fwd_finalize_kernel: one thread per row; an out-of-range target gives NaN and raises the device error
+//     flag (no host synchronisation). seg_sum_kernel: one thread per segment sums tok over the rows in row order
+//     from shared-memory tiles (deterministic, no atomics).
+//   * bwd_block_kernel: 2-D tiles of 256 columns (a warp across, 8 columns per lane) by tile_rows rows (the 8
+//     warps take every 8th row); dz goes to out (or in place to z) as the chunk is computed; with grad_bias each
+//     lane keeps its 8 column sums in registers, the block reduces its warps in a fixed order into a float32
+//     workspace row per row tile, and bias_reduce_kernel adds the row tiles in order to grad_bias: the same
+//     bits on every run (no float atomics). Row tiles are sized so that the grid is about one wave of resident
+//     blocks.
 #include <cuda_runtime.h>
-#include <mma.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
+#include <type_traits>
 
-#include "answer_logprobs/answer_logprobs_cuda.h"
-#include "common/checks.h"
+#include "answer_logprobs/answer_logprobs.h"
+#include "common/cuda_utils.cuh"
 #include "common/radit_math.h"
 
 namespace radit {
 namespace answer_logprobs {
 namespace {
 
-using bf16 = __nv_bfloat16;
+using cuda::kChunk;
+constexpr int kThreads = 256;  // every kernel: 8 warps
+constexpr int kWarp = 32;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kTileCols = kWarp * kChunk;  // columns of a backward tile
+constexpr unsigned kFull = 0xffffffffu;
 
-constexpr int kBM = static_cast<int>(kCudaTileRows);  // rows of a tile
-constexpr int kBN = static_cast<int>(kCudaTileCols);  // columns of a tile
-constexpr int kBK = 32;                               // reduction step staged in shared memory
-constexpr int kThreads = 128;                         // 4 warps
-constexpr int kWarps = kThreads / 32;
+struct NoBias {};  // bias type tag of a launch without bias
 
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  static constexpr int kPad = 1;  // breaks bank conflicts of the SIMT reads
-  __device__ static float to_float(float x) { return x; }
-  __device__ static float from_float(float x) { return x; }
-};
-template <>
-struct Traits<bf16> {
-  static constexpr int kPad = 8;  // wmma: leading dimensions a multiple of 8 elements (16 bytes)
-  __device__ static float to_float(bf16 x) { return __bfloat162float(x); }
-  __device__ static bf16 from_float(float x) { return __float2bfloat16_rn(x); }
-};
-
-// A strided [rows, cols] view of global memory: element (r, c) at p[r * sr + c * sc].
-template <typename T>
-struct View {
-  const T* p;
-  std::int64_t sr, sc, rows, cols;
-};
-
-// Shared memory of one block. For bf16 every fragment pointer is 32-byte aligned: row strides are
-// 80 B (a), 144 B (b) and 272 B (c), fragments start at multiples of 16 rows and 16 columns.
-template <typename T>
-struct alignas(128) Smem {
-  T a[kBM][kBK + Traits<T>::kPad];  // A tile [64 rows x 32 k]
-  T b[kBK][kBN + Traits<T>::kPad];  // B tile [32 k x 64 cols]
-  float c[kBM][kBN + 4];            // the fp32 product tile
-};
-static_assert(sizeof(bf16[kBM][kBK + 8]) % 32 == 0 && sizeof(bf16[kBK][kBN + 8]) % 32 == 0,
-              "wmma needs 32-byte aligned fragment rows");
-
-// tile[r][c] = g(r0 + r, c0 + c), zero outside the view. Consecutive threads walk the view's contiguous
-// dimension so global reads coalesce for both plain and transposed views.
-template <typename T, int R, int C, int LD>
-__device__ void load_tile(T (*tile)[LD], const View<T>& g, std::int64_t r0, std::int64_t c0) {
-  const bool col_fast = g.sc == 1 || g.sr != 1;
-  for (int i = threadIdx.x; i < R * C; i += kThreads) {
-    const int r = col_fast ? i / C : i % R;
-    const int c = col_fast ? i % C : i / R;
-    const std::int64_t gr = r0 + r, gc = c0 + c;
-    tile[r][c] = (gr < g.rows && gc < g.cols) ? g.p[gr * g.sr + gc * g.sc] : Traits<T>::from_float(0.0f);
+// x[i] += bias[c0 + i] for the n valid entries of a chunk.
+template <class TB>
+__device__ __forceinline__ void add_bias(float (&x)[kChunk], const void* bias, std::int64_t c0, int n) {
+  if constexpr (!std::is_same_v<TB, NoBias>) {
+    const TB* b = static_cast<const TB*>(bias) + c0;
+    RADIT_UNROLL
+    for (int i = 0; i < kChunk; ++i)
+      if (i < n) x[i] += to_float(b[i]);
   }
 }
 
-// The per-type inner product of the staged tiles: zero(), step(sm) (C += A B for one kBK slice), store(sm).
-template <typename T>
-struct BlockMma;
-
-// SIMT: thread (ty, tx) = (tid / 8, tid % 8) owns rows 4 ty + i (i < 4) and columns tx + 8 j (j < 8).
-// The float32 path, and the bfloat16 path on GPUs older than sm_80 (no bf16 tensor-core fragments).
-template <typename T>
-struct BlockMmaSimt {
-  float acc[4][8];
-  __device__ void zero() {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-  }
-  __device__ void step(const Smem<T>& sm) {
-    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-#pragma unroll 4
-    for (int k = 0; k < kBK; ++k) {
-      float a[4], b[8];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = Traits<T>::to_float(sm.a[ty * 4 + i][k]);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) b[j] = Traits<T>::to_float(sm.b[k][tx + 8 * j]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-  }
-  __device__ void store(Smem<T>& sm) const {
-    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) sm.c[ty * 4 + i][tx + 8 * j] = acc[i][j];
-  }
-};
-
-template <>
-struct BlockMma<float> : BlockMmaSimt<float> {};
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-template <>
-struct BlockMma<bf16> : BlockMmaSimt<bf16> {};
-#else
-// bfloat16 on sm_80+: warp w owns the 32 x 32 sub-tile at (32 (w / 2), 32 (w % 2)) as 2 x 2 wmma fragments.
-template <>
-struct BlockMma<bf16> {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][2];
-  __device__ void zero() {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
-  }
-  __device__ void step(const Smem<bf16>& sm) {
-    using namespace nvcuda;
-    const int warp = threadIdx.x / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &sm.a[wm + 16 * i][kk], kBK + Traits<bf16>::kPad);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &sm.b[kk][wn + 16 * j], kBN + Traits<bf16>::kPad);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
-  }
-  __device__ void store(Smem<bf16>& sm) const {
-    using namespace nvcuda;
-    const int warp = threadIdx.x / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(&sm.c[wm + 16 * i][wn + 16 * j], acc[i][j], kBN + 4, wmma::mem_row_major);
-  }
-};
-#endif
-
-// sm.c = A[m0 : m0+64, 0:K] B[0:K, n0 : n0+64] in fp32 (zero outside the views). Begins and ends with a
-// barrier, so sm.c may be read by the previous epilogue and is visible to every thread on return.
-template <typename T>
-__device__ void block_gemm(Smem<T>& sm, const View<T>& A, const View<T>& B, std::int64_t m0, std::int64_t n0,
-                           std::int64_t K) {
-  BlockMma<T> mma;
-  mma.zero();
-  __syncthreads();
-  for (std::int64_t k0 = 0; k0 < K; k0 += kBK) {
-    load_tile<T, kBM, kBK>(sm.a, A, m0, k0);
-    load_tile<T, kBK, kBN>(sm.b, B, k0, n0);
-    __syncthreads();
-    mma.step(sm);
-    __syncthreads();
-  }
-  mma.store(sm);
-  __syncthreads();
-}
-
-// Forward, part 1. Block (blockIdx.x = row block, blockIdx.y = vocabulary split) handles 64 rows and the
-// vocabulary blocks [split * blocks_per_split, ...). Writes the split's state (m, s) of every row to
-// part_m / part_s [splits, n] and the target logit to tgt_logit [n] where the target falls in the split.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) fwd_partial_kernel(View<T> H, View<T> Wt, const float* bias,
-                                                               const std::int64_t* targets, float* part_m,
-                                                               float* part_s, float* tgt_logit, std::int64_t n,
-                                                               std::int64_t v, std::int64_t d,
-                                                               std::int64_t blocks_per_split) {
-  __shared__ Smem<T> sm;
-  __shared__ LseState row_state[kBM];  // row r is touched only by lane 0 of warp r / (kBM / kWarps)
-  constexpr int kRowsPerWarp = kBM / kWarps;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kBM;
-  const std::int64_t split = blockIdx.y;
-  const std::int64_t num_vb = (v + kBN - 1) / kBN;
-  const std::int64_t vb_end = min(num_vb, (split + 1) * blocks_per_split);
-  if (lane == 0)
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) row_state[warp * kRowsPerWarp + rr] = lse_empty();
-
-  for (std::int64_t vb = split * blocks_per_split; vb < vb_end; ++vb) {
-    const std::int64_t v0 = vb * kBN;
-    block_gemm(sm, H, Wt, n0, v0, d);
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int r = warp * kRowsPerWarp + rr;
-      const std::int64_t row = n0 + r;
-      if (row >= n) break;  // uniform across the warp
-      const std::int64_t t = targets[row];
-      LseState st = lse_empty();
-      for (int c = lane; c < kBN; c += 32) {
-        const std::int64_t col = v0 + c;
-        if (col < v) {
-          const float z = sm.c[r][c] + (bias != nullptr ? bias[col] : 0.0f);
-          st = lse_push(st, z);
-          if (col == t) tgt_logit[row] = z;
-        }
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) {
-        const LseState other{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off)};
-        st = lse_merge(st, other);
-      }
-      if (lane == 0) row_state[r] = lse_merge(row_state[r], st);
-    }
-  }
-  if (lane == 0) {
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int r = warp * kRowsPerWarp + rr;
-      const std::int64_t row = n0 + r;
-      if (row < n) {
-        part_m[split * n + row] = row_state[r].m;
-        part_s[split * n + row] = row_state[r].s;
-      }
-    }
-  }
-}
-
-// Forward, part 2: one thread per row merges the splits' states and writes lse and tok.
-__global__ void fwd_merge_kernel(const float* part_m, const float* part_s, const float* tgt_logit,
-                                 const std::int64_t* targets, float* tok, float* lse, std::int64_t n,
-                                 std::int64_t splits, std::int64_t ignore_index) {
-  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= n) return;
-  LseState st = lse_empty();
-  for (std::int64_t s = 0; s < splits; ++s) st = lse_merge(st, LseState{part_m[s * n + row], part_s[s * n + row]});
-  const float l = lse_value(st);
-  lse[row] = l;
-  tok[row] = targets[row] == ignore_index ? 0.0f : tgt_logit[row] - l;
-}
-
-// Backward, part 1. Block (row block, column block of the chunk): dz[row, c] for vocabulary entry
-// v_start + c, c < chunk_width, stored in T with row stride ldz; column sums added to grad_bias.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) dlogits_kernel(View<T> H, View<T> Wt, const float* bias,
-                                                           const std::int64_t* targets, const float* lse,
-                                                           const float* grad_tok, T* dz, std::int64_t ldz,
-                                                           float* grad_bias, std::int64_t n, std::int64_t v,
-                                                           std::int64_t d, std::int64_t v_start,
-                                                           std::int64_t chunk_width) {
-  __shared__ Smem<T> sm;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kBM;
-  const std::int64_t c0 = static_cast<std::int64_t>(blockIdx.y) * kBN;
-  block_gemm(sm, H, Wt, n0, v_start + c0, d);
-  for (int i = threadIdx.x; i < kBM * kBN; i += kThreads) {
-    const int r = i / kBN, c = i % kBN;
-    const std::int64_t row = n0 + r, cc = c0 + c, col = v_start + cc;
-    float val = 0.0f;
-    if (row < n && cc < chunk_width && col < v) {
-      const float g = grad_tok[row];
-      if (g != 0.0f) {
-        const float z = sm.c[r][c] + (bias != nullptr ? bias[col] : 0.0f);
-        val = g * ((col == targets[row] ? 1.0f : 0.0f) - exp_minus(z, lse[row]));
-      }
-      dz[row * ldz + cc] = Traits<T>::from_float(val);
-    }
-    sm.c[r][c] = val;  // each element has one owner thread: no race
-  }
-  if (grad_bias != nullptr) {
-    __syncthreads();
-    const int c = threadIdx.x;
-    if (c < kBN && c0 + c < chunk_width && v_start + c0 + c < v) {
-      float s = 0.0f;
-      for (int r = 0; r < kBM; ++r) s += sm.c[r][c];
-      atomicAdd(&grad_bias[v_start + c0 + c], s);
-    }
-  }
-}
-
-// Backward, part 2: C[M, NC] (+)= A[M, K] B[K, NC]; C float32 with row stride ldc.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(View<T> A, View<T> B, float* C, std::int64_t ldc,
-                                                        std::int64_t M, std::int64_t NC, std::int64_t K,
-                                                        bool accumulate) {
-  __shared__ Smem<T> sm;
-  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * kBM;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kBN;
-  block_gemm(sm, A, B, m0, n0, K);
-  for (int i = threadIdx.x; i < kBM * kBN; i += kThreads) {
-    const int r = i / kBN, c = i % kBN;
-    const std::int64_t row = m0 + r, col = n0 + c;
-    if (row < M && col < NC) {
-      float* out = C + row * ldc + col;
-      *out = accumulate ? *out + sm.c[r][c] : sm.c[r][c];
-    }
-  }
-}
-
-// ---- host side ----
-
-std::int64_t cdiv(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
-template <typename P>
-P* as_ptr(std::uintptr_t p) {
-  return reinterpret_cast<P*>(p);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + ": CUDA launch failed: " + cudaGetErrorString(err));
-  }
-}
-
-// Calls f(T{}) with T the element type of the float dtype code (the compile-time switch of the kernels).
-template <typename F>
-void dtype_switch(int dtype, const char* op, F&& f) {
-  if (dtype == static_cast<int>(DType::kFloat32)) {
-    f(float{});
-  } else if (dtype == static_cast<int>(DType::kBFloat16)) {
-    f(bf16{});
+template <class TB>
+__device__ __forceinline__ float bias_at(const void* bias, std::int64_t v) {
+  if constexpr (std::is_same_v<TB, NoBias>) {
+    return 0.0f;
   } else {
-    RADIT_CHECK(false, op << ": hidden and weight must be float32 or bfloat16 (dtype code 0 or 1), got dtype code "
-                          << dtype);
+    return to_float(static_cast<const TB*>(bias)[v]);
   }
 }
 
-// Checks shared by the forward and the backward entry points.
-void check_common(const char* op, std::uintptr_t hidden, std::int64_t hs0, std::int64_t hs1, std::uintptr_t weight,
-                  std::int64_t ws0, std::int64_t ws1, int dtype, std::uintptr_t targets, std::int64_t n,
-                  std::int64_t v, std::int64_t d) {
-  RADIT_CHECK(dtype == static_cast<int>(DType::kFloat32) || dtype == static_cast<int>(DType::kBFloat16),
-              op << ": hidden and weight must be float32 or bfloat16 (dtype code 0 or 1), got dtype code " << dtype);
-  RADIT_CHECK(n >= 0, op << ": n (rows of hidden [n, d]) must be >= 0, got " << n);
-  RADIT_CHECK(v >= 1, op << ": v (rows of weight [v, d]) must be >= 1, got " << v);
-  RADIT_CHECK(d >= 0, op << ": d (columns of hidden [n, d] and weight [v, d]) must be >= 0, got " << d);
-  RADIT_CHECK(hs0 >= 0 && hs1 >= 0, op << ": hidden [" << n << ", " << d << "] strides must be >= 0");
-  RADIT_CHECK(ws0 >= 0 && ws1 >= 0, op << ": weight [" << v << ", " << d << "] strides must be >= 0");
-  RADIT_CHECK(hidden != 0 || n * d == 0, op << ": hidden [" << n << ", " << d << "] is a null pointer");
-  RADIT_CHECK(weight != 0 || d == 0, op << ": weight [" << v << ", " << d << "] is a null pointer");
-  RADIT_CHECK(targets != 0 || n == 0, op << ": targets int64 [" << n << "] is a null pointer");
-  RADIT_CHECK(cdiv(n, kBM) <= 0x7fffffff, op << ": n = " << n << " rows is too many");
+__device__ __forceinline__ LseState warp_lse(LseState st) {
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    const LseState o{__shfl_xor_sync(kFull, st.m, off), __shfl_xor_sync(kFull, st.s, off)};
+    st = lse_merge(st, o);
+  }
+  return st;
+}
+
+// The state of the whole group (valid in the group's first thread). kGroup == kThreads: every thread of the
+// block calls it (the row loop is block-uniform then).
+template <int kGroup>
+__device__ __forceinline__ LseState group_lse(LseState st, LseState* part) {
+  st = warp_lse(st);
+  if constexpr (kGroup == kWarp) {
+    return st;
+  } else {
+    static_assert(kGroup == kThreads, "a row group is a warp or the block");
+    __syncthreads();  // the previous row's reads of part are done
+    if (threadIdx.x % kWarp == 0) part[threadIdx.x / kWarp] = st;
+    __syncthreads();
+    LseState all = lse_empty();
+    if (threadIdx.x == 0)
+      for (int w = 0; w < kWarps; ++w) all = lse_merge(all, part[w]);
+    return all;
+  }
+}
+
+struct FwdArgs {
+  const void* z;
+  std::int64_t rows, cols, ld, col0;
+  const void* bias;
+  const std::int64_t* targets;
+  std::int64_t ignore_index;
+  float* row_max;
+  float* row_sum;
+  float* target_logit;
+  bool aligned;
+};
+
+template <int kGroup, class T, class TB>
+__global__ void __launch_bounds__(kThreads) fwd_block_kernel(FwdArgs a) {
+  constexpr int kRowsPerBlock = kThreads / kGroup;
+  __shared__ LseState part[kWarps];
+  const int lane = threadIdx.x % kGroup;
+  const std::int64_t chunks = (a.cols + kChunk - 1) / kChunk;
+  const std::int64_t step = static_cast<std::int64_t>(gridDim.x) * kRowsPerBlock;
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; r < a.rows;
+       r += step) {
+    const std::int64_t t = a.targets[r];
+    if (t == a.ignore_index) continue;  // uniform over the group
+    const T* row = static_cast<const T*>(a.z) + r * a.ld;
+    LseState st = lse_empty();
+    for (std::int64_t q = lane; q < chunks; q += kGroup) {
+      const std::int64_t c = q * kChunk;
+      const int n = a.cols - c < kChunk ? static_cast<int>(a.cols - c) : kChunk;
+      float x[kChunk];
+      cuda::load_chunk(row + c, x, n, a.aligned && n == kChunk, -INFINITY);
+      add_bias<TB>(x, a.bias, a.col0 + c, n);
+      st = lse_push_n(st, x);
+    }
+    st = group_lse<kGroup>(st, part);
+    if (lane == 0) {
+      st = lse_merge(LseState{a.row_max[r], a.row_sum[r]}, st);
+      a.row_max[r] = st.m;
+      a.row_sum[r] = st.s;
+      const std::int64_t j = t - a.col0;
+      if (j >= 0 && j < a.cols) a.target_logit[r] = to_float(row[j]) + bias_at<TB>(a.bias, t);
+    }
+  }
+}
+
+struct FinalizeArgs {
+  const std::int64_t* targets;
+  std::int64_t n, vocab, ignore_index;
+  const float* row_max;
+  const float* row_sum;
+  const float* target_logit;
+  float* lse;
+  float* tok;
+  int* error_flag;
+};
+
+__global__ void __launch_bounds__(kThreads) fwd_finalize_kernel(FinalizeArgs a) {
+  const std::int64_t step = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < a.n; r += step) {
+    const std::int64_t t = a.targets[r];
+    if (t == a.ignore_index) {
+      a.lse[r] = 0.0f;
+      a.tok[r] = 0.0f;
+      continue;
+    }
+    const float l = lse_value(LseState{a.row_max[r], a.row_sum[r]});
+    a.lse[r] = l;
+    if (t >= 0 && t < a.vocab) {
+      a.tok[r] = a.target_logit[r] - l;
+    } else {
+      a.tok[r] = __int_as_float(0x7fc00000);  // NaN: the row has no valid target
+      if (a.error_flag != nullptr) atomicExch(a.error_flag, 1);
+    }
+  }
+}
+
+// seg[s] = sum of tok[r] over the rows with segment_ids[r] == s, in row order: one thread per segment scans
+// shared-memory tiles of (segment id, tok). Ids outside [0, S) raise the error flag (block 0 reports).
+constexpr int kSegTile = 1024;
+__global__ void __launch_bounds__(kThreads) seg_sum_kernel(const std::int64_t* ids, const float* tok, std::int64_t n,
+                                                          float* seg, std::int64_t num_segments, int* error_flag) {
+  __shared__ std::int64_t tile_id[kSegTile];
+  __shared__ float tile_tok[kSegTile];
+  const std::int64_t s = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float acc = 0.0f;
+  for (std::int64_t r0 = 0; r0 < n; r0 += kSegTile) {
+    const int m = n - r0 < kSegTile ? static_cast<int>(n - r0) : kSegTile;
+    __syncthreads();  // the previous tile is consumed
+    for (int i = threadIdx.x; i < m; i += blockDim.x) {
+      const std::int64_t id = ids[r0 + i];
+      tile_id[i] = id;
+      tile_tok[i] = tok[r0 + i];
+      if (blockIdx.x == 0 && (id < 0 || id >= num_segments) && error_flag != nullptr) atomicExch(error_flag, 1);
+    }
+    __syncthreads();
+    for (int i = 0; i < m; ++i)
+      if (tile_id[i] == s) acc += tile_tok[i];
+  }
+  if (s < num_segments) seg[s] = acc;
+}
+
+struct BwdArgs {
+  const void* z;
+  void* out;
+  std::int64_t rows, cols, ld, out_ld, col0, tile_rows;
+  const void* bias;
+  const std::int64_t* targets;
+  std::int64_t ignore_index;
+  const float* lse;
+  const float* grad_tok;
+  float* partial;  // [gridDim.y, cols] column sums per row tile, or nullptr (no grad_bias)
+  bool aligned;
+};
+
+template <class T, class TO, class TB>
+__global__ void __launch_bounds__(kThreads) bwd_block_kernel(BwdArgs a) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kTileCols + lane * kChunk;
+  const int n = a.cols - c >= kChunk ? kChunk : (a.cols > c ? static_cast<int>(a.cols - c) : 0);
+  const bool vec = a.aligned && n == kChunk;
+  const std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * a.tile_rows;
+  const std::int64_t r1 = r0 + a.tile_rows < a.rows ? r0 + a.tile_rows : a.rows;
+  float b[kChunk];
+  RADIT_UNROLL
+  for (int i = 0; i < kChunk; ++i) b[i] = 0.0f;
+  add_bias<TB>(b, a.bias, a.col0 + c, n);
+  float colsum[kChunk];
+  RADIT_UNROLL
+  for (int i = 0; i < kChunk; ++i) colsum[i] = 0.0f;
+  if (n > 0) {
+    for (std::int64_t r = r0 + warp; r < r1; r += kWarps) {
+      const std::int64_t t = a.targets[r];
+      const float g = a.grad_tok[r];
+      float d[kChunk];
+      if (t == a.ignore_index || g == 0.0f) {
+        RADIT_UNROLL
+        for (int i = 0; i < kChunk; ++i) d[i] = 0.0f;
+      } else {
+        const float l = a.lse[r];
+        cuda::load_chunk(static_cast<const T*>(a.z) + r * a.ld + c, d, n, vec, 0.0f);
+        const std::int64_t jt = t - a.col0 - c;  // the target's position in this chunk (any value when outside)
+        RADIT_UNROLL
+        for (int i = 0; i < kChunk; ++i) d[i] = i < n ? dlogit(d[i] + b[i], l, g, jt == i) : 0.0f;
+      }
+      cuda::store_chunk(static_cast<TO*>(a.out) + r * a.out_ld + c, d, n, vec);
+      RADIT_UNROLL
+      for (int i = 0; i < kChunk; ++i) colsum[i] += d[i];
+    }
+  }
+  if (a.partial == nullptr) return;  // uniform over the launch
+  // Column sums of the tile: the 8 warps' registers reduced in warp order (row stride 9 words per lane keeps
+  // the stores free of bank conflicts).
+  __shared__ float sums[kWarps][kWarp * (kChunk + 1)];
+  RADIT_UNROLL
+  for (int i = 0; i < kChunk; ++i) sums[warp][lane * (kChunk + 1) + i] = colsum[i];
+  __syncthreads();
+  const int col = threadIdx.x;  // kThreads == kTileCols: one column of the tile per thread
+  const std::int64_t gc = static_cast<std::int64_t>(blockIdx.x) * kTileCols + col;
+  if (gc < a.cols) {
+    float s = 0.0f;
+    for (int w = 0; w < kWarps; ++w) s += sums[w][(col / kChunk) * (kChunk + 1) + col % kChunk];
+    a.partial[static_cast<std::int64_t>(blockIdx.y) * a.cols + gc] = s;
+  }
+}
+static_assert(kThreads == kTileCols, "bwd_block_kernel reduces one tile column per thread");
+
+// grad_bias[j] += sum over the row tiles, in tile order, of partial[tile, j].
+__global__ void __launch_bounds__(kThreads) bias_reduce_kernel(const float* partial, std::int64_t tiles,
+                                                              std::int64_t cols, float* grad_bias) {
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  float s = 0.0f;
+  for (std::int64_t k = 0; k < tiles; ++k) s += partial[k * cols + j];
+  grad_bias[j] += s;
+}
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+unsigned grid_1d(std::int64_t blocks, std::int64_t resident) {
+  const std::int64_t g = blocks < resident ? blocks : resident;
+  return static_cast<unsigned>(g > 0 ? g : 1);
+}
+
+// Calls f(T{}, TB{}) for the block's logits and bias types (NoBias when the bias is absent).
+template <class F>
+void dispatch_block(const Block& p, F&& f) {
+  dispatch_dtype<float, Bf16>(p.z.dtype, "z", [&](auto tz) {
+    if (!p.bias.present()) {
+      f(tz, NoBias{});
+    } else {
+      dispatch_dtype<float, Bf16>(p.bias.dtype, "bias", [&](auto tb) { f(tz, tb); });
+    }
+  });
 }
 
 }  // namespace
 
-void fwd_cuda(std::uintptr_t hidden, std::int64_t hidden_stride0, std::int64_t hidden_stride1,
-              std::uintptr_t weight, std::int64_t weight_stride0, std::int64_t weight_stride1, int dtype,
-              std::uintptr_t bias, std::uintptr_t targets, std::int64_t n, std::int64_t v, std::int64_t d,
-              std::int64_t ignore_index, std::uintptr_t tok_logprob, std::uintptr_t lse,
-              std::uintptr_t workspace, std::int64_t num_splits, std::uintptr_t stream) {
-  constexpr const char* op = "answer_logprobs_fwd_cuda";
-  check_common(op, hidden, hidden_stride0, hidden_stride1, weight, weight_stride0, weight_stride1, dtype, targets,
-               n, v, d);
-  RADIT_CHECK(num_splits >= 1, op << ": num_splits must be >= 1, got " << num_splits);
-  RADIT_CHECK(n == 0 || (tok_logprob != 0 && lse != 0),
-              op << ": tok_logprob and lse must be float32 [" << n << "] outputs (null pointer given)");
-  RADIT_CHECK(n == 0 || workspace != 0,
-              op << ": workspace must be float32 [(2 * num_splits + 1) * n] = [" << (2 * num_splits + 1) * n << "]");
-  if (n == 0) return;
-  const auto st = reinterpret_cast<cudaStream_t>(stream);
-  const std::int64_t num_vb = cdiv(v, kBN);
-  const std::int64_t per_split = cdiv(num_vb, std::min(num_splits, num_vb));
-  const std::int64_t splits = cdiv(num_vb, per_split);  // <= num_splits, every split non-empty
-  RADIT_CHECK(splits <= 65535, op << ": num_splits must be <= 65535, got " << num_splits);
-  float* part_m = as_ptr<float>(workspace);
-  float* part_s = part_m + splits * n;
-  float* tgt = part_m + 2 * splits * n;
-  // 0xFFFFFFFF is a NaN: a target outside [0, v) (and not ignore_index) yields NaN, never stale memory.
-  if (cudaMemsetAsync(tgt, 0xFF, sizeof(float) * n, st) != cudaSuccess) check_launch(op);
-  dtype_switch(dtype, op, [&](auto tag) {
-    using T = decltype(tag);
-    const View<T> H{as_ptr<const T>(hidden), hidden_stride0, hidden_stride1, n, d};
-    const View<T> Wt{as_ptr<const T>(weight), weight_stride1, weight_stride0, d, v};  // W^T [d, v]
-    fwd_partial_kernel<T><<<dim3(static_cast<unsigned>(cdiv(n, kBM)), static_cast<unsigned>(splits)), kThreads, 0,
-                            st>>>(H, Wt, as_ptr<const float>(bias), as_ptr<const std::int64_t>(targets), part_m,
-                                  part_s, tgt, n, v, d, per_split);
-  });
-  check_launch(op);
-  constexpr int kMergeThreads = 256;
-  fwd_merge_kernel<<<static_cast<unsigned>(cdiv(n, kMergeThreads)), kMergeThreads, 0, st>>>(
-      part_m, part_s, tgt, as_ptr<const std::int64_t>(targets), as_ptr<float>(tok_logprob), as_ptr<float>(lse), n,
-      splits, ignore_index);
-  check_launch(op);
-}
-
-void bwd_cuda(std::uintptr_t hidden, std::int64_t hidden_stride0, std::int64_t hidden_stride1,
-              std::uintptr_t weight, std::int64_t weight_stride0, std::int64_t weight_stride1, int dtype,
-              std::uintptr_t bias, std::uintptr_t targets, std::int64_t n, std::int64_t v, std::int64_t d,
-              std::uintptr_t lse, std::uintptr_t grad_tok, std::uintptr_t grad_hidden,
-              std::uintptr_t grad_weight, std::uintptr_t grad_bias, std::uintptr_t dz_workspace,
-              std::int64_t chunk_v, std::uintptr_t stream) {
-  constexpr const char* op = "answer_logprobs_bwd_cuda";
-  check_common(op, hidden, hidden_stride0, hidden_stride1, weight, weight_stride0, weight_stride1, dtype, targets,
-               n, v, d);
-  RADIT_CHECK(chunk_v >= 1 && cdiv(chunk_v, kBN) <= 65535,
-              op << ": chunk_v (vocabulary entries per chunk) must be in [1, " << 65535 * kBN << "], got " << chunk_v);
-  RADIT_CHECK(n == 0 || (lse != 0 && grad_tok != 0),
-              op << ": lse and grad_tok must be float32 [" << n << "] inputs (null pointer given)");
-  RADIT_CHECK(n == 0 || dz_workspace != 0,
-              op << ": dz_workspace must be [n, chunk_v] = [" << n << ", " << chunk_v << "] in the dtype of hidden");
-  RADIT_CHECK(cdiv(d, kBN) <= 65535, op << ": d = " << d << " is too large");
-  if (n == 0 || (grad_hidden == 0 && grad_weight == 0 && grad_bias == 0)) return;
-  const auto st = reinterpret_cast<cudaStream_t>(stream);
-  dtype_switch(dtype, op, [&](auto tag) {
-    using T = decltype(tag);
-    const View<T> H{as_ptr<const T>(hidden), hidden_stride0, hidden_stride1, n, d};
-    const View<T> Wt{as_ptr<const T>(weight), weight_stride1, weight_stride0, d, v};  // W^T [d, v]
-    T* dz = as_ptr<T>(dz_workspace);
-    for (std::int64_t v0 = 0; v0 < v; v0 += chunk_v) {
-      const std::int64_t cw = std::min(chunk_v, v - v0);
-      dlogits_kernel<T><<<dim3(static_cast<unsigned>(cdiv(n, kBM)), static_cast<unsigned>(cdiv(cw, kBN))), kThreads,
-                          0, st>>>(H, Wt, as_ptr<const float>(bias), as_ptr<const std::int64_t>(targets),
-                                   as_ptr<const float>(lse), as_ptr<const float>(grad_tok), dz, chunk_v,
-                                   as_ptr<float>(grad_bias), n, v, d, v0, cw);
-      check_launch(op);
-      if (grad_hidden != 0 && d > 0) {  // grad_hidden (+)= dz[:, :cw] W[v0 : v0+cw]
-        const View<T> A{dz, chunk_v, 1, n, cw};
-        const View<T> B{as_ptr<const T>(weight) + v0 * weight_stride0, weight_stride0, weight_stride1, cw, d};
-        gemm_kernel<T><<<dim3(static_cast<unsigned>(cdiv(n, kBM)), static_cast<unsigned>(cdiv(d, kBN))), kThreads, 0,
-                         st>>>(A, B, as_ptr<float>(grad_hidden), d, n, d, cw, v0 > 0);
-        check_launch(op);
-      }
-      if (grad_weight != 0 && d > 0) {  // grad_weight[v0 : v0+cw] = dz[:, :cw]^T H
-        const View<T> A{dz, 1, chunk_v, cw, n};
-        gemm_kernel<T><<<dim3(static_cast<unsigned>(cdiv(cw, kBM)), static_cast<unsigned>(cdiv(d, kBN))), kThreads, 0,
-                         st>>>(A, H, as_ptr<float>(grad_weight) + v0 * d, d, cw, d, n, false);
-        check_launch(op);
-      }
+void fwd_block_cuda(const TensorArg& z, std::int64_t col0, std::int64_t vocab, const TensorArg& bias,
+                    const TensorArg& targets, std::int64_t ignore_index, const TensorArg& row_max,
+                    const TensorArg& row_sum, const TensorArg& target_logit, std::uint64_t stream) {
+  const char* fn = "answer_logprobs_fwd_block";
+  RADIT_CHECK(z.device >= 0, fn << ": z must be a CUDA tensor");
+  const Block p = make_block(fn, z, col0, vocab, bias, targets, ignore_index, z.device);
+  check_vector_f32(row_max, fn, "row_max", z.device, p.rows());
+  check_vector_f32(row_sum, fn, "row_sum", z.device, p.rows());
+  check_vector_f32(target_logit, fn, "target_logit", z.device, p.rows());
+  if (p.rows() == 0) return;
+  cuda::DeviceGuard guard(z.device);
+  const FwdArgs a{p.z.data, p.rows(), p.cols(), p.ld(), p.col0, p.bias.data, p.targets.ptr<const std::int64_t>(),
+                  p.ignore_index, row_max.ptr<float>(), row_sum.ptr<float>(), target_logit.ptr<float>(),
+                  cuda::chunks_aligned(p.z.data, p.ld(), p.rows(), p.z.dtype == DType::kFloat32 ? 4 : 2)};
+  dispatch_block(p, [&](auto tz, auto tb) {
+    using T = decltype(tz);
+    using TB = decltype(tb);
+    // A warp per row when the rows fill every resident warp, else the whole block per row.
+    const std::int64_t resident_warp = cuda::resident_blocks(fwd_block_kernel<kWarp, T, TB>, kThreads);
+    if (p.rows() >= resident_warp * kWarps) {
+      fwd_block_kernel<kWarp, T, TB>
+          <<<grid_1d(ceil_div(p.rows(), kWarps), resident_warp), kThreads, 0, cuda::as_stream(stream)>>>(a);
+    } else {
+      const std::int64_t resident = cuda::resident_blocks(fwd_block_kernel<kThreads, T, TB>, kThreads);
+      fwd_block_kernel<kThreads, T, TB><<<grid_1d(p.rows(), resident), kThreads, 0, cuda::as_stream(stream)>>>(a);
     }
   });
+  cuda::check_launch(fn);
+}
+
+void fwd_finalize_cuda(const TensorArg& targets, std::int64_t vocab, std::int64_t ignore_index,
+                       const TensorArg& row_max, const TensorArg& row_sum, const TensorArg& target_logit,
+                       const TensorArg& lse, const TensorArg& tok, const TensorArg& segment_ids, const TensorArg& seg,
+                       const TensorArg& error_flag, std::uint64_t stream) {
+  const char* fn = "answer_logprobs_fwd_finalize";
+  RADIT_CHECK(targets.device >= 0, fn << ": targets must be a CUDA tensor");
+  const int dev = targets.device;
+  check_finalize(fn, targets, vocab, row_max, row_sum, target_logit, lse, tok, segment_ids, seg, dev);
+  if (error_flag.present()) check_tensor<std::int32_t>(error_flag, fn, "error_flag", dev, {1});
+  const std::int64_t n = targets.size[0];
+  cuda::DeviceGuard guard(dev);
+  const cudaStream_t st = cuda::as_stream(stream);
+  int* flag = error_flag.ptr<int>();
+  if (n > 0) {
+    const FinalizeArgs a{targets.ptr<const std::int64_t>(), n, vocab, ignore_index, row_max.ptr<const float>(),
+                         row_sum.ptr<const float>(), target_logit.ptr<const float>(), lse.ptr<float>(),
+                         tok.ptr<float>(), flag};
+    fwd_finalize_kernel<<<grid_1d(ceil_div(n, kThreads), cuda::resident_blocks(fwd_finalize_kernel, kThreads)),
+                          kThreads, 0, st>>>(a);
+    cuda::check_launch(fn);
+  }
+  if (segment_ids.present() && seg.size[0] > 0) {
+    const std::int64_t num_segments = seg.size[0];
+    RADIT_CHECK(ceil_div(num_segments, kThreads) < (std::int64_t{1} << 31), fn << ": too many segments");
+    seg_sum_kernel<<<static_cast<unsigned>(ceil_div(num_segments, kThreads)), kThreads, 0, st>>>(
+        segment_ids.ptr<const std::int64_t>(), tok.ptr<const float>(), n, seg.ptr<float>(), num_segments, flag);
+    cuda::check_launch(fn);
+  }
+}
+
+void bwd_block_cuda(const TensorArg& z, std::int64_t col0, std::int64_t vocab, const TensorArg& bias,
+                    const TensorArg& targets, std::int64_t ignore_index, const TensorArg& lse,
+                    const TensorArg& grad_tok, const TensorArg& grad_bias, const TensorArg& out,
+                    const TensorArg& workspace, std::uint64_t stream) {
+  const char* fn = "answer_logprobs_bwd_block";
+  RADIT_CHECK(z.device >= 0, fn << ": z must be a CUDA tensor");
+  const Block p = make_block(fn, z, col0, vocab, bias, targets, ignore_index, z.device);
+  check_bwd(fn, p, lse, grad_tok, grad_bias, out, z.device);
+  const std::int64_t rows = p.rows(), cols = p.cols();
+  const std::int64_t ws_rows = bwd_workspace_rows(rows);
+  if (grad_bias.present()) {
+    check_tensor<float>(workspace, fn, "workspace", z.device, {-1});
+    RADIT_CHECK(workspace.size[0] >= ws_rows * cols && (workspace.stride[0] == 1 || workspace.size[0] <= 1),
+                fn << ": workspace must be a contiguous float32 [" << ws_rows * cols << "], got "
+                   << workspace.describe());
+  }
+  if (rows == 0) return;
+  cuda::DeviceGuard guard(z.device);
+  const TensorArg& dst = out.present() ? out : p.z;
+  const std::int64_t dst_ld = rows <= 1 ? cols : dst.stride[0];
+  const std::size_t z_elt = p.z.dtype == DType::kFloat32 ? 4 : 2, o_elt = dst.dtype == DType::kFloat32 ? 4 : 2;
+  BwdArgs a{p.z.data, dst.data, rows, cols, p.ld(), dst_ld, p.col0, 0, p.bias.data,
+            p.targets.ptr<const std::int64_t>(), p.ignore_index, lse.ptr<const float>(), grad_tok.ptr<const float>(),
+            grad_bias.present() ? workspace.ptr<float>() : nullptr,
+            cuda::chunks_aligned(p.z.data, p.ld(), rows, z_elt) && cuda::chunks_aligned(dst.data, dst_ld, rows, o_elt)};
+  const cudaStream_t st = cuda::as_stream(stream);
+  const std::int64_t col_tiles = ceil_div(cols, kTileCols);
+  RADIT_CHECK(col_tiles < (std::int64_t{1} << 31), fn << ": too many columns");
+  std::int64_t row_tiles = 1;
+  dispatch_block(p, [&](auto tz, auto tb) {
+    using T = decltype(tz);
+    using TB = decltype(tb);
+    dispatch_dtype<float, Bf16>(dst.dtype, "out", [&](auto to) {
+      using TO = decltype(to);
+      // About one wave of resident blocks: row tiles = resident / column tiles, at least 8 rows (one per warp)
+      // each, at most the workspace's rows when the bias gradient is wanted.
+      const std::int64_t resident = cuda::resident_blocks(bwd_block_kernel<T, TO, TB>, kThreads);
+      const std::int64_t max_tiles = a.partial ? ws_rows : ceil_div(rows, kWarps);
+      const std::int64_t want = ceil_div(resident, col_tiles);
+      row_tiles = want < max_tiles ? want : max_tiles;
+      a.tile_rows = ceil_div(rows, row_tiles);
+      row_tiles = ceil_div(rows, a.tile_rows);
+      bwd_block_kernel<T, TO, TB>
+          <<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles)), kThreads, 0, st>>>(a);
+    });
+  });
+  cuda::check_launch(fn);
+  if (a.partial != nullptr) {
+    bias_reduce_kernel<<<static_cast<unsigned>(ceil_div(cols, kThreads)), kThreads, 0, st>>>(
+        a.partial, row_tiles, cols, grad_bias.ptr<float>() + p.col0);
+    cuda::check_launch(fn);
+  }
 }
 
 }  // namespace answer_logprobs

@@ -1,5 +1,9 @@
-// Argument checks shared by every native entry point. Errors surface in Python as ValueError with a
-// message that names the argument and what was expected (pybind11 maps std::invalid_argument).
+// Argument checks and the error types shared by every native entry point.
+//
+// Two kinds of failure leave the native module:
+//   * a bad argument (shape, dtype, device, pointer): std::invalid_argument, ValueError in Python, with a message
+//     that names the argument and what was expected (RADIT_CHECK);
+//   * a failed CUDA call or launch: radit::CudaError, RuntimeError in Python (common/cuda_utils.cuh check_launch).
 #pragma once
 
 #include <sstream>
@@ -8,10 +12,13 @@
 
 namespace radit {
 
-// dtype codes passed from Python (radit_fast/_native.py keeps the matching table).
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt64 = 3, kInt32 = 4, kBool = 5 };
-
 [[noreturn]] inline void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+// The one error type of CUDA failures (launch errors, failed runtime calls). Bound to RuntimeError.
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 #define RADIT_CHECK(cond, ...)                       \
   do {                                               \

@@ -23,6 +23,12 @@
 #else
 #define RADIT_HOST_DEVICE_ALWAYS inline
 #endif
+// Unroll hint understood by nvcc (device code); nothing elsewhere (GCC would warn about an unknown pragma).
+#if defined(__CUDA_ARCH__)
+#define RADIT_UNROLL _Pragma("unroll")
+#else
+#define RADIT_UNROLL
+#endif
 
 namespace radit {
 
@@ -147,7 +153,15 @@ RADIT_HOST_DEVICE_ALWAYS float exp_fast(float x) {
   return x;
 }
 
-// ---- bfloat16 <-> float32 (bit patterns as uint16: the same code on host and device) ----
+// ---- 2-byte float types as bit patterns (the same code on host and device; no vendor type) ----
+// The one bfloat16 type of the native code (and float16, which the ensemble kernels read).
+struct Bf16 {
+  std::uint16_t x;
+};
+struct F16 {
+  std::uint16_t x;
+};
+
 RADIT_HOST_DEVICE float bf16_to_float(std::uint16_t h) {
   const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
   float f;
@@ -162,6 +176,57 @@ RADIT_HOST_DEVICE std::uint16_t float_to_bf16(float x) {
   const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const std::uint32_t nan = (u >> 16) | 0x40u;
   return static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// IEEE half -> float (exact, subnormals included).
+RADIT_HOST_DEVICE float f16_to_float(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  std::uint32_t exp = (h >> 10) & 0x1fu;
+  std::uint32_t man = h & 0x3ffu;
+  std::uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;  // +-0
+  } else {        // subnormal: renormalise
+    exp = 113u;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+RADIT_HOST_DEVICE_ALWAYS float to_float(float v) { return v; }
+RADIT_HOST_DEVICE_ALWAYS float to_float(Bf16 v) { return bf16_to_float(v.x); }
+RADIT_HOST_DEVICE_ALWAYS float to_float(F16 v) { return f16_to_float(v.x); }
+
+// ---- the answer_logprobs epilogue math (CPU and CUDA) ----
+// Merge N values x into an online-logsumexp state: one rescale of the running sum per call instead of one per
+// value. Exactly lse_merge(st, (max x, sum exp(x - max x))); values -inf add nothing; a NaN poisons the sum
+// (as on the CPU path, unless every other value of the state is -inf).
+template <int N>
+RADIT_HOST_DEVICE_ALWAYS LseState lse_push_n(LseState st, const float (&x)[N]) {
+  float m = st.m;
+  RADIT_UNROLL
+  for (int i = 0; i < N; ++i) m = x[i] > m ? x[i] : m;
+  if (m == -INFINITY) return st;
+  float s = st.s * exp_fast(st.m - m);  // st.m = -inf: exp_fast gives exactly 0
+  RADIT_UNROLL
+  for (int i = 0; i < N; ++i) s += exp_fast(x[i] - m);
+  return LseState{m, s};
+}
+
+// dlogit of one entry: g ([is_target] - exp(x - lse)), with x = z + bias (see answer_logprobs.h).
+RADIT_HOST_DEVICE_ALWAYS float dlogit(float x, float lse, float g, bool is_target) {
+  const float p = exp_fast(x - lse);
+  return is_target ? g * (1.0f - p) : -g * p;
 }
 
 }  // namespace radit

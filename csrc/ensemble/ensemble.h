@@ -32,25 +32,21 @@
 //      d out_v / d x_iu = pi_iv (delta_uv - softmax(x_i)_u),   d out_v / d w_i = pi_iv.
 //
 // Shared per-element math lives in common/radit_math.h (log_softmax_entry, log_mul, replug_grad_score,
-// kl_grad_first_logit, kl_grad_second_logit, kl_term, exp_fast, bf16_to_float): the CPU and CUDA kernels
-// call the same functions. Accumulation is float32; values are float32.
+// kl_grad_first_logit, kl_grad_second_logit, kl_term, exp_fast, to_float): the CPU and CUDA kernels call the
+// same functions. Accumulation is float32; values are float32. Tensors cross the binding as common/tensor.h
+// TensorArgs; element types come from its one dtype switch (dispatch_dtype).
 #pragma once
 
 #include <cstdint>
-#include <cstring>
-#include <tuple>
 
 #include "common/checks.h"
 #include "common/radit_math.h"
+#include "common/tensor.h"
 
 namespace radit {
 namespace ensemble {
 
-// A tensor argument as Python passes it: (data_ptr, stride0, stride1, dtype code). Strides in elements.
-// data_ptr = 0 means "absent" (only allowed for the mask).
-using TensorArg = std::tuple<std::uint64_t, std::int64_t, std::int64_t, int>;
-
-// A read-only strided [rows, cols] view of float32 / bfloat16 / float16 data (or uint8 for masks).
+// A read-only strided [rows, cols] view of float32 / bfloat16 / float16 data (or bool for masks).
 struct View {
   const void* ptr;
   std::int64_t s0;
@@ -64,7 +60,7 @@ struct ReplugParams {
   std::int64_t B, k;
   View lm;      // [B, k] answer log-likelihoods l
   View scores;  // [B, k] retriever scores s
-  View mask;    // [B, k] uint8 (bool), ptr = nullptr when every chunk is present
+  View mask;    // [B, k] bool, ptr = nullptr when every chunk is present
   float temperature;
   float* out;          // [B]
   float* grad_lm;      // [B, k] contiguous dm/dl, or nullptr
@@ -75,7 +71,7 @@ struct LsrParams {
   std::int64_t B, k;
   View scores;     // [B, k] retriever scores s
   View lm_scores;  // [B, k] LSR scores (constants)
-  View mask;       // [B, k] uint8 (bool) or nullptr
+  View mask;       // [B, k] bool or nullptr
   float retriever_temperature, lm_temperature;
   KlDirection direction;
   float* loss;         // [B] per-row KL
@@ -92,41 +88,6 @@ struct MixtureParams {
   float* out;        // [B, V] contiguous
 };
 
-// ---- element loads (host and device; bfloat16 decoding is radit::bf16_to_float of radit_math.h) ----
-RADIT_HOST_DEVICE float f16_bits_to_float(std::uint16_t h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  std::uint32_t exp = (h >> 10) & 0x1fu;
-  std::uint32_t man = h & 0x3ffu;
-  std::uint32_t bits;
-  if (exp == 0x1fu) {
-    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112u) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;  // +-0
-  } else {        // subnormal: renormalise
-    exp = 113u;
-    while ((man & 0x400u) == 0) {
-      man <<= 1;
-      --exp;
-    }
-    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-  }
-  float f;
-  memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-struct Bf16 {
-  std::uint16_t x;
-};
-struct F16 {
-  std::uint16_t x;
-};
-RADIT_HOST_DEVICE float to_float(float v) { return v; }
-RADIT_HOST_DEVICE float to_float(Bf16 v) { return bf16_to_float(v.x); }
-RADIT_HOST_DEVICE float to_float(F16 v) { return f16_bits_to_float(v.x); }
-
 template <class T>
 RADIT_HOST_DEVICE float load(const View& v, std::int64_t r, std::int64_t c) {
   return to_float(static_cast<const T*>(v.ptr)[r * v.s0 + c * v.s1]);
@@ -136,52 +97,35 @@ RADIT_HOST_DEVICE bool present(const View& mask, std::int64_t r, std::int64_t c)
   return mask.ptr == nullptr || static_cast<const std::uint8_t*>(mask.ptr)[r * mask.s0 + c * mask.s1] != 0;
 }
 
-// Calls f.template operator()<T>() with T the C++ type of a float dtype code (a static switch).
-template <class F>
-void dispatch_float(DType dt, const char* name, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kBFloat16: f(Bf16{}); break;
-    case DType::kFloat16: f(F16{}); break;
-    default: RADIT_CHECK(false, name << ": expected float32, bfloat16 or float16, got dtype code "
-                                      << static_cast<int>(dt));
-  }
+// ---- argument checks shared by the CPU and CUDA entry points (device: -1 = CPU, else the CUDA index) ----
+inline View make_view(const TensorArg& a, const char* fn, const char* name, int device, std::int64_t B,
+                      std::int64_t k) {
+  check_tensor<RADIT_FLOAT_TYPES>(a, fn, name, device, {B, k});
+  return View{a.data, a.stride[0], a.stride[1], a.dtype};
 }
 
-// ---- argument checks shared by the CPU and CUDA entry points ----
-inline View make_view(const TensorArg& a, const char* name, bool optional) {
-  const auto ptr = std::get<0>(a);
-  RADIT_CHECK(optional || ptr != 0, name << ": missing tensor (null data pointer)");
-  RADIT_CHECK(std::get<1>(a) >= 0 && std::get<2>(a) >= 0, name << ": strides must be non-negative");
-  const int code = std::get<3>(a);
-  RADIT_CHECK(code >= 0 && code <= static_cast<int>(DType::kBool), name << ": unknown dtype code " << code);
-  return View{reinterpret_cast<const void*>(static_cast<std::uintptr_t>(ptr)), std::get<1>(a), std::get<2>(a),
-              static_cast<DType>(code)};
+inline View make_mask(const TensorArg& a, const char* fn, int device, std::int64_t B, std::int64_t k) {
+  if (!a.present()) return View{nullptr, 0, 0, DType::kBool};
+  check_tensor<bool>(a, fn, "mask", device, {B, k});
+  return View{a.data, a.stride[0], a.stride[1], a.dtype};
 }
 
-inline void check_float_view(const View& v, const char* name) {
-  RADIT_CHECK(v.dtype == DType::kFloat32 || v.dtype == DType::kBFloat16 || v.dtype == DType::kFloat16,
-              name << ": expected a float32, bfloat16 or float16 [B, k] tensor");
-}
-
-inline View make_mask(const TensorArg& a) {
-  View m = make_view(a, "mask", /*optional=*/true);
-  RADIT_CHECK(m.ptr == nullptr || m.dtype == DType::kBool, "mask: expected a bool [B, k] tensor");
-  return m;
+// A contiguous float32 output of the given shape (absent allowed when optional).
+inline float* out_f32(const TensorArg& a, const char* fn, const char* name, int device,
+                      std::initializer_list<std::int64_t> shape, bool optional) {
+  if (optional && !a.present()) return nullptr;
+  check_tensor<float>(a, fn, name, device, shape);
+  RADIT_CHECK(a.contiguous(), fn << ": " << name << " must be contiguous");
+  return a.ptr<float>();
 }
 
 inline void check_temperature(double t, const char* name) {
   RADIT_CHECK(t > 0.0 && t < 1e30, name << " must be a finite positive number, got " << t);
 }
 
-inline void check_bk(std::int64_t B, std::int64_t k) {
-  RADIT_CHECK(B >= 0, "B (number of queries) must be >= 0, got " << B);
-  RADIT_CHECK(k >= 1, "k (chunks per query) must be >= 1, got " << k);
-}
-
-template <class T>
-inline T* out_ptr(std::uint64_t p) {
-  return reinterpret_cast<T*>(static_cast<std::uintptr_t>(p));
+inline void check_bk(const TensorArg& first, const char* fn, const char* name) {
+  RADIT_CHECK(first.ndim == 2, fn << ": " << name << " must have shape [B, k], got " << first.describe());
+  RADIT_CHECK(first.size[1] >= 1, fn << ": k (chunks per query) must be >= 1, got " << first.size[1]);
 }
 
 // Host-side check that every row of a host-resident mask has a present chunk.
@@ -194,71 +138,73 @@ inline void check_rows_nonempty_host(const View& mask, std::int64_t B, std::int6
   }
 }
 
-inline ReplugParams make_replug_params(std::int64_t B, std::int64_t k, const TensorArg& lm, const TensorArg& scores,
-                                       const TensorArg& mask, double temperature, std::uint64_t out,
-                                       std::uint64_t grad_lm, std::uint64_t grad_scores) {
-  check_bk(B, k);
+inline ReplugParams make_replug_params(const char* fn, int device, const TensorArg& lm, const TensorArg& scores,
+                                       const TensorArg& mask, double temperature, const TensorArg& out,
+                                       const TensorArg& grad_lm, const TensorArg& grad_scores) {
+  check_bk(lm, fn, "lm_logprobs");
+  const std::int64_t B = lm.size[0], k = lm.size[1];
   check_temperature(temperature, "temperature");
-  ReplugParams p{B, k, make_view(lm, "lm_logprobs", false), make_view(scores, "retriever_scores", false),
-                 make_mask(mask), static_cast<float>(temperature), out_ptr<float>(out),
-                 out_ptr<float>(grad_lm), out_ptr<float>(grad_scores)};
-  check_float_view(p.lm, "lm_logprobs");
-  check_float_view(p.scores, "retriever_scores");
-  RADIT_CHECK(p.out != nullptr, "out: missing [B] float32 output");
+  ReplugParams p{B, k, make_view(lm, fn, "lm_logprobs", device, B, k),
+                 make_view(scores, fn, "retriever_scores", device, B, k), make_mask(mask, fn, device, B, k),
+                 static_cast<float>(temperature), out_f32(out, fn, "out", device, {B}, false),
+                 out_f32(grad_lm, fn, "grad_lm", device, {B, k}, true),
+                 out_f32(grad_scores, fn, "grad_scores", device, {B, k}, true)};
   RADIT_CHECK((p.grad_lm == nullptr) == (p.grad_scores == nullptr),
-              "grad_lm and grad_scores: give both [B, k] float32 outputs or neither");
+              fn << ": grad_lm and grad_scores: give both [B, k] float32 outputs or neither");
   return p;
 }
 
-inline LsrParams make_lsr_params(std::int64_t B, std::int64_t k, const TensorArg& scores, const TensorArg& lm_scores,
+inline LsrParams make_lsr_params(const char* fn, int device, const TensorArg& scores, const TensorArg& lm_scores,
                                  const TensorArg& mask, double retriever_temperature, double lm_temperature,
-                                 int direction, std::uint64_t loss, std::uint64_t grad_scores) {
-  check_bk(B, k);
+                                 int direction, const TensorArg& loss, const TensorArg& grad_scores) {
+  check_bk(scores, fn, "retriever_scores");
+  const std::int64_t B = scores.size[0], k = scores.size[1];
   check_temperature(retriever_temperature, "retriever_temperature");
   check_temperature(lm_temperature, "lm_temperature");
   RADIT_CHECK(direction == 0 || direction == 1,
-              "direction: expected 0 (lsr_to_retriever) or 1 (retriever_to_lsr), got " << direction);
-  LsrParams p{B, k, make_view(scores, "retriever_scores", false), make_view(lm_scores, "lm_scores", false),
-              make_mask(mask), static_cast<float>(retriever_temperature), static_cast<float>(lm_temperature),
-              static_cast<KlDirection>(direction), out_ptr<float>(loss), out_ptr<float>(grad_scores)};
-  check_float_view(p.scores, "retriever_scores");
-  check_float_view(p.lm_scores, "lm_scores");
-  RADIT_CHECK(p.loss != nullptr, "loss: missing [B] float32 output");
-  return p;
+              fn << ": direction: expected 0 (lsr_to_retriever) or 1 (retriever_to_lsr), got " << direction);
+  return LsrParams{B, k, make_view(scores, fn, "retriever_scores", device, B, k),
+                   make_view(lm_scores, fn, "lm_scores", device, B, k), make_mask(mask, fn, device, B, k),
+                   static_cast<float>(retriever_temperature), static_cast<float>(lm_temperature),
+                   static_cast<KlDirection>(direction), out_f32(loss, fn, "loss", device, {B}, false),
+                   out_f32(grad_scores, fn, "grad_scores", device, {B, k}, true)};
 }
 
-inline MixtureParams make_mixture_params(std::int64_t B, std::int64_t k, std::int64_t V, const TensorArg& logits,
-                                         const TensorArg& log_weights, std::uint64_t c, std::uint64_t out) {
-  check_bk(B, k);
-  RADIT_CHECK(V >= 1, "logits: vocabulary size V must be >= 1, got " << V);
-  const View lg = make_view(logits, "logits", false);
-  check_float_view(lg, "logits");
-  MixtureParams p{B, k, V, lg.ptr, lg.s0, lg.s1, lg.dtype, make_view(log_weights, "log_weights", false),
-                  out_ptr<float>(c), out_ptr<float>(out)};
-  check_float_view(p.log_weights, "log_weights");
-  RADIT_CHECK(p.c != nullptr && p.out != nullptr, "mixture: missing [B, k] or [B, V] float32 output");
-  return p;
+inline MixtureParams make_mixture_params(const char* fn, int device, const TensorArg& logits,
+                                         const TensorArg& log_weights, const TensorArg& c, const TensorArg& out) {
+  check_tensor<RADIT_FLOAT_TYPES>(logits, fn, "logits", device, {-1, -1, -1});
+  const std::int64_t B = logits.size[0], k = logits.size[1], V = logits.size[2];
+  RADIT_CHECK(k >= 1 && V >= 1, fn << ": logits must have k >= 1 and V >= 1, got " << logits.describe());
+  RADIT_CHECK(logits.stride[2] == 1 || V == 1, fn << ": logits must have stride(2) == 1");
+  return MixtureParams{B, k, V, logits.data, logits.stride[0], logits.stride[1], logits.dtype,
+                       make_view(log_weights, fn, "log_weights", device, B, k),
+                       out_f32(c, fn, "c", device, {B, k}, false), out_f32(out, fn, "out", device, {B, V}, false)};
 }
+
+// The mixture's first pass splits each [b, i] row's vocabulary over at most this many blocks (CUDA); its
+// workspace holds a (max, sum) logsumexp state per split: float32 [B * k * kMixtureMaxSplits * 2].
+constexpr std::int64_t kMixtureMaxSplits = 64;
 
 // ---- entry points (bound in csrc/bindings.cpp) ----
-void replug_forward_cpu(std::int64_t B, std::int64_t k, TensorArg lm, TensorArg scores, TensorArg mask,
-                        double temperature, std::uint64_t out, std::uint64_t grad_lm, std::uint64_t grad_scores);
-void lsr_forward_cpu(std::int64_t B, std::int64_t k, TensorArg scores, TensorArg lm_scores, TensorArg mask,
-                     double retriever_temperature, double lm_temperature, int direction, std::uint64_t loss,
-                     std::uint64_t grad_scores);
-void mixture_forward_cpu(std::int64_t B, std::int64_t k, std::int64_t V, TensorArg logits, TensorArg log_weights,
-                         std::uint64_t c, std::uint64_t out);
+void replug_forward_cpu(const TensorArg& lm, const TensorArg& scores, const TensorArg& mask, double temperature,
+                        const TensorArg& out, const TensorArg& grad_lm, const TensorArg& grad_scores);
+void lsr_forward_cpu(const TensorArg& scores, const TensorArg& lm_scores, const TensorArg& mask,
+                     double retriever_temperature, double lm_temperature, int direction, const TensorArg& loss,
+                     const TensorArg& grad_scores);
+void mixture_forward_cpu(const TensorArg& logits, const TensorArg& log_weights, const TensorArg& c,
+                         const TensorArg& out);
 
 #ifdef RADIT_WITH_CUDA
-// CUDA variants: same arguments plus the raw stream; device pointers; the mask rows are checked by Python.
-void replug_forward_cuda(std::int64_t B, std::int64_t k, TensorArg lm, TensorArg scores, TensorArg mask,
-                         double temperature, std::uint64_t out, std::uint64_t grad_lm, std::uint64_t grad_scores,
+// CUDA variants: the same arguments (device tensors of one GPU, launched under its device guard) plus the raw
+// stream; the mask rows are checked by Python. The mixture takes its split workspace (see kMixtureMaxSplits).
+void replug_forward_cuda(const TensorArg& lm, const TensorArg& scores, const TensorArg& mask, double temperature,
+                         const TensorArg& out, const TensorArg& grad_lm, const TensorArg& grad_scores,
                          std::uint64_t stream);
-void lsr_forward_cuda(std::int64_t B, std::int64_t k, TensorArg scores, TensorArg lm_scores, TensorArg mask,
-                      double retriever_temperature, double lm_temperature, int direction, std::uint64_t loss,
-                      std::uint64_t grad_scores, std::uint64_t stream);
-void mixture_forward_cuda(std::int64_t B, std::int64_t k, std::int64_t V, TensorArg logits, TensorArg log_weights,
-                          std::uint64_t c, std::uint64_t out, std::uint64_t stream);
+void lsr_forward_cuda(const TensorArg& scores, const TensorArg& lm_scores, const TensorArg& mask,
+                      double retriever_temperature, double lm_temperature, int direction, const TensorArg& loss,
+                      const TensorArg& grad_scores, std::uint64_t stream);
+void mixture_forward_cuda(const TensorArg& logits, const TensorArg& log_weights, const TensorArg& c,
+                          const TensorArg& out, const TensorArg& workspace, std::uint64_t stream);
 #endif
 
 }  // namespace ensemble

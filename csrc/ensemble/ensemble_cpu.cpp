@@ -238,31 +238,35 @@ void mixture_impl(const MixtureParams& p) {
 
 }  // namespace
 
-void replug_forward_cpu(std::int64_t B, std::int64_t k, TensorArg lm, TensorArg scores, TensorArg mask,
-                        double temperature, std::uint64_t out, std::uint64_t grad_lm, std::uint64_t grad_scores) {
-  const ReplugParams p = make_replug_params(B, k, lm, scores, mask, temperature, out, grad_lm, grad_scores);
-  check_rows_nonempty_host(p.mask, B, k);
-  dispatch_float(p.lm.dtype, "lm_logprobs", [&](auto tl) {
-    dispatch_float(p.scores.dtype, "retriever_scores", [&](auto ts) { replug_rows<decltype(tl), decltype(ts)>(p); });
+void replug_forward_cpu(const TensorArg& lm, const TensorArg& scores, const TensorArg& mask, double temperature,
+                        const TensorArg& out, const TensorArg& grad_lm, const TensorArg& grad_scores) {
+  const ReplugParams p =
+      make_replug_params("replug_logprob", -1, lm, scores, mask, temperature, out, grad_lm, grad_scores);
+  check_rows_nonempty_host(p.mask, p.B, p.k);
+  dispatch_dtype<RADIT_FLOAT_TYPES>(p.lm.dtype, "lm_logprobs", [&](auto tl) {
+    dispatch_dtype<RADIT_FLOAT_TYPES>(p.scores.dtype, "retriever_scores",
+                                      [&](auto ts) { replug_rows<decltype(tl), decltype(ts)>(p); });
   });
 }
 
-void lsr_forward_cpu(std::int64_t B, std::int64_t k, TensorArg scores, TensorArg lm_scores, TensorArg mask,
-                     double retriever_temperature, double lm_temperature, int direction, std::uint64_t loss,
-                     std::uint64_t grad_scores) {
-  const LsrParams p = make_lsr_params(B, k, scores, lm_scores, mask, retriever_temperature, lm_temperature,
+void lsr_forward_cpu(const TensorArg& scores, const TensorArg& lm_scores, const TensorArg& mask,
+                     double retriever_temperature, double lm_temperature, int direction, const TensorArg& loss,
+                     const TensorArg& grad_scores) {
+  const LsrParams p = make_lsr_params("lsr_loss", -1, scores, lm_scores, mask, retriever_temperature, lm_temperature,
                                       direction, loss, grad_scores);
-  check_rows_nonempty_host(p.mask, B, k);
-  dispatch_float(p.scores.dtype, "retriever_scores", [&](auto ts) {
-    dispatch_float(p.lm_scores.dtype, "lm_scores", [&](auto tl) { lsr_rows<decltype(ts), decltype(tl)>(p); });
+  check_rows_nonempty_host(p.mask, p.B, p.k);
+  dispatch_dtype<RADIT_FLOAT_TYPES>(p.scores.dtype, "retriever_scores", [&](auto ts) {
+    dispatch_dtype<RADIT_FLOAT_TYPES>(p.lm_scores.dtype, "lm_scores",
+                                      [&](auto tl) { lsr_rows<decltype(ts), decltype(tl)>(p); });
   });
 }
 
-void mixture_forward_cpu(std::int64_t B, std::int64_t k, std::int64_t V, TensorArg logits, TensorArg log_weights,
-                         std::uint64_t c, std::uint64_t out) {
-  const MixtureParams p = make_mixture_params(B, k, V, logits, log_weights, c, out);
-  dispatch_float(p.logits_dtype, "logits", [&](auto tx) {
-    dispatch_float(p.log_weights.dtype, "log_weights", [&](auto tw) { mixture_impl<decltype(tx), decltype(tw)>(p); });
+void mixture_forward_cpu(const TensorArg& logits, const TensorArg& log_weights, const TensorArg& c,
+                         const TensorArg& out) {
+  const MixtureParams p = make_mixture_params("mixture_logprobs", -1, logits, log_weights, c, out);
+  dispatch_dtype<RADIT_FLOAT_TYPES>(p.logits_dtype, "logits", [&](auto tx) {
+    dispatch_dtype<RADIT_FLOAT_TYPES>(p.log_weights.dtype, "log_weights",
+                                      [&](auto tw) { mixture_impl<decltype(tx), decltype(tw)>(p); });
   });
 }
 

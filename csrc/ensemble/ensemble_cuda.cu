@@ -5,10 +5,15 @@
 //            KL(p || q): dKL/ds_j = p_j (log p_j - log q_j - KL) / t
 //   mixture: out_v = logsumexp_i(c_i + x_iv), c_i = w_i - logsumexp_v(x_iv)   (value only; grad in Python)
 // Layout: [B, k] ops run one warp per row (lanes stride over k, online-logsumexp states merged with
-// shuffles, lane 0's result broadcast so every lane uses bit-identical row constants). The mixture runs one
-// block per [b, i] row for lse_i, then one thread per (b, v) looping over the k chunks (coalesced over v).
+// shuffles, lane 0's result broadcast so every lane uses bit-identical row constants); the grid is
+// ceil(B / 4) blocks in x (no 65535 limit). The mixture spreads over the SMs at decode sizes too: pass 1 splits
+// each [b, i] row's vocabulary over `splits` blocks (chosen from the SM count and the occupancy the runtime
+// reports, so that B * k * splits blocks fill the device), each writing a partial (max, sum) state; a merge
+// kernel folds the splits of each row in split order (deterministic) into c; pass 2 runs one thread per (b, v)
+// looping over the k chunks (coalesced over v). Every launch runs under a guard for the tensors' device.
 #include <cuda_runtime.h>
 
+#include "common/cuda_utils.cuh"
 #include "ensemble/ensemble.h"
 
 namespace radit {
@@ -105,13 +110,15 @@ __global__ void lsr_kernel(LsrParams p) {
   }
 }
 
-// Pass 1: one block per [b, i] row: c = w_i - logsumexp_v x_iv.
-template <class T, class TW>
-__global__ void mixture_lse_kernel(MixtureParams p) {
-  const std::int64_t r = blockIdx.x, b = r / p.k, i = r % p.k;
+// Pass 1a: block (split, row0 + y) computes the (max, sum) state of columns [split * span, (split + 1) * span)
+// of the [b, i] row r = b * k + i into state[(r * splits + split) * 2 + {0, 1}].
+template <class T>
+__global__ void mixture_lse_split_kernel(MixtureParams p, std::int64_t row0, std::int64_t span, float* state) {
+  const std::int64_t r = row0 + blockIdx.y, b = r / p.k, i = r % p.k, split = blockIdx.x;
   const T* row = static_cast<const T*>(p.logits) + b * p.logits_s0 + i * p.logits_s1;
+  const std::int64_t v0 = split * span, v1 = v0 + span < p.V ? v0 + span : p.V;
   LseState st = lse_empty();
-  for (std::int64_t v = threadIdx.x; v < p.V; v += blockDim.x) st = lse_push(st, to_float(row[v]));
+  for (std::int64_t v = v0 + threadIdx.x; v < v1; v += blockDim.x) st = lse_push(st, to_float(row[v]));
   for (int off = kWarp / 2; off > 0; off /= 2) {
     LseState o{__shfl_xor_sync(kFull, st.m, off), __shfl_xor_sync(kFull, st.s, off)};
     st = lse_merge(st, o);
@@ -122,9 +129,22 @@ __global__ void mixture_lse_kernel(MixtureParams p) {
   if (threadIdx.x == 0) {
     LseState all = lse_empty();
     for (int w = 0; w < kThreads / kWarp; ++w) all = lse_merge(all, part[w]);
-    const float lse = lse_value(all);
-    p.c[r] = lse == -INFINITY ? -INFINITY : log_mul(load<TW>(p.log_weights, b, i), -lse);
+    float* out = state + (r * gridDim.x + split) * 2;
+    out[0] = all.m;
+    out[1] = all.s;
   }
+}
+
+// Pass 1b: one thread per [b, i] row merges its splits in order: c = w_i - logsumexp_v x_iv.
+template <class TW>
+__global__ void mixture_lse_merge_kernel(MixtureParams p, std::int64_t splits, const float* state) {
+  const std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= p.B * p.k) return;
+  LseState all = lse_empty();
+  for (std::int64_t s = 0; s < splits; ++s)
+    all = lse_merge(all, LseState{state[(r * splits + s) * 2], state[(r * splits + s) * 2 + 1]});
+  const float lse = lse_value(all);
+  p.c[r] = lse == -INFINITY ? -INFINITY : log_mul(load<TW>(p.log_weights, r / p.k, r % p.k), -lse);
 }
 
 // Pass 2: one thread per (b, v): out = logsumexp_i(c_i + x_iv).
@@ -143,60 +163,91 @@ __global__ void mixture_combine_kernel(MixtureParams p) {
   }
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  RADIT_CHECK(err == cudaSuccess, what << ": CUDA launch failed: " << cudaGetErrorString(err));
-}
-
 unsigned row_blocks(std::int64_t B) { return static_cast<unsigned>((B + kRowsPerBlock - 1) / kRowsPerBlock); }
 
 }  // namespace
 
-void replug_forward_cuda(std::int64_t B, std::int64_t k, TensorArg lm, TensorArg scores, TensorArg mask,
-                         double temperature, std::uint64_t out, std::uint64_t grad_lm, std::uint64_t grad_scores,
+void replug_forward_cuda(const TensorArg& lm, const TensorArg& scores, const TensorArg& mask, double temperature,
+                         const TensorArg& out, const TensorArg& grad_lm, const TensorArg& grad_scores,
                          std::uint64_t stream) {
-  const ReplugParams p = make_replug_params(B, k, lm, scores, mask, temperature, out, grad_lm, grad_scores);
-  if (B == 0) return;
-  const auto st = reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream));
-  dispatch_float(p.lm.dtype, "lm_logprobs", [&](auto tl) {
-    dispatch_float(p.scores.dtype, "retriever_scores", [&](auto ts) {
-      replug_kernel<decltype(tl), decltype(ts)><<<row_blocks(B), dim3(kWarp, kRowsPerBlock), 0, st>>>(p);
+  const char* fn = "replug_logprob";
+  const int dev = cuda::common_device(fn, {{"lm_logprobs", &lm}, {"retriever_scores", &scores}, {"mask", &mask},
+                                           {"out", &out}, {"grad_lm", &grad_lm}, {"grad_scores", &grad_scores}});
+  const ReplugParams p = make_replug_params(fn, dev, lm, scores, mask, temperature, out, grad_lm, grad_scores);
+  if (p.B == 0) return;
+  RADIT_CHECK(row_blocks(p.B) < (1u << 31), fn << ": too many rows");
+  cuda::DeviceGuard guard(dev);
+  const cudaStream_t st = cuda::as_stream(stream);
+  dispatch_dtype<RADIT_FLOAT_TYPES>(p.lm.dtype, "lm_logprobs", [&](auto tl) {
+    dispatch_dtype<RADIT_FLOAT_TYPES>(p.scores.dtype, "retriever_scores", [&](auto ts) {
+      replug_kernel<decltype(tl), decltype(ts)><<<row_blocks(p.B), dim3(kWarp, kRowsPerBlock), 0, st>>>(p);
     });
   });
-  check_launch("replug_forward_cuda");
+  cuda::check_launch(fn);
 }
 
-void lsr_forward_cuda(std::int64_t B, std::int64_t k, TensorArg scores, TensorArg lm_scores, TensorArg mask,
-                      double retriever_temperature, double lm_temperature, int direction, std::uint64_t loss,
-                      std::uint64_t grad_scores, std::uint64_t stream) {
-  const LsrParams p = make_lsr_params(B, k, scores, lm_scores, mask, retriever_temperature, lm_temperature,
+void lsr_forward_cuda(const TensorArg& scores, const TensorArg& lm_scores, const TensorArg& mask,
+                      double retriever_temperature, double lm_temperature, int direction, const TensorArg& loss,
+                      const TensorArg& grad_scores, std::uint64_t stream) {
+  const char* fn = "lsr_loss";
+  const int dev = cuda::common_device(fn, {{"retriever_scores", &scores}, {"lm_scores", &lm_scores},
+                                           {"mask", &mask}, {"loss", &loss}, {"grad_scores", &grad_scores}});
+  const LsrParams p = make_lsr_params(fn, dev, scores, lm_scores, mask, retriever_temperature, lm_temperature,
                                       direction, loss, grad_scores);
-  if (B == 0) return;
-  const auto st = reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream));
-  dispatch_float(p.scores.dtype, "retriever_scores", [&](auto ts) {
-    dispatch_float(p.lm_scores.dtype, "lm_scores", [&](auto tl) {
-      lsr_kernel<decltype(ts), decltype(tl)><<<row_blocks(B), dim3(kWarp, kRowsPerBlock), 0, st>>>(p);
+  if (p.B == 0) return;
+  RADIT_CHECK(row_blocks(p.B) < (1u << 31), fn << ": too many rows");
+  cuda::DeviceGuard guard(dev);
+  const cudaStream_t st = cuda::as_stream(stream);
+  dispatch_dtype<RADIT_FLOAT_TYPES>(p.scores.dtype, "retriever_scores", [&](auto ts) {
+    dispatch_dtype<RADIT_FLOAT_TYPES>(p.lm_scores.dtype, "lm_scores", [&](auto tl) {
+      lsr_kernel<decltype(ts), decltype(tl)><<<row_blocks(p.B), dim3(kWarp, kRowsPerBlock), 0, st>>>(p);
     });
   });
-  check_launch("lsr_forward_cuda");
+  cuda::check_launch(fn);
 }
 
-void mixture_forward_cuda(std::int64_t B, std::int64_t k, std::int64_t V, TensorArg logits, TensorArg log_weights,
-                          std::uint64_t c, std::uint64_t out, std::uint64_t stream) {
-  const MixtureParams p = make_mixture_params(B, k, V, logits, log_weights, c, out);
-  if (B == 0) return;
-  RADIT_CHECK(B * k < (std::int64_t{1} << 31), "logits: B * k must be < 2^31 rows, got " << B * k);
-  const auto st = reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream));
-  const dim3 grid2(static_cast<unsigned>((V + kThreads - 1) / kThreads),
-                   static_cast<unsigned>(B < 65535 ? B : 65535));
-  dispatch_float(p.logits_dtype, "logits", [&](auto tx) {
+void mixture_forward_cuda(const TensorArg& logits, const TensorArg& log_weights, const TensorArg& c,
+                          const TensorArg& out, const TensorArg& workspace, std::uint64_t stream) {
+  const char* fn = "mixture_logprobs";
+  const int dev = cuda::common_device(fn, {{"logits", &logits}, {"log_weights", &log_weights}, {"c", &c},
+                                           {"out", &out}, {"workspace", &workspace}});
+  const MixtureParams p = make_mixture_params(fn, dev, logits, log_weights, c, out);
+  const std::int64_t rows = p.B * p.k;
+  check_tensor<float>(workspace, fn, "workspace", dev, {-1});
+  RADIT_CHECK(workspace.size[0] >= rows * kMixtureMaxSplits * 2 && workspace.contiguous(),
+              fn << ": workspace must be a contiguous float32 [" << rows * kMixtureMaxSplits * 2 << "], got "
+                 << workspace.describe());
+  if (p.B == 0) return;
+  cuda::DeviceGuard guard(dev);
+  const cudaStream_t st = cuda::as_stream(stream);
+  const dim3 grid2(static_cast<unsigned>((p.V + kThreads - 1) / kThreads),
+                   static_cast<unsigned>(p.B < 65535 ? p.B : 65535));
+  dispatch_dtype<RADIT_FLOAT_TYPES>(p.logits_dtype, "logits", [&](auto tx) {
     using T = decltype(tx);
-    dispatch_float(p.log_weights.dtype, "log_weights", [&](auto tw) {
-      mixture_lse_kernel<T, decltype(tw)><<<static_cast<unsigned>(B * k), kThreads, 0, st>>>(p);
+    // Splits per row: enough blocks to fill every resident slot, each split at least 1024 columns, at most
+    // kMixtureMaxSplits. Rows beyond 65535 go to further launches of the same kernel (grid.y limit).
+    const std::int64_t resident = cuda::resident_blocks(mixture_lse_split_kernel<T>, kThreads);
+    std::int64_t splits = (resident + rows - 1) / rows;
+    const std::int64_t by_width = (p.V + 1023) / 1024;
+    splits = splits < by_width ? splits : by_width;
+    splits = splits < kMixtureMaxSplits ? (splits > 0 ? splits : 1) : kMixtureMaxSplits;
+    const std::int64_t span = (p.V + splits - 1) / splits;
+    splits = (p.V + span - 1) / span;
+    float* state = workspace.ptr<float>();
+    for (std::int64_t r0 = 0; r0 < rows; r0 += 65535) {
+      const std::int64_t nr = rows - r0 < 65535 ? rows - r0 : 65535;
+      mixture_lse_split_kernel<T><<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(nr)), kThreads, 0,
+                                    st>>>(p, r0, span, state);
+    }
+    cuda::check_launch(fn);
+    dispatch_dtype<RADIT_FLOAT_TYPES>(p.log_weights.dtype, "log_weights", [&](auto tw) {
+      mixture_lse_merge_kernel<decltype(tw)>
+          <<<static_cast<unsigned>((rows + kThreads - 1) / kThreads), kThreads, 0, st>>>(p, splits, state);
     });
+    cuda::check_launch(fn);
     mixture_combine_kernel<T><<<grid2, kThreads, 0, st>>>(p);
   });
-  check_launch("mixture_forward_cuda");
+  cuda::check_launch(fn);
 }
 
 }  // namespace ensemble

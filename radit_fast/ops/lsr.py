@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 
 from radit_fast import _native
+from radit_fast.ops._common import (NEG_INF, check_bk, check_mask, check_temperature, compute_dtype,
+                                    masked_log_softmax, pick_impl, tensor_arg)
 from radit_fast.ops._dispatch import common_device
-from radit_fast.ops.replug import (NEG_INF, check_bk, check_mask, check_temperature, compute_dtype,
-                                   masked_log_softmax, pick_impl, tensor_arg)
 
 DIRECTIONS = ("lsr_to_retriever", "retriever_to_lsr")
 REDUCTIONS = ("mean", "sum", "none")
@@ -151,9 +151,8 @@ def lsr_launch(retriever_scores, lm_scores, retriever_temperature, lm_temperatur
         mask_u8 = mask.view(torch.uint8) if mask is not None else None
         lsr_triton(retriever_scores, lm_scores, mask_u8, retriever_temperature, lm_temperature, code, loss, grad)
         return loss, grad
-    args = (B, k, tensor_arg(retriever_scores, "retriever_scores"), tensor_arg(lm_scores, "lm_scores"),
-            tensor_arg(mask, "mask"), retriever_temperature, lm_temperature, code, loss.data_ptr(),
-            0 if grad is None else grad.data_ptr())
+    args = (tensor_arg(retriever_scores, "retriever_scores"), tensor_arg(lm_scores, "lm_scores"),
+            tensor_arg(mask, "mask"), retriever_temperature, lm_temperature, code, tensor_arg(loss), tensor_arg(grad))
     if impl == "cuda":
         _native._C.lsr_forward_cuda(*args, _native.cuda_stream(loss))
     else:

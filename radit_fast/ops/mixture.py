@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from radit_fast import _native
+from radit_fast.ops._common import (NEG_INF, check_bk, compute_dtype, masked_log_softmax, pick_impl,
+                                    safe_logsumexp, tensor_arg)
 from radit_fast.ops._dispatch import common_device
-from radit_fast.ops.replug import (NEG_INF, check_bk, compute_dtype, masked_log_softmax, pick_impl,
-                                   safe_logsumexp, tensor_arg)
 
 
 # ---- torch reference ----
@@ -55,10 +55,11 @@ def mixture_launch(logits: torch.Tensor, log_weights: torch.Tensor, impl: str):
 
         mixture_triton(logits, log_weights, c, out)
         return out, c
-    args = (B, k, V, (logits.data_ptr(), logits.stride(0), logits.stride(1), _native.dtype_code(logits, "logits")),
-            tensor_arg(log_weights, "log_weights"), c.data_ptr(), out.data_ptr())
+    args = (tensor_arg(logits, "logits"), tensor_arg(log_weights, "log_weights"), tensor_arg(c), tensor_arg(out))
     if impl == "cuda":
-        _native._C.mixture_forward_cuda(*args, _native.cuda_stream(out))
+        # Per-split logsumexp states of the vocabulary-split first pass (see csrc/ensemble/ensemble_cuda.cu).
+        ws = torch.empty(B * k * _native._C.mixture_max_splits * 2, dtype=torch.float32, device=logits.device)
+        _native._C.mixture_forward_cuda(*args, tensor_arg(ws), _native.cuda_stream(out))
     else:
         _native._C.mixture_forward_cpu(*args)
     return out, c

@@ -12,109 +12,15 @@ composition (the reference) that also runs without the native module.
 Layers (STYLE section 2): launcher ``replug_launch`` (no autograd; backends "cpu", "triton", "cuda") -> custom
 op ``torch.ops.radit.replug_logprob_fwd`` (opaque to torch.compile, with a fake implementation; eager mode
 skips the dispatcher, see ``_fwd``) -> ``ReplugLogprob`` (autograd) -> ``replug_logprob``.
-
-This module also holds the small argument checks shared by the ensemble-family ops (lsr, mixture, scorer).
 """
 from __future__ import annotations
 
 import torch
 
 from radit_fast import _native
-from radit_fast.ops._dispatch import common_device, resolve_impl
-
-NEG_INF = float("-inf")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# ---- checks shared by the ensemble-family ops ----
-def check_bk(op: str, name: str, t: torch.Tensor, shape: tuple[int, int] | None = None) -> tuple[int, int]:
-    """``t`` is a floating [B, k] tensor (of ``shape`` when given); returns (B, k)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{op}: {name} must have shape [B, k], got {list(t.shape)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape [B, k] = {list(shape)}, got {list(t.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
-    if t.shape[1] < 1:
-        raise ValueError(f"{op}: {name} must have k >= 1 chunks per row, got shape {list(t.shape)}")
-    return int(t.shape[0]), int(t.shape[1])
-
-
-def check_temperature(op: str, name: str, value: float) -> float:
-    value = float(value)
-    if not (value > 0.0 and value < float("inf")):
-        raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
-    return value
-
-
-def check_mask(op: str, mask: torch.Tensor | None, shape: tuple[int, int], rows: bool = True) -> torch.Tensor | None:
-    """``mask`` is None or a bool [B, k] tensor with at least one True per row (True = chunk present).
-
-    ``rows=False`` skips the per-row check (one device sync on GPU) for the cpu backend, whose entry points
-    check the rows themselves with the same message."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"{op}: mask must be a bool tensor of shape [B, k] = {list(shape)}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{op}: mask must have shape [B, k] = {list(shape)}, got {list(mask.shape)}")
-    if rows and mask.numel() and not bool(mask.any(dim=1).all()):
-        row = int((~mask.any(dim=1)).nonzero()[0, 0])
-        raise ValueError(f"{op}: mask row {row} has no present chunk (all k entries are False)")
-    return mask
-
-
-def native_ok(*tensors: torch.Tensor) -> bool:
-    """True when every tensor has a dtype the native/Triton kernels read (float32, bfloat16, float16)."""
-    return all(t.dtype in _FLOAT_DTYPES for t in tensors)
-
-
-def tensor_arg(t: torch.Tensor | None, name: str) -> tuple[int, int, int, int]:
-    """(data_ptr, stride0, stride1, dtype code) as the native entry points take it; zeros for None."""
-    if t is None:
-        return (0, 0, 0, 0)
-    return (t.data_ptr(), t.stride(0), t.stride(1), _native.dtype_code(t, name))
-
-
-def has_cuda_kernel(name: str) -> bool:
-    return _native._C is not None and hasattr(_native._C, name)
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32 (the accumulation dtype of the torch path)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def pick_impl(op: str, impl: str, device: torch.device, *tensors: torch.Tensor, cuda_kernel: str) -> str:
-    """resolve_impl, with float64 inputs routed to the torch path under impl='auto'."""
-    if impl == "auto" and not native_ok(*tensors):
-        impl = "torch"
-    impl = resolve_impl(op, impl, device, has_cuda_kernel=has_cuda_kernel(cuda_kernel))
-    if impl != "torch" and not native_ok(*tensors):
-        bad = next(t.dtype for t in tensors if t.dtype not in _FLOAT_DTYPES)
-        raise ValueError(f"{op}: impl={impl!r} takes float32, bfloat16 or float16 inputs, got {bad}; "
-                         "use impl='torch' for float64")
-    return impl
-
-
-def safe_logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
-    """logsumexp that is -inf (with zero gradient, not NaN) for slices that are entirely -inf."""
-    dead = (x == NEG_INF).all(dim=dim, keepdim=True)
-    lse = torch.logsumexp(torch.where(dead, torch.zeros_like(x), x), dim=dim, keepdim=True)
-    lse = torch.where(dead, torch.full_like(lse, NEG_INF), lse)
-    return lse if keepdim else lse.squeeze(dim)
-
-
-def masked_log_softmax(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """log_softmax over the last dim restricted to ``mask``; -inf (zero gradient) outside it and for z = -inf."""
-    if mask is not None:
-        z = torch.where(mask, z, torch.full_like(z, NEG_INF))
-    lse = safe_logsumexp(z, dim=-1, keepdim=True)
-    gone = z == NEG_INF
-    return torch.where(gone, torch.full_like(z, NEG_INF), z - torch.where(gone, torch.zeros_like(lse), lse))
-
+from radit_fast.ops._common import (NEG_INF, check_bk, check_mask, check_temperature, compute_dtype,
+                                    masked_log_softmax, pick_impl, safe_logsumexp, tensor_arg)
+from radit_fast.ops._dispatch import common_device
 
 # ---- torch reference ----
 def replug_logprob_torch(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, temperature: float,
@@ -153,10 +59,8 @@ def replug_launch(lm_logprobs: torch.Tensor, retriever_scores: torch.Tensor, tem
 
         replug_triton(lm_logprobs, retriever_scores, mask_u8, temperature, out, g_lm, g_s)
         return out, g_lm, g_s
-    mask_arg = tensor_arg(mask, "mask")
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    args = (B, k, tensor_arg(lm_logprobs, "lm_logprobs"), tensor_arg(retriever_scores, "retriever_scores"),
-            mask_arg, temperature, out.data_ptr(), ptr(g_lm), ptr(g_s))
+    args = (tensor_arg(lm_logprobs, "lm_logprobs"), tensor_arg(retriever_scores, "retriever_scores"),
+            tensor_arg(mask, "mask"), temperature, tensor_arg(out), tensor_arg(g_lm), tensor_arg(g_s))
     if impl == "cuda":
         _native._C.replug_forward_cuda(*args, _native.cuda_stream(out))
     else:
