@@ -154,6 +154,14 @@ def resolve_impl(op: str, impl: str, device: torch.device, *, dtype: torch.dtype
         if reason is not None:
             raise ValueError(reason)
         return impl
+    return _auto_impl(op, device, dtype, has_cuda_kernel, has_triton_kernel)
+
+
+@torch.compiler.assume_constant_result
+def _auto_impl(op: str, device: torch.device, dtype: torch.dtype | None, has_cuda_kernel: bool,
+               has_triton_kernel: bool) -> str:
+    """impl="auto": the table, then the fallback. A constant for torch.compile (it runs once at trace time:
+    reading /proc/cpuinfo and the table file cannot be traced)."""
     kind = device_kind(device)
     for measured in table_impls(op, kind, dtype):
         if _unavailable(op, measured, device, has_cuda_kernel, has_triton_kernel) is None:
