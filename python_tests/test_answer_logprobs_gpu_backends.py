@@ -6,7 +6,12 @@ error in the same dtype (STYLE.md 7).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,6 +409,31 @@ def test_grad_bias_is_the_ordered_sum_of_row_blocks(monkeypatch):
     ref = _autograd(h, w, b, t, g, torch.float64, torch.float64)
     low = _autograd(h, w, b, t, g, torch.float32, torch.float32)
     _assert_close("grad_bias", runs[0][2], ref[4], low[4])
+
+
+def _aot(*args: str) -> list[dict]:
+    """Run python_tests/triton_aot.py (ahead-of-time compilation for a GPU target, no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().with_name("triton_aot.py")
+    done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_kernels_compile_for_hopper_and_ada_within_shared_memory():
+    # The configs the heuristic picks compile for sm_90 (H100/H200: 227 KiB) and sm_89 (L40S/L4/4090:
+    # 99 KiB) with the shared memory the compiler allocates inside the device limit and inside the
+    # estimate config_for relies on; Hopper gets wgmma, both get cp.async pipelines.
+    # (One kernel, two targets, to keep it to two compilations; triton_aot.py does all four kernels.)
+    rows = _aot("90:232448", "89:101376", "--dtypes", "bfloat16", "--kernels", "fwd_tile")
+    assert [(r["sm"], r["kernel"]) for r in rows] == [(90, "fwd_tile"), (89, "fwd_tile")]
+    for r in rows:
+        assert r["shared"] <= r["smem_limit"], r
+        assert r["shared"] <= r["pipeline_estimate"] + tri.EPILOGUE_SMEM, r
+        assert r["cp_async"], r
+        assert r["wgmma"] == (r["sm"] == 90) and (r["mma_sync"] or r["wgmma"]), r
+    assert rows[0]["config"] == [128, 256, 64, 8, 3]
 
 
 # ---- GPU: CUDA and Triton compiled for the device ----
