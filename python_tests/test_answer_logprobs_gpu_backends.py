@@ -21,6 +21,7 @@ import triton.language as tl
 from radit_fast._native import HAS_NATIVE_CUDA
 from radit_fast.ops import answer_logprobs
 from radit_fast.triton import answer_logprobs as tri
+from radit_fast.triton.answer_logprobs import _grouped_tile, _partial_offsets
 
 IGNORE = -100
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -223,16 +224,16 @@ def _offsets_probe(args_ptr, out_ptr):
     block = tl.load(args_ptr)
     row_len = tl.load(args_ptr + 1)
     offs = tl.arange(0, 4)
-    tl.store(out_ptr + offs, tri._partial_offsets(block, row_len, offs))
+    tl.store(out_ptr + offs, _partial_offsets(block, row_len, offs))
     for j in range(block, block + 1):
-        tl.store(out_ptr + 4 + offs, tri._partial_offsets(j, row_len, offs))
+        tl.store(out_ptr + 4 + offs, _partial_offsets(j, row_len, offs))
 
 
 @triton.jit
 def _grouped_tile_probe(args_ptr, out_ptr, GROUP: tl.constexpr):
     """(pid_m, pid_n, pid_m * row_len) from _grouped_tile for int32 inputs."""
     pid = tl.load(args_ptr)
-    pid_m, pid_n = tri._grouped_tile(pid, tl.load(args_ptr + 1), tl.load(args_ptr + 2), GROUP)
+    pid_m, pid_n = _grouped_tile(pid, tl.load(args_ptr + 1), tl.load(args_ptr + 2), GROUP)
     tl.store(out_ptr, pid_m)
     tl.store(out_ptr + 1, pid_n)
     tl.store(out_ptr + 2, pid_m * tl.load(args_ptr + 3))

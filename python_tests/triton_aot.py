@@ -35,6 +35,10 @@ def _kernels(dtype: torch.dtype, cfg: tri.Config):
     yield "fwd_tile", tri._fwd_tile_kernel, dict(
         h_ptr=a(ty), w_ptr=a(ty), b_ptr=a("*fp32"), t_ptr=a("*i64"), part_m_ptr=a("*fp32"),
         part_s_ptr=a("*fp32"), tgt_ptr=a("*fp32"), **sizes, **strides), dict(HAS_BIAS=True, **tile)
+    yield "fwd_merge", tri._fwd_merge_kernel, dict(
+        part_m_ptr=a("*fp32"), part_s_ptr=a("*fp32"), tgt_ptr=a("*fp32"), t_ptr=a("*i64"), tok_ptr=a("*fp32"),
+        lse_ptr=a("*fp32"), flag_ptr=a("*i32"), N=a("i32"), V=a("i32"), num_vblocks="i32", ignore_index="i32"),\
+        dict(BLOCK=128, FLAG_BIT=tri.FLAG_TARGET_OUT_OF_RANGE)
     yield "dlogits", tri._dlogits_kernel, dict(
         h_ptr=a(ty), w_ptr=a(ty), b_ptr=a("*fp32"), t_ptr=a("*i64"), lse_ptr=a("*fp32"), g_ptr=a("*fp32"),
         dz_ptr=a(ty), gb_part_ptr=a("*fp32"), **sizes, v_start=a("i32"), chunk_width=a("i32"), **strides,
