@@ -21,7 +21,7 @@ import triton.language as tl
 from radit_fast._native import HAS_NATIVE_CUDA
 from radit_fast.ops import answer_logprobs
 from radit_fast.triton import answer_logprobs as tri
-from radit_fast.triton.answer_logprobs import _grouped_tile, _partial_offsets
+from radit_fast.triton.answer_logprobs import _partial_offsets, _scaled
 
 IGNORE = -100
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -230,13 +230,11 @@ def _offsets_probe(args_ptr, out_ptr):
 
 
 @triton.jit
-def _grouped_tile_probe(args_ptr, out_ptr, GROUP: tl.constexpr):
-    """(pid_m, pid_n, pid_m * row_len) from _grouped_tile for int32 inputs."""
-    pid = tl.load(args_ptr)
-    pid_m, pid_n = _grouped_tile(pid, tl.load(args_ptr + 1), tl.load(args_ptr + 2), GROUP)
-    tl.store(out_ptr, pid_m)
-    tl.store(out_ptr + 1, pid_n)
-    tl.store(out_ptr + 2, pid_m * tl.load(args_ptr + 3))
+def _scaled_probe(args_ptr, out_ptr):
+    """Stores _scaled(row + 0..3, stride) for a row index and a stride read from int32 memory (as offs_n and
+    stride_hn / stride_dz are int32 in the kernels)."""
+    offs = tl.load(args_ptr) + tl.arange(0, 4)
+    tl.store(out_ptr + tl.arange(0, 4), _scaled(offs, tl.load(args_ptr + 1)))
 
 
 def test_partial_offsets_are_int64():
@@ -249,17 +247,13 @@ def test_partial_offsets_are_int64():
     assert out.cpu().tolist() == expect + expect
 
 
-def test_grouped_tile_ids_are_int64():
-    # Row-block ids feed offs_n = pid_n * BLOCK_N + arange and then offs_n * stride: int64 from the start.
-    num_m, num_n, group, pid, row_len = 100_000, 3, 8, 250_001, 40_000
-    args = torch.tensor([pid, num_m, num_n, row_len], dtype=torch.int32, device=_device())
-    out = torch.full((3,), -1, dtype=torch.int64, device=_device())
-    _grouped_tile_probe[(1,)](args, out, GROUP=group)
-    per_group = group * num_n  # the grouped order, written out in Python integers
-    first_m = pid // per_group * group
-    pid_m = first_m + pid % per_group % min(num_m - first_m, group)
-    pid_n = pid % per_group // min(num_m - first_m, group)
-    assert out.cpu().tolist() == [pid_m, pid_n, pid_m * row_len] and pid_m * row_len > 2**31
+def test_row_times_stride_is_int64():
+    # Regression: row * stride for the hidden, weight, dz and gradient rows must not wrap once N * d or
+    # V * d passes 2^31 (here row 50000 of a [*, 60000] tensor: 3e9).
+    args = torch.tensor([50_000, 60_000], dtype=torch.int32, device=_device())
+    out = torch.full((4,), -1, dtype=torch.int64, device=_device())
+    _scaled_probe[(1,)](args, out)
+    assert out.cpu().tolist() == [(50_000 + i) * 60_000 for i in range(4)]
 
 
 KIB = 1024
