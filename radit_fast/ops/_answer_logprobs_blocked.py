@@ -21,7 +21,8 @@ it, and the backward epilogue writes dz into a separate bfloat16 buffer for the 
 
 Memory: one block buffer of at most ``BLOCK_BYTES[device]`` (+ a dz buffer on CUDA), the per-row state, the
 gradients, and for bfloat16 a float32 accumulator of grad_weight only when several row chunks add into it.
-No host synchronisation on CUDA: the epilogues flag out-of-range targets on the device (``error_flag``).
+No host synchronisation on CUDA: the epilogues flag out-of-range targets on the device (the shared
+``radit_fast.ops._dispatch.error_flag``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import math
 import torch
 
 from radit_fast.ops import _answer_logprobs_epilogue as epilogue
+from radit_fast.ops._dispatch import error_flag
 
 # Upper bounds on a block [rows, cols]: vocabulary entries per block (fwd/bwd), and the bytes of the buffer.
 CPU_BLOCK_COLS = 4096
@@ -86,27 +88,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a, b, out_dtype=out.dtype, out=out)
 
 
-_ERROR_FLAGS: dict[torch.device, torch.Tensor] = {}
-
-
-def error_flag(device: torch.device) -> torch.Tensor | None:
-    """The int32 [1] flag the CUDA epilogues set on an out-of-range target (None on CPU, which raises)."""
-    if device.type != "cuda":
-        return None
-    flag = _ERROR_FLAGS.get(device)
-    if flag is None:
-        flag = _ERROR_FLAGS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return flag
-
-
-def pending_error(device: torch.device) -> bool:
-    """Read (and clear) the device's error flag: True when a call since the last read met a bad target."""
-    flag = _ERROR_FLAGS.get(device)
-    if flag is None:
-        return False
-    bad = bool(flag.item())  # the one host synchronisation, only when asked
-    flag.zero_()
-    return bad
+def _flag(device: torch.device) -> torch.Tensor | None:
+    """The device's error flag for the CUDA epilogues (None on CPU, where the epilogues raise)."""
+    return error_flag(device) if device.type == "cuda" else None
 
 
 def _state(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,7 +119,7 @@ def fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segments):
     lse, tok = torch.empty(n, device=dev), torch.empty(n, device=dev)
     seg = torch.empty(num_segments if segment_ids is not None else 0, device=dev)
     epilogue.fwd_finalize(targets, v, ignore_index, m, s, tl, lse, tok, segment_ids,
-                          seg if segment_ids is not None else None, error_flag(dev))
+                          seg if segment_ids is not None else None, _flag(dev))
     return tok, lse, seg
 
 
@@ -237,7 +221,7 @@ def loss_and_grads(hidden, weight, bias, targets, ignore_index, grad_tok, need_h
     gb = torch.zeros(v, device=dev) if need_bias else None
     m, s, tl = _state(n, dev)
     lse, tok = torch.empty(n, device=dev), torch.empty(n, device=dev)
-    flag = error_flag(dev)
+    flag = _flag(dev)
     for r0 in range(0, n, rows):
         rr = min(rows, n - r0)
         sl = slice(r0, r0 + rr)

@@ -6,13 +6,12 @@ re-exported here so that an op module imports its helpers from one place.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from radit_fast import _native
 from radit_fast._native import cuda_stream, tensor_arg  # noqa: F401  (re-exported for the ops)
-from radit_fast.ops._dispatch import resolve_impl
+from radit_fast.ops._dispatch import debug_checks, resolve_impl
 
 NEG_INF = float("-inf")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,11 +40,6 @@ def check_temperature(op: str, name: str, value: float) -> float:
     return value
 
 
-def debug_checks() -> bool:
-    """True when ``RADIT_DEBUG_CHECKS=1``: checks that need a device-to-host copy also run on GPU tensors."""
-    return os.environ.get("RADIT_DEBUG_CHECKS", "0") == "1"
-
-
 def check_mask(op: str, mask: torch.Tensor | None, shape: tuple[int, int], rows: bool = True) -> torch.Tensor | None:
     """``mask`` is None or a bool [B, k] tensor with at least one True per row (True = chunk present).
 
@@ -59,7 +53,7 @@ def check_mask(op: str, mask: torch.Tensor | None, shape: tuple[int, int], rows:
         raise ValueError(f"{op}: mask must be a bool tensor of shape [B, k] = {list(shape)}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{op}: mask must have shape [B, k] = {list(shape)}, got {list(mask.shape)}")
-    if mask.device.type == "cuda" and not debug_checks():
+    if not debug_checks(mask.device):
         rows = False
     if rows and mask.numel() and not bool(mask.any(dim=1).all()):
         row = int((~mask.any(dim=1)).nonzero()[0, 0])
@@ -86,7 +80,8 @@ def pick_impl(op: str, impl: str, device: torch.device, *tensors: torch.Tensor, 
     """resolve_impl, with float64 inputs routed to the torch path under impl='auto'."""
     if impl == "auto" and not native_ok(*tensors):
         impl = "torch"
-    impl = resolve_impl(op, impl, device, has_cuda_kernel=has_cuda_kernel(cuda_kernel))
+    impl = resolve_impl(op, impl, device, dtype=tensors[0].dtype if tensors else None,
+                        has_cuda_kernel=has_cuda_kernel(cuda_kernel))
     if impl != "torch" and not native_ok(*tensors):
         bad = next(t.dtype for t in tensors if t.dtype not in _FLOAT_DTYPES)
         raise ValueError(f"{op}: impl={impl!r} takes float32, bfloat16 or float16 inputs, got {bad}; "

@@ -168,3 +168,46 @@ def _auto_impl(op: str, device: torch.device, dtype: torch.dtype | None, has_cud
             return measured
         log.debug("%s: the table's choice %r for %s cannot run here", op, measured, kind)
     return fallback_impl(device, has_cuda_kernel=has_cuda_kernel, has_triton_kernel=has_triton_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The device error flag shared by every GPU backend (the CUDA epilogues and the Triton kernels): kernels OR
+# FLAG_* bits into an int32 [1] tensor per device instead of synchronising with the host; it is read only
+# when asked (raise_if_flagged), e.g. under RADIT_DEBUG_CHECKS=1.
+# ----------------------------------------------------------------------------------------------------------
+FLAG_TARGET_OUT_OF_RANGE = 1
+_FLAGS: dict[torch.device, torch.Tensor] = {}
+
+
+def debug_checks(device: torch.device | None = None) -> bool:
+    """Whether value checks that read device memory on the host run: under RADIT_DEBUG_CHECKS=1 always, else
+    only for tensors on a non-CUDA ``device`` (on GPUs they would block on a device-to-host copy)."""
+    if os.environ.get("RADIT_DEBUG_CHECKS", "0") == "1":
+        return True
+    return device is not None and device.type != "cuda"
+
+
+def _flag_key(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def error_flag(device: torch.device | str) -> torch.Tensor:
+    """The int32 [1] error flag of ``device`` that the kernels OR bits into (FLAG_*); 0 when clean."""
+    key = _flag_key(torch.device(device))
+    flag = _FLAGS.get(key)
+    if flag is None:
+        flag = _FLAGS[key] = torch.zeros(1, dtype=torch.int32, device=key)
+    return flag
+
+
+def raise_if_flagged(device: torch.device | str, flag: torch.Tensor | None = None) -> None:
+    """Read (host sync) and clear ``flag`` (default: the device's); ValueError when a kernel set it."""
+    flag = error_flag(device) if flag is None else flag
+    bits = int(flag.item())
+    if bits:
+        flag.zero_()
+    if bits & FLAG_TARGET_OUT_OF_RANGE:
+        raise ValueError("answer_logprobs: a target is outside [0, V) and is not ignore_index "
+                         "(its row of tok is NaN); rerun with RADIT_DEBUG_CHECKS=1 to find it")

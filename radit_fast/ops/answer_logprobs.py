@@ -45,12 +45,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 
 import torch
 
 from radit_fast.ops import _answer_logprobs_blocked as blocked
-from radit_fast.ops._dispatch import common_device, resolve_impl
+from radit_fast.ops._dispatch import common_device, debug_checks, raise_if_flagged, resolve_impl
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +144,7 @@ def _segments(op: str, n: int, device: torch.device, segment_ids, cu_seqlens, nu
     if num_segments is not None and num_segments != s:
         raise ValueError(f"{op}: num_segments = {num_segments} but cu_seqlens has S+1 = {s + 1} entries")
     cu = cu_seqlens.to(torch.int64)
-    if not torch.compiler.is_compiling() and _sync_checks(device):
+    if not torch.compiler.is_compiling() and debug_checks(device):
         if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{op}: cu_seqlens must be non-decreasing from 0 to N = {n}, got {cu.tolist()[:8]}...")
     # Row i belongs to the number of segment ends cu[1:] that are <= i (empty segments are skipped).
@@ -154,7 +153,7 @@ def _segments(op: str, n: int, device: torch.device, segment_ids, cu_seqlens, nu
 
 
 def _choose_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    chosen = resolve_impl(op, impl, device)
+    chosen = resolve_impl(op, impl, device, dtype=dtype)
     if chosen != "torch" and dtype not in _KERNEL_DTYPES:
         if impl != "auto":
             raise ValueError(f"{op}: impl={impl!r} supports float32 and bfloat16 inputs, got {dtype}; use impl='torch'")
@@ -224,11 +223,6 @@ def _torch_bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_
 # Launchers (no autograd). "cpu" and "cuda": the blocked driver (vendor GEMM + fused epilogue); "triton": the
 # fully fused kernel; "torch": the chunked reference.
 # ----------------------------------------------------------------------------------------------------------
-def _sync_checks(device: torch.device) -> bool:
-    """Value checks that read device memory on the host: always on CPU, on GPUs only under RADIT_DEBUG_CHECKS=1."""
-    return device.type == "cpu" or os.environ.get("RADIT_DEBUG_CHECKS", "0") == "1"
-
-
 def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -250,7 +244,7 @@ def _kernel_bwd(impl, *args):
 def _fwd_launch(impl, hidden, weight, bias, targets, segment_ids, num_segments, ignore_index):
     """(tok_logprob [N], lse [N], seg_logprob [S] or [0]) in the accumulation dtype, on hidden's device."""
     targets = targets.to(torch.int64).contiguous()
-    if _sync_checks(hidden.device):
+    if debug_checks(hidden.device):
         _check_target_values(targets, weight.shape[0], ignore_index)
         if segment_ids is not None:
             _check_segment_values(segment_ids, num_segments)
@@ -292,7 +286,7 @@ def _loss_launch(impl, hidden, weight, bias, targets, ignore_index, reduction, n
     """(reduced log-prob [], grad_hidden, grad_weight, grad_bias): the gradients of the reduced value, formed in
     the forward pass (blocked driver: 3 GEMMs; other backends: their forward then backward)."""
     targets = targets.to(torch.int64).contiguous()
-    if _sync_checks(hidden.device):
+    if debug_checks(hidden.device):
         _check_target_values(targets, weight.shape[0], ignore_index)
     g = _loss_grad_tok(targets, ignore_index, reduction)
     with _device_guard(hidden.device):
@@ -312,8 +306,8 @@ def _loss_launch(impl, hidden, weight, bias, targets, ignore_index, reduction, n
 
 
 def _raise_flagged(device: torch.device) -> None:
-    if device.type == "cuda" and _sync_checks(device) and blocked.pending_error(device):
-        raise ValueError(f"{OP}: a target is outside [0, V) and is not ignore_index (flagged on {device})")
+    if device.type == "cuda" and debug_checks(device):  # reading the flag synchronises: only when asked
+        raise_if_flagged(device)
 
 
 # ----------------------------------------------------------------------------------------------------------

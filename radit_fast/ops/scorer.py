@@ -149,7 +149,7 @@ def score_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         present = present & mask.to(present.device)
     # On a GPU this check waits for the device: it runs there only under RADIT_DEBUG_CHECKS=1 (an empty query
     # then gets the kernels' empty-row results: REPLUG -inf, LSR loss 0, zero gradients).
-    if B and (present.device.type != "cuda" or debug_checks()) and not bool(present.any(dim=1).all()):
+    if B and debug_checks(present.device) and not bool(present.any(dim=1).all()):
         row = int((~present.any(dim=1)).nonzero()[0, 0])
         raise ValueError(f"{op}: query {row} has no chunk with scored answer positions (segment ids "
                          f"{row * k}..{row * k + k - 1} are empty, ignored or masked)")

@@ -56,10 +56,11 @@ import torch
 import triton
 import triton.language as tl
 
+from radit_fast.ops._dispatch import FLAG_TARGET_OUT_OF_RANGE, debug_checks, error_flag, raise_if_flagged  # noqa: F401
+
 # Upper bound on the elements of the backward's dz chunk buffer [N, C] (tests lower it to force chunks).
 DZ_CHUNK_ELEMENTS = 1 << 27
 # Error-flag bits set by the kernels.
-FLAG_TARGET_OUT_OF_RANGE = 1
 _KIB = 1024
 # Shared memory the epilogue may need beside the pipeline buffers (layout conversions of the row
 # reductions and of the dz store); a config is taken only when pipeline + this fits the device.
@@ -69,10 +70,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _debug_checks() -> bool:
-    return os.environ.get("RADIT_DEBUG_CHECKS", "0") == "1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,33 +151,6 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Error flag (device-side checks, read lazily)
 # ----------------------------------------------------------------------------------------------------------
-_FLAGS: dict[torch.device, torch.Tensor] = {}
-
-
-def _flag_key(device: torch.device) -> torch.device:
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def error_flag(device: torch.device | str) -> torch.Tensor:
-    """The int32 [1] error flag of ``device`` that the kernels OR bits into (FLAG_*); 0 when clean."""
-    key = _flag_key(torch.device(device))
-    flag = _FLAGS.get(key)
-    if flag is None:
-        flag = _FLAGS[key] = torch.zeros(1, dtype=torch.int32, device=key)
-    return flag
-
-
-def raise_if_flagged(device: torch.device | str, flag: torch.Tensor | None = None) -> None:
-    """Read (host sync) and clear ``flag`` (default: the device's); ValueError when a kernel set it."""
-    flag = error_flag(device) if flag is None else flag
-    bits = int(flag.item())
-    if bits:
-        flag.zero_()
-    if bits & FLAG_TARGET_OUT_OF_RANGE:
-        raise ValueError("answer_logprobs: a target is outside [0, V) and is not ignore_index "
-                         "(its row of tok is NaN); rerun with RADIT_DEBUG_CHECKS=1 to find it")
 
 
 def _debug_check_targets(targets: torch.Tensor, vocab: int, ignore_index: int, flag: torch.Tensor) -> None:
@@ -433,7 +403,7 @@ def triton_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         _fwd_merge_kernel[(triton.cdiv(N, block),)](part_m, part_s, tgt, t, tok, lse, flag, N, V, num_vb,
                                                     ignore_index, BLOCK=block,
                                                     FLAG_BIT=FLAG_TARGET_OUT_OF_RANGE, num_warps=4)
-    if _debug_checks():
+    if debug_checks():
         _debug_check_targets(t, V, ignore_index, flag)
     return tok, lse
 
