@@ -101,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--queries", required=True, type=Path, help="KILT JSON lines with id and input")
     r.add_argument("--k", type=_positive, default=10, help="passages per query (default 10)")
     r.add_argument("--out", required=True, type=Path, help="output JSON lines {id, passages: [{id, score, title, text}]}")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     r.add_argument("--query-encoder", help="query encoder folder or name (default: the index's)")
     r.add_argument("--allow-encoder-mismatch", action="store_true",
                    help="use a query encoder of another lineage/pooling (dim must still match)")
@@ -169,6 +170,14 @@ def read_queries(path: Path) -> list[dict]:
     return out
 
 
+def check_out_file(out: Path, overwrite: bool) -> None:
+    """Refuse an output file that is a folder, or that exists without --overwrite (before any work)."""
+    if out.is_dir():
+        raise RaditError(f"{out}: is a folder; --out must name a file")
+    if out.exists() and not overwrite:
+        raise RaditError(f"{out}: already exists (choose another --out, or pass --overwrite to replace it)")
+
+
 def cmd_retrieve(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -176,6 +185,9 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from radit_fast.retrieval.metrics import provenance_doc_ids, retrieval_metrics
     from radit_fast.retrieval.retriever import Retriever
 
+    from radit_fast.retrieval.index import check_k
+
+    check_out_file(args.out, args.overwrite)
     queries = read_queries(args.queries)
     retriever = Retriever.load(
         args.index, args.query_encoder, device=args.device, verify=args.verify, search_params=args.search_params,
@@ -183,8 +195,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code, pooling=args.pooling, normalize=args.normalize,
         max_length=args.max_length,
     )
-    if args.k > len(retriever.index):
-        raise RaditError(f"--k {args.k} is larger than the index ({len(retriever.index)} passages)")
+    check_k(args.k, len(retriever.index))
     ranked: list[list[str | None]] = []
 
     def rows():
@@ -199,7 +210,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
                     yield {"id": str(q["id"]), "passages": hits}
                 bar.update(len(batch))
 
-    n = write_jsonl(args.out, rows())
+    n = write_jsonl(args.out, rows(), overwrite=args.overwrite)
     logger.info("wrote %d results to %s", n, args.out)
     gold = [provenance_doc_ids(q) for q in queries]
     if any(gold):

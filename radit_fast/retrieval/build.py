@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from radit_fast.io import RaditError, atomic_dir
+from radit_fast.io import RaditError, atomic_dir, open_npy, require_file, write_errno, write_failure
 from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, encoder_text, iter_corpus
 from radit_fast.retrieval.distributed import DEFAULT_TIMEOUT_S, DistContext, run_step, shard_range
 from radit_fast.retrieval.encoder import TextEncoder, check_device
@@ -71,7 +71,7 @@ def write_store(corpus: Path, folder: Path, chunk_words: int) -> int:
     """Chunk the corpus into the passage store files in ``folder``; returns the passage count."""
     from tqdm import tqdm
 
-    writer = PassageStoreWriter(folder, source=str(corpus))
+    writer = PassageStoreWriter(folder, source=str(corpus), documents=True)
     try:
         for lineno, passage in tqdm(iter_corpus(corpus, chunk_words), desc="reading corpus", unit=" passages",
                                     disable=None):
@@ -91,7 +91,7 @@ def encode_rows(store: PassageStore, encoder: TextEncoder, lo: int, hi: int, pat
     from tqdm import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(hi - lo, encoder.dim))
+    out = open_npy(path, np.float16, (hi - lo, encoder.dim))  # disk reserved first: no SIGBUS when full
     block = max(32 * batch_size, 4096)
     with tqdm(total=hi - lo, desc="encoding passages", unit=" passages", disable=None if progress else True) as bar:
         for s in range(lo, hi, block):
@@ -117,7 +117,12 @@ def _finish(folder: Path, *, doc_identity: dict, query_identity: dict, index_fac
     t0 = time.perf_counter()
     index, used = build_on_device(index, emb, device=device, train_size=train_size, progress=True)
     set_search_params(index, search_params)  # validate now, not at the first retrieve
-    faiss.write_index(index, str(folder / FAISS_FILE))
+    try:
+        faiss.write_index(index, str(folder / FAISS_FILE))
+    except RuntimeError as e:  # faiss reports a failed fwrite with the system's message
+        if write_errno(e) is None:
+            raise
+        raise write_failure(e, folder / FAISS_FILE, needed=estimate_index_bytes(index_factory, n, dim)) from None
     logger.info("built %s over %d vectors in %.1f s", index_factory, n, time.perf_counter() - t0)
     index_bytes = (folder / FAISS_FILE).stat().st_size
     memory = {
@@ -154,8 +159,9 @@ def build_index(corpus: str | os.PathLike, out: str | os.PathLike, config: Index
     corpus, out = Path(corpus), Path(out)
     if out.exists() and not overwrite:
         raise RaditError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not corpus.is_file():
-        raise RaditError(f"{corpus}: no such file")
+    if out.exists() and not out.is_dir():
+        raise RaditError(f"{out}: exists and is not a folder")
+    require_file(corpus, "--corpus")
     with DistContext.from_env(timeout_s=cfg.dist_timeout_s) as ctx:
         if ctx.is_main:
             with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -205,7 +211,7 @@ def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBui
         if not ctx.is_main:
             return
         if ctx.world_size > 1:
-            out = np.lib.format.open_memmap(folder / EMBEDDINGS_FILE, mode="w+", dtype=np.float16, shape=(n, enc.dim))
+            out = open_npy(folder / EMBEDDINGS_FILE, np.float16, (n, enc.dim))
             for r in range(ctx.world_size):
                 lo, hi = shard_range(n, r, ctx.world_size)
                 out[lo:hi] = np.load(folder / f"shards/emb-{r:05d}.npy", mmap_mode="r")
@@ -264,7 +270,7 @@ def build_index_from_embeddings(
         n = writer.close()
         if n != len(emb):
             raise RaditError(f"{n} passages but {len(emb)} embeddings")
-        out16 = np.lib.format.open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=np.float16, shape=emb.shape)
+        out16 = open_npy(tmp / EMBEDDINGS_FILE, np.float16, emb.shape)
         for s in range(0, n, 1 << 18):
             out16[s : s + (1 << 18)] = emb[s : s + (1 << 18)]
         out16.flush()

@@ -65,7 +65,8 @@ class TrainResult:
 
 
 def prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
-    """Check and create ``cfg.out`` before any compute: exists -> needs --resume or --overwrite."""
+    """Check ``cfg.out`` before any compute: exists -> needs --resume or --overwrite. Nothing is created
+    here (a run refused for its inputs leaves no folder behind): :meth:`Trainer.fit` creates it."""
     out = Path(cfg.out)
     if env.is_main:
         if out.exists() and not out.is_dir():
@@ -79,7 +80,6 @@ def prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
         for partial in [*out.glob(".final.*.partial"), *(out / CHECKPOINTS).glob(".*.partial")]:
             log.info("removing %s, left by an interrupted run", partial)
             shutil.rmtree(partial, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
     barrier(env)
     return out
 
@@ -147,6 +147,8 @@ class Trainer:
                 log.info("%s: the run is already complete (%d steps)", self.out, cfg.max_steps)
                 return TrainResult(self.out, cfg.max_steps, state.get("final_loss"), cfg.max_steps)
 
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)  # the inputs passed: the first output
         module = stage.module
         resume = self._resume_point()
         start = 0

@@ -95,7 +95,7 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
     sources.check_fit(tokenizer, examples, cfg.max_length, append_eos=eos)
     ev = sources.load_examples(cfg.eval_file)[: cfg.eval_examples] if cfg.eval_file else []
     sources.check_fit(tokenizer, ev, cfg.max_length, append_eos=eos)
-    index = sources.open_index(cfg.index)
+    index = sources.open_index(cfg.index, k=cfg.k)
     need = [i for i, ex in enumerate(examples) if not ex.context]
     retrieved = index.retrieve_texts([examples[i].input for i in need], cfg.k) if need else []
     chunks_of: dict[int, list[str]] = {i: r for i, r in zip(need, retrieved)}
