@@ -130,6 +130,15 @@ def free_bytes(path: str | os.PathLike) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def _file_size_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def _tree_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -153,8 +162,13 @@ class WriteError(RaditError):
             size = f"it needs more than the {written:,} bytes written before the failure"
         else:
             size = "the output did not fit"
-        free = free_bytes(path)
-        avail = f", {free:,} bytes are free there" if free is not None and code != errno.EROFS else ""
+        avail = ""
+        if code == errno.EFBIG:
+            limit = _file_size_limit()
+            avail = f", the file-size limit is {limit:,} bytes" if limit is not None else ""
+        elif code != errno.EROFS:
+            free = free_bytes(path)
+            avail = f", {free:,} bytes are free there" if free is not None else ""
         super().__init__(f"{path}: cannot write: {reason} ({size}{avail}); the partial output was removed")
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable (errors travel between ranks)
@@ -395,3 +409,15 @@ def open_npy(path: str | os.PathLike, dtype: Any, shape: tuple[int, ...]) -> Any
                 raise write_failure(e, path, needed=total) from None
             raise
     return np.lib.format.open_memmap(path, mode="r+")
+
+
+def save_npy(path: str | os.PathLike, array: Any) -> None:
+    """``np.save`` through :func:`open_npy`: numpy's own writer reports a short write as an OSError without
+    an errno ("N requested and M written"), so a full disk would not be recognised."""
+    import numpy as np
+
+    array = np.asarray(array)
+    out = open_npy(path, array.dtype, array.shape)
+    out[...] = array
+    out.flush()
+    del out

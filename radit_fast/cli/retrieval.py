@@ -187,7 +187,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
     from radit_fast.retrieval.index import check_k
 
-    check_out_file(args.out, args.overwrite)
+    if args.out.is_dir():
+        raise RaditError(f"{args.out}: is a folder; --out must name a file")
     queries = read_queries(args.queries)
     retriever = Retriever.load(
         args.index, args.query_encoder, device=args.device, verify=args.verify, search_params=args.search_params,
@@ -196,6 +197,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         max_length=args.max_length,
     )
     check_k(args.k, len(retriever.index))
+    check_out_file(args.out, args.overwrite)  # after the input checks, before any work (and again at the end)
     ranked: list[list[str | None]] = []
 
     def rows():

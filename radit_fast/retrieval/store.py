@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from radit_fast.io import RaditError
+from radit_fast.io import RaditError, save_npy
 from radit_fast.retrieval.corpus import Passage, doc_id
 
 PASSAGES_FILE = "passages.jsonl"
@@ -104,9 +104,9 @@ class PassageStoreWriter:
         hashes = np.frombuffer(self._hashes, dtype=np.uint64)
         self._check_duplicates(hashes, offsets)
         order = np.argsort(hashes, kind="stable")
-        np.save(self.folder / OFFSETS_FILE, offsets)
-        np.save(self.folder / ID_HASH_FILE, hashes[order])
-        np.save(self.folder / ID_ROWS_FILE, order.astype(np.int64))
+        save_npy(self.folder / OFFSETS_FILE, offsets)
+        save_npy(self.folder / ID_HASH_FILE, hashes[order])
+        save_npy(self.folder / ID_ROWS_FILE, order.astype(np.int64))
         return len(hashes)
 
     def _check_duplicates(self, hashes: np.ndarray, offsets: np.ndarray) -> None:
