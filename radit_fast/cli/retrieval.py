@@ -115,6 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from radit_fast.pipeline.checks import check_encoder
     from radit_fast.retrieval.build import IndexBuildConfig, build_index
 
     cfg = IndexBuildConfig(
@@ -126,6 +127,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     )
     if args.dist_timeout is not None:
         cfg.dist_timeout_s = args.dist_timeout
+    cfg.check()
+    check_encoder(cfg.doc_encoder or cfg.encoder, "--doc-encoder" if cfg.doc_encoder else "--encoder",
+                  trust_remote_code=cfg.trust_remote_code)
+    if cfg.query_encoder:
+        check_encoder(cfg.query_encoder, "--query-encoder", trust_remote_code=cfg.trust_remote_code)
     out = build_index(args.corpus, args.out, cfg, overwrite=args.overwrite)
     logger.info("index written to %s", out)
     return 0
@@ -190,6 +196,10 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise RaditError(f"{args.out}: is a folder; --out must name a file")
     queries = read_queries(args.queries)
+    if args.query_encoder is not None:
+        from radit_fast.pipeline.checks import check_encoder
+
+        check_encoder(args.query_encoder, "--query-encoder", trust_remote_code=args.trust_remote_code)
     retriever = Retriever.load(
         args.index, args.query_encoder, device=args.device, verify=args.verify, search_params=args.search_params,
         strict=not args.allow_encoder_mismatch, batch_size=args.batch_size, precision=args.precision,

@@ -39,6 +39,8 @@ from radit_fast.evaluation.report import task_average, write_report
 from radit_fast.io import RaditError, read_jsonl, write_json, write_jsonl
 from radit_fast.pipeline.config import RunConfig
 from radit_fast.pipeline.steps import StepRunner, file_fingerprint
+from radit_fast.retrieval.build import check_corpus
+from radit_fast.retrieval.index import check_k
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,7 @@ def load_splits(cfg: RunConfig) -> dict[str, list]:
     """Read and check train/dev/test: answers, known fields, non-empty, pairwise disjoint ids."""
     from radit_fast.data.tasks import check_disjoint, load_tasks
 
-    if not Path(cfg.corpus).is_file():
-        raise RaditError(f"{cfg.corpus}: no such file (--corpus)")
+    check_corpus(cfg.corpus, cfg.run.chunk_words)  # its lines and ids, before run_config.json or any output
     splits = {name: load_tasks(getattr(cfg, name), require_answers=True) for name in ("train", "dev", "test")}
     for a, b in (("train", "test"), ("dev", "test"), ("train", "dev")):
         check_disjoint(splits[a], splits[b], names=(a, b))
@@ -364,6 +365,10 @@ class Pipeline:
 
         idx = self.steps.run("index", idx_key, build)
         log.info("index: %s passages", idx.result)
+        for option, k in (("eval.k", cfg.eval.k), ("train_lm.k", cfg.lm_config(self.out / "train_lm").k),
+                          ("train_retriever.k", cfg.retriever_config(self.out / "train_retriever").k)):
+            if k:  # refused, never clamped, before any retrieval or training (eval.k 0: no retrieval)
+                check_k(k, int(idx.result), option)
         ev = {k: v for k, v in vars(cfg.eval).items()}
         ret_key = {"index": idx.fingerprint, "inputs": inputs, "k": cfg.eval.k}
         self._retrieve_step("base", ret_key)

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from array import array
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,15 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from radit_fast.io import RaditError, atomic_dir, open_npy, require_file, write_errno, write_failure
-from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, encoder_text, iter_corpus
+from radit_fast.io import RaditError, atomic_dir, iter_jsonl, open_npy, require_file, write_errno, write_failure
+from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, doc_id, encoder_text, iter_corpus
 from radit_fast.retrieval.distributed import DEFAULT_TIMEOUT_S, DistContext, run_step, shard_range
 from radit_fast.retrieval.encoder import TextEncoder, check_device
 from radit_fast.retrieval.index import (
     EMBEDDINGS_FILE, FAISS_FILE, build_on_device, make_faiss_index, set_search_params,
 )
 from radit_fast.retrieval.manifest import MANIFEST_FILE, estimate_index_bytes, write_manifest
-from radit_fast.retrieval.store import STORE_FILES, PassageStore, PassageStoreWriter, store_ram_bytes
+from radit_fast.retrieval.store import (
+    STORE_FILES, PassageStore, PassageStoreWriter, first_duplicate, id_hash, store_ram_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,30 @@ class IndexBuildConfig:
         check_device(self.device)
         if not self.dist_timeout_s > 0:
             raise RaditError(f"--dist-timeout must be positive, got {self.dist_timeout_s} s")
+
+
+def check_corpus(corpus: str | os.PathLike, chunk_words: int = DEFAULT_CHUNK_WORDS) -> int:
+    """Read a corpus once without writing anything: every line's fields (:func:`iter_corpus`) and no document id
+    twice (whatever the chunking); returns the number of documents. ``radit run`` calls it in its input phase,
+    before any output exists; ``index build`` checks the same while it writes the store."""
+    corpus = require_file(corpus, "--corpus")
+    hashes, lines, last = array("Q"), array("q"), None
+    for lineno, passage in iter_corpus(corpus, chunk_words):
+        if lineno != last:
+            hashes.append(id_hash(passage.doc_id))
+            lines.append(lineno)
+            last = lineno
+    if not lines:
+        raise RaditError(f"{corpus}: no documents")
+
+    def doc_at(i: int) -> str:  # only for the rows whose hashes are equal (a duplicate, or a rare collision)
+        want = lines[i]
+        return next(doc_id(str(obj.get("id"))) for n, obj in iter_jsonl(corpus) if n == want)
+
+    dup = first_duplicate(np.frombuffer(hashes, dtype=np.uint64), lambda a, b: doc_at(a) == doc_at(b))
+    if dup is not None:
+        raise RaditError(f"{corpus}:{lines[dup[1]]}: duplicate id {doc_at(dup[0])!r} (first at line {lines[dup[0]]})")
+    return len(lines)
 
 
 def write_store(corpus: Path, folder: Path, chunk_words: int) -> int:
