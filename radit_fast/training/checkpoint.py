@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from radit_fast.io import RaditError, atomic_dir, write_json
-from radit_fast.retrieval.manifest import check_file_records, sha256_file, verify_files
+from radit_fast.retrieval.manifest import check_file_records, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +164,25 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} field step must be a non-negative "
                               f"integer, got {step!r} ({hint})")
+    files = manifest["files"]
     try:
-        check_file_records(manifest["files"], mpath, required=REQUIRED_FILES)
-        if "optimizer.safetensors" in manifest["files"]:
-            check_file_records(manifest["files"], mpath, required=("optimizer.json",))
-        verify_files(path, manifest["files"], "sha256", what="checkpoint file", hint=hint)
-    except CheckpointError:
-        raise
+        check_file_records(files, mpath, required=REQUIRED_FILES)
+        if "optimizer.safetensors" in files:
+            check_file_records(files, mpath, required=("optimizer.json",))
     except RaditError as e:
-        raise CheckpointError(f"checkpoint {e} ({hint})" if "corrupt manifest" in str(e) else str(e)) from None
+        raise CheckpointError(f"checkpoint {e} ({hint})") from None
+    for name, meta in files.items():  # names are plain file names of this folder (checked above)
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing ({hint})")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size} bytes, the manifest "
+                                  f"says {meta['bytes']} ({hint})")
+        digest = sha256_file(f)
+        if digest != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} sha256 {digest[:12]}... does not "
+                                  f"match the manifest {meta['sha256'][:12]}... ({hint})")
     return manifest
 
 
