@@ -54,16 +54,17 @@ ROWS = {  # row -> (LM, retriever)
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def load_splits(cfg: RunConfig) -> dict[str, list]:
-    """Read and check train/dev/test: answers, known fields, non-empty, pairwise disjoint ids."""
+def load_splits(cfg: RunConfig) -> tuple[dict[str, list], int]:
+    """Read and check the corpus (returns its document count) and train/dev/test: answers, known fields,
+    non-empty, pairwise disjoint ids."""
     from radit_fast.data.tasks import check_disjoint, load_tasks
 
-    check_corpus(cfg.corpus, cfg.run.chunk_words)  # its lines and ids, before run_config.json or any output
+    documents = check_corpus(cfg.corpus, cfg.run.chunk_words)  # lines and ids, before run_config.json or output
     splits = {name: load_tasks(getattr(cfg, name), require_answers=True) for name in ("train", "dev", "test")}
     for a, b in (("train", "test"), ("dev", "test"), ("train", "dev")):
         check_disjoint(splits[a], splits[b], names=(a, b))
     check_models_and_lengths(cfg, splits)
-    return splits
+    return splits, documents
 
 
 def check_models_and_lengths(cfg: RunConfig, splits: dict[str, list]) -> None:
@@ -123,12 +124,20 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, *, force: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.splits = load_splits(cfg)  # every input error before any compute
+        self.splits, documents = load_splits(cfg)  # every input error before any compute
         if cfg.run.dev_examples:
             self.splits["dev"] = self.splits["dev"][: cfg.run.dev_examples]
-        self.steps = StepRunner(self.out, force=force)
         dev_name = cfg.run.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev_name)
+        r_train = retriever_train_subset(cfg, self.splits["train"])
+        lines, heavy = cfg.plan(documents=documents, n_train=len(self.splits["train"]), n_dev=len(self.splits["dev"]),
+                                n_test=len(self.splits["test"]), device=self.device.type,
+                                n_retriever_train=len(self.splits["train"] if r_train is None else r_train))
+        log.info("\n".join(lines))
+        if heavy:
+            log.warning("these are the paper's GPU-sized settings: on a CPU the run takes many hours; "
+                        "`radit run --preset cpu` uses radit demo's sizing (about 15 minutes on 2 cores)")
+        self.steps = StepRunner(self.out, force=force)  # the first output, after the checks and the plan
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self._base_lm: tuple[Any, Any] | None = None
