@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from radit_fast.io import (
-    RaditError, WriteError, atomic_dir, atomic_file, open_npy, rename_noreplace, write_errno, write_json,
-    write_jsonl,
+    RaditError, WriteError, atomic_dir, atomic_file, claimed_dir, open_npy, rename_noreplace, write_errno,
+    write_json, write_jsonl,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +86,25 @@ def test_rename_noreplace_files_and_folders(tmp_path):
     (tmp_path / "e").mkdir()
     with pytest.raises(FileExistsError):
         rename_noreplace(tmp_path / "d", tmp_path / "e")
+
+
+def test_a_training_folder_is_held_for_the_whole_run(tmp_path):
+    """Training writes into --out over hours (checkpoints, metrics): a second run on the same folder is refused
+    while the first holds it, and a fresh run refuses a folder another run filled after its start-up check."""
+    out = tmp_path / "run"
+    with claimed_dir(out, fresh=True):
+        (out / "metrics.jsonl").write_text("{}\n")
+        with pytest.raises(RaditError, match=r"run: another run is writing this folder now"):
+            with claimed_dir(out, fresh=False):
+                pass
+        proc = _child("import sys\nfrom radit_fast.io import claimed_dir\nwith claimed_dir(sys.argv[1], fresh=False):"
+                      "\n    pass", str(out))
+        assert proc.returncode != 0 and "another run is writing this folder now" in proc.stderr
+    with pytest.raises(RaditError, match="appeared while this run was writing it"):
+        with claimed_dir(out, fresh=True):
+            pass
+    with claimed_dir(out, fresh=False):  # --resume / --overwrite, once the other run ended
+        pass
 
 
 RACE = r"""
@@ -267,3 +286,27 @@ def test_full_disk_for_json_lines_output(small_disk, capsys):
     with pytest.raises(WriteError, match=r"r.jsonl: cannot write: no space left on the device \(it needs more than"):
         write_jsonl(out, rows)
     assert _leftovers(small_disk) == []
+
+
+@pytest.mark.parametrize("exc", [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/model.safetensors"),
+    RuntimeError("Error while serializing: I/O error: Disk quota exceeded (os error 122)"),
+])
+def test_cli_turns_any_writers_space_error_into_one_line(monkeypatch, capsys, exc):
+    """Writers outside the atomic helpers (save_pretrained through safetensors, a library's own files) end
+    the same way: one line, exit 2; an unrelated error still raises."""
+    import radit_fast.cli.retrieval as cli
+    from radit_fast.cli.main import main
+
+    def fail(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_index_info", fail)
+    assert main(["index", "info", "--index", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("radit: error: ") and "cannot write: " in err
+    assert ("no space left" if isinstance(exc, OSError) else "disk quota exceeded") in err
+    assert "removed" not in err  # nothing claims a clean-up it did not do
+    monkeypatch.setattr(cli, "cmd_index_info", lambda args: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        main(["index", "info", "--index", "x"])

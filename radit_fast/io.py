@@ -153,8 +153,9 @@ def _tree_bytes(path: Path) -> int:
 class WriteError(RaditError):
     """An output that could not be written (full disk, file-size limit, quota, read-only file system)."""
 
-    def __init__(self, path: Path, code: int | None, needed: int | None, written: int | None):
-        self.path, self.code, self.needed, self.written = Path(path), code, needed, written
+    def __init__(self, path: Path, code: int | None, needed: int | None, written: int | None,
+                 removed: bool = True):
+        self.path, self.code, self.needed, self.written, self.removed = Path(path), code, needed, written, removed
         reason = WRITE_ERRNOS.get(code, "write failed") if code is not None else "write failed"
         if needed is not None:
             size = f"it needs {needed:,} bytes"
@@ -169,10 +170,11 @@ class WriteError(RaditError):
         elif code != errno.EROFS:
             free = free_bytes(path)
             avail = f", {free:,} bytes are free there" if free is not None else ""
-        super().__init__(f"{path}: cannot write: {reason} ({size}{avail}); the partial output was removed")
+        tail = "; the partial output was removed" if removed else ""
+        super().__init__(f"{path}: cannot write: {reason} ({size}{avail}){tail}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable (errors travel between ranks)
-        return (WriteError, (self.path, self.code, self.needed, self.written))
+        return (WriteError, (self.path, self.code, self.needed, self.written, self.removed))
 
     def moved(self, tmp: Path, final: Path) -> WriteError:
         """The same error naming ``final`` instead of the temporary folder ``tmp`` it was written in."""
@@ -180,14 +182,15 @@ class WriteError(RaditError):
             rel = self.path.relative_to(tmp)
         except ValueError:
             return self
-        return WriteError(final / rel if str(rel) != "." else final, self.code, self.needed, self.written)
+        return WriteError(final / rel if str(rel) != "." else final, self.code, self.needed, self.written,
+                          self.removed)
 
 
 def write_failure(e: BaseException, path: str | os.PathLike, *, needed: int | None = None,
-                  written: int | None = None) -> WriteError:
+                  written: int | None = None, removed: bool = True) -> WriteError:
     """The one-line error for a failed write of ``path`` (see :data:`WRITE_ERRNOS`): what failed, the
     bytes needed (exactly, or at least what was written before the failure) and the bytes free."""
-    return WriteError(Path(path), write_errno(e), needed, written)
+    return WriteError(Path(path), write_errno(e), needed, written, removed)
 
 
 # ------------------------------------------------------------------------------- rename without replace
@@ -334,6 +337,35 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def claimed_dir(path: str | os.PathLike, *, fresh: bool, enabled: bool = True) -> Iterator[Path]:
+    """Create ``path`` (a folder a long run writes into over time: a training output) and hold an exclusive
+    lock on it until the block ends, so that a second run writing the same folder is refused instead of
+    mixing its files in. ``fresh=True`` (no --resume / --overwrite) also refuses a folder that another run
+    filled after this run's start-up check. The lock is ``flock`` on the folder itself (no lock file; it
+    ends with the process, also after SIGKILL). ``enabled=False`` (other ranks) does nothing.
+    """
+    path = Path(path)
+    if not enabled:
+        yield path
+        return
+    import fcntl
+
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RaditError(f"{path}: another run is writing this folder now (choose another --out, or wait for it "
+                             "to end and pass --resume)") from None
+        if fresh and any(path.iterdir()):
+            raise _appeared(path)
+        yield path
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

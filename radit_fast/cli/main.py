@@ -123,12 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (getattr(e, "quiet_on_nonzero_rank", False) and os.environ.get("RANK", "0") != "0"):
             print(f"radit: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - only write failures are handled here, the rest is re-raised
         if write_errno(e) is None:
             raise
-        # a writer outside the atomic helpers (those report the bytes and remove their output themselves)
+        # a writer outside the atomic helpers (those report the bytes and remove their output themselves);
+        # libraries that write by themselves (safetensors, faiss) carry the system's message in theirs
         logger.debug("traceback", exc_info=True)
-        print(f"radit: error: {_one_line(write_failure(e, e.filename or '?'))}", file=sys.stderr)
+        where = getattr(e, "filename", None) or "output"
+        print(f"radit: error: {_one_line(write_failure(e, where, removed=False))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("radit: interrupted", file=sys.stderr)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from radit_fast.io import RaditError, write_json
+from radit_fast.io import RaditError, claimed_dir, write_json
 from radit_fast.training import checkpoint as ckpt
 from radit_fast.training.config import TrainConfig, resolved_config, write_resolved_config
 from radit_fast.training.distributed import (DistEnv, all_reduce_sum, any_process, barrier, full_state_dict,
@@ -147,8 +147,12 @@ class Trainer:
                 log.info("%s: the run is already complete (%d steps)", self.out, cfg.max_steps)
                 return TrainResult(self.out, cfg.max_steps, state.get("final_loss"), cfg.max_steps)
 
-        if env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)  # the inputs passed: the first output
+        # the inputs passed: the first output, held against a second run writing the same --out
+        with claimed_dir(self.out, fresh=not (cfg.resume or cfg.overwrite), enabled=env.is_main):
+            return self._fit(done)
+
+    def _fit(self, done: Path) -> TrainResult:
+        cfg, env, stage = self.cfg, self.env, self.stage
         module = stage.module
         resume = self._resume_point()
         start = 0
