@@ -192,7 +192,8 @@ def test_open_npy_reserves_the_bytes_before_mapping(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(WriteError, match=r"/idx/emb.npy: cannot write: no space left on the device \(it needs 2,176 bytes"):
+    # 8 x 128 float16 = 2,048 bytes after the 128-byte .npy header
+    with pytest.raises(WriteError, match=r"/idx/emb.npy: cannot write: no space left on the device \(it needs 2,176"):
         with atomic_dir(tmp_path / "idx") as tmp:
             open_npy(tmp / "emb.npy", np.float16, (8, 128))
     # the error names the final folder, not the temporary one

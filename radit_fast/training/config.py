@@ -18,7 +18,6 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from radit_fast.io import RaditError, atomic_file, require_file

@@ -137,7 +137,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ run
     def fit(self) -> TrainResult:
-        cfg, env, stage = self.cfg, self.env, self.stage
+        cfg, env = self.cfg, self.env
         done = self.out / TRAIN_STATE
         if cfg.resume and done.is_file():
             import json
