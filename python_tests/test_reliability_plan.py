@@ -100,3 +100,16 @@ def test_preset_flag_reaches_the_run(inputs, tmp_path, monkeypatch, capsys):
     assert main([str(a) for a in argv]) == 2
     assert seen["cfg"].train_lm["max_steps"] == PAPER_LM["max_steps"]
     capsys.readouterr()
+
+
+def test_first_step_is_timed_into_an_estimate(inputs, tmp_path, caplog):
+    from radit_fast.training import train_lm
+    from test_training_fixtures import lm_config
+
+    caplog.set_level(logging.INFO, logger="radit_fast")
+    train_lm(lm_config(inputs, tmp_path / "lm", max_steps=3))
+    msgs = [r.getMessage() for r in caplog.records if "the first step took" in r.getMessage()]
+    assert len(msgs) == 1 and "for the other 2 steps" in msgs[0]
+    seconds = float(msgs[0].split("took ")[1].split(" s")[0])
+    estimate = msgs[0].split("about ")[1].split(" for")[0]
+    assert estimate.endswith(" s") and abs(float(estimate.split()[0]) - 2 * seconds) <= 1  # rounded to 1 s

@@ -243,6 +243,10 @@ class Trainer:
             keys = sorted(counters)
             totals = dict(zip(keys, all_reduce_sum([counters[k] for k in keys], env)))
             dt = time.perf_counter() - t0
+            if step == start and env.is_main and cfg.max_steps - start > 1:  # the plan's estimate, timed
+                left = dt * (cfg.max_steps - start - 1)
+                log.info("the first step took %.2f s: about %s for the other %d steps (evaluation and "
+                         "checkpoints not included)", dt, _human_seconds(left), cfg.max_steps - start - 1)
             final_loss = totals["loss_sum"] / max(totals.get("loss_norm", 1.0), 1e-12)
             window.add(dt, totals)
             parts = {k[:-4]: v / max(totals.get("loss_norm", 1.0), 1e-12) for k, v in totals.items()
@@ -326,6 +330,14 @@ def _progress(cfg: TrainConfig, env: DistEnv, start: int) -> Any:
 
     return tqdm(total=cfg.max_steps, initial=start, desc=f"{type(cfg).__name__}", unit="step",
                 dynamic_ncols=True)
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @contextlib.contextmanager
