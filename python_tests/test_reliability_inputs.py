@@ -330,3 +330,24 @@ def test_missing_extras_name_the_extra(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "accelerate" in lines[0] and "pip install 'radit-fast[models]'" in lines[0]
     assert not (tmp_path / "ev").exists()
+
+
+def test_eval_never_mixes_its_results_with_another_runs(tiny, tmp_path, capsys, monkeypatch):
+    import radit_fast.evaluation.evaluate as ev
+
+    real = ev.evaluate_examples
+    out = tmp_path / "ev"
+
+    def meanwhile(*a, **kw):  # another `radit eval --out ev` finished while this one computed
+        out.mkdir()
+        (out / "metrics.json").write_text('{"theirs": 1}')
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ev, "evaluate_examples", meanwhile)
+    argv = ["eval", "--test", tiny["train"], "--lm", tiny["lm"], "--k", 0, "--out", out, "--no-progress",
+            "--max-new-tokens", 2, "--limit", 2]
+    assert "appeared while this run was writing it" in one_line(capsys, *argv)
+    assert json.loads((out / "metrics.json").read_text()) == {"theirs": 1} and sorted(os.listdir(out)) == ["metrics.json"]
+    monkeypatch.setattr(ev, "evaluate_examples", real)
+    assert main([str(a) for a in argv + ["--overwrite"]]) == 0
+    assert "metrics" in json.loads((out / "metrics.json").read_text())

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from radit_fast.evaluation.report import task_average, write_report
-from radit_fast.io import RaditError, read_jsonl, write_json, write_jsonl
+from radit_fast.io import RaditError, claimed_dir, read_jsonl, write_json, write_jsonl
 from radit_fast.pipeline.config import RunConfig
 from radit_fast.pipeline.steps import StepRunner, file_fingerprint
 from radit_fast.retrieval.build import check_corpus
@@ -356,6 +356,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
+        """Every step (reused when cached), then the report; OUT is held against a second ``radit run`` on it
+        (:func:`radit_fast.io.claimed_dir`), which would otherwise interleave its steps with this one's."""
+        with claimed_dir(self.out, fresh=False):
+            return self._run_steps()
+
+    def _run_steps(self) -> dict[str, Any]:
         from radit_fast.retrieval.build import IndexBuildConfig, build_index
 
         cfg = self.cfg
