@@ -1,5 +1,11 @@
 """File input/output shared by every layer: JSON lines with precise errors, atomic files and folders.
 
+Outputs: :func:`atomic_file` / :func:`atomic_dir` write beside the target and rename into place at the end,
+never replacing a target that another run created meanwhile unless asked to (:func:`rename_noreplace`);
+:func:`claimed_dir` holds a folder that a long run writes into over time; :func:`open_npy` reserves a
+memory-mapped array's bytes before mapping it. A full disk, a file-size limit, a quota or a read-only file
+system is a :class:`WriteError` (one line: the path, the bytes, the partial output removed).
+
 User errors (malformed files, missing fields, mismatched models) raise :class:`RaditError`; the CLI turns
 them into a one-line message and a non-zero exit, never a traceback.
 """
@@ -157,7 +163,9 @@ class WriteError(RaditError):
                  removed: bool = True):
         self.path, self.code, self.needed, self.written, self.removed = Path(path), code, needed, written, removed
         reason = WRITE_ERRNOS.get(code, "write failed") if code is not None else "write failed"
-        if needed is not None:
+        if code == errno.EROFS:
+            size = "nothing can be written there"
+        elif needed is not None:
             size = f"it needs {needed:,} bytes"
         elif written is not None:
             size = f"it needs more than the {written:,} bytes written before the failure"

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a writer outside the atomic helpers (those report the bytes and remove their output themselves);
         # libraries that write by themselves (safetensors, faiss) carry the system's message in theirs
         logger.debug("traceback", exc_info=True)
-        where = getattr(e, "filename", None) or "output"
+        where = getattr(e, "filename", None) or getattr(args, "out", None) or "the output"
         print(f"radit: error: {_one_line(write_failure(e, where, removed=False))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
