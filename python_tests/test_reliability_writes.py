@@ -311,3 +311,28 @@ def test_cli_turns_any_writers_space_error_into_one_line(monkeypatch, capsys, ex
     monkeypatch.setattr(cli, "cmd_index_info", lambda args: (_ for _ in ()).throw(RuntimeError("other")))
     with pytest.raises(RuntimeError, match="other"):
         main(["index", "info", "--index", "x"])
+
+
+CKPT_FSIZE = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+import torch
+from radit_fast.io import WriteError
+from radit_fast.training.checkpoint import save_checkpoint
+try:
+    save_checkpoint(sys.argv[1], 3, params={"w": torch.zeros(50_000)}, optimizer_state=None, trainer_state={})
+except WriteError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_checkpoint_write_failure_through_safetensors(tmp_path):
+    """safetensors writes by itself (Rust) and reports EFBIG in its own error type: recognised by its text,
+    named at the checkpoint folder, and the partial checkpoint removed."""
+    proc = _child(CKPT_FSIZE, str(tmp_path / "checkpoints"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith(f"{tmp_path / 'checkpoints' / 'step-00000003'}")
+    assert "file too large (file-size limit)" in line and "file-size limit is 100,000 bytes" in line
+    assert _leftovers(tmp_path / "checkpoints") == []
