@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from radit_fast.io import RaditError, atomic_dir
+from radit_fast.io import RaditError, atomic_dir, require_extra, require_file
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def _file_lock(path: Path):
 def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_extra(f"loading {gguf.name}", "gguf", "accelerate")
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
@@ -159,9 +161,11 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
 
     if _is_default(name_or_path) and not (default_lm_dir() / "config.json").is_file():
         gguf = default_gguf_path()
+        require_extra(f"reading the tokenizer of {gguf.name}", "gguf")
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     elif str(name_or_path).endswith(".gguf"):
-        gguf = Path(name_or_path)
+        gguf = require_file(name_or_path)
+        require_extra(f"reading the tokenizer of {gguf.name}", "gguf")
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     else:
         path = resolve_lm_path(name_or_path)
@@ -174,20 +178,74 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
     return tok
 
 
+def _causal_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def model_kind(config: Any) -> str:
+    """``"causal-lm"``, ``"encoder"`` or ``"unknown"`` for a Hugging Face config, from what it declares.
+
+    The saved ``architectures`` decide when present: a causal-LM head class (``*ForCausalLM``,
+    ``GPT2LMHeadModel``, ... as transformers maps them) makes a causal LM, anything else (``BertModel``,
+    ``BertForMaskedLM``, a sentence-transformers folder) an encoder. Without them: a model type that has no
+    causal-LM class, or an encoder type (one with a masked-LM class, e.g. BERT) not configured as a
+    decoder (``is_decoder``), is an encoder; a model type whose only head is causal is a causal LM.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    if archs:
+        causal = _causal_class_names()
+        if any(a in causal or a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+            return "causal-lm"
+        return "encoder"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "encoder" if model_type else "unknown"
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "encoder"
+    return "causal-lm"
+
+
+def check_model_kind(config: Any, want: str, where: str) -> None:
+    """RaditError unless ``config`` (see :func:`model_kind`) is of kind ``want`` ("causal-lm" | "encoder").
+
+    The one model-kind check: every command runs it on its ``--lm`` and encoder references before any work
+    (:func:`check_lm`, :func:`radit_fast.pipeline.checks.check_encoder`), so an encoder given as ``--lm``
+    (its LM head would be newly initialised) or a causal LM given as ``--encoder`` is refused in one line.
+    """
+    kind = model_kind(config)
+    if kind == want or kind == "unknown":
+        return
+    archs = ", ".join(getattr(config, "architectures", None) or []) or f"model type {config.model_type!r}"
+    if want == "causal-lm":
+        raise RaditError(f"{where}: not a causal LM ({archs} is an encoder: it has no trained LM head); "
+                         "pass a *ForCausalLM model")
+    raise RaditError(f"{where}: not an encoder ({archs} is a causal LM); pass an encoder such as a BERT or "
+                     "sentence-transformers model")
+
+
 def check_lm(name_or_path: str | os.PathLike | None, *, trust_remote_code: bool = False) -> None:
     """RaditError unless ``name_or_path`` names a loadable causal LM: the embedded default (its package
-    present), a ``.gguf`` file, or a folder / cached name whose config is a causal-LM architecture. Reads only
-    the config (milliseconds): for input checks before any compute."""
+    present), a ``.gguf`` file, or a folder / cached name whose config is a causal-LM architecture
+    (:func:`check_model_kind`). Reads only the config (milliseconds): for input checks before any compute."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if _is_default(name_or_path):
         if not (default_lm_dir() / "config.json").is_file():
-            default_gguf_path()  # RaditError naming the package when it is missing
+            # RaditError naming the package, or the extra, when one is missing
+            require_extra(f"converting {default_gguf_path().name}", "gguf", "accelerate")
         return
     if str(name_or_path).endswith(".gguf"):
-        if not Path(name_or_path).is_file():
-            raise RaditError(f"{name_or_path}: no such file")
+        require_extra(f"loading {require_file(name_or_path).name}", "gguf", "accelerate")
         return
     path = str(name_or_path)
     try:
@@ -197,6 +255,17 @@ def check_lm(name_or_path: str | os.PathLike | None, *, trust_remote_code: bool 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
         raise RaditError(f"{path}: not a causal LM (model type {config.model_type!r} has no "
                          "AutoModelForCausalLM class)")
+    check_model_kind(config, "causal-lm", path)
+
+
+def check_loading_info(path: str, info: dict[str, Any]) -> None:
+    """RaditError when ``from_pretrained`` had to initialise weights the checkpoint lacks (transformers'
+    ``missing_keys``): the model would compute with random weights, e.g. an encoder's missing LM head."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise RaditError(f"{path}: the checkpoint lacks weights the model needs ({shown}); they would be randomly "
+                         "initialised (is it the right kind of model?)")
 
 
 def load_lm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
@@ -224,12 +293,16 @@ def load_lm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype
         _ensure_pad_token(tok)
     else:
         path = resolve_lm_path(name_or_path)
+        if not _is_default(name_or_path):
+            check_lm(path, trust_remote_code=trust_remote_code)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=_offline(),
-                                                         trust_remote_code=trust_remote_code, **kwargs)
-        except (OSError, ValueError) as e:  # transformers reports unusable checkpoints as ValueError
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=_offline(), trust_remote_code=trust_remote_code, output_loading_info=True,
+                **kwargs)
+        except (OSError, ValueError, pickle.UnpicklingError) as e:  # unusable checkpoints: ValueError
             hint = f" (a damaged cache: remove {path} to convert again)" if _is_default(name_or_path) else ""
             raise RaditError(_not_found(path, e) + hint) from None
+        check_loading_info(path, info)
         tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     model.to(device)
     model.eval()

@@ -182,7 +182,7 @@ def load_eval_lm(name: str | None, dtype: str, device: str | None) -> tuple[Any,
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from radit_fast.evaluation.evaluate import evaluate_examples, retrieve
-    from radit_fast.io import write_json, write_jsonl
+    from radit_fast.io import claimed_dir, write_json, write_jsonl
 
     settings = settings_from_args(args)
     test, train = check_inputs(args)
@@ -199,13 +199,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = load_eval_lm(args.lm, args.dtype, args.device)
     preds, metrics = evaluate_examples(model, tok, test, retrieved, settings, train=train, progress=args.progress)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "predictions.jsonl", preds)
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(out / "metrics.json", {"metrics": metrics, "settings": vars(settings),
-                                      "test": str(args.test), "lm": args.lm or "default",
-                                      "index": str(args.index) if args.index else None,
-                                      "query_encoder": args.query_encoder})
+    with claimed_dir(out, fresh=not args.overwrite):  # never mixed with, or replacing, another run's results
+        write_jsonl(out / "predictions.jsonl", preds)
+        metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(out / "metrics.json", {"metrics": metrics, "settings": vars(settings),
+                                          "test": str(args.test), "lm": args.lm or "default",
+                                          "index": str(args.index) if args.index else None,
+                                          "query_encoder": args.query_encoder})
     shown = "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items()
                       if isinstance(v, float) and not k.startswith("n_") and k != "seconds")
     print(f"{shown}  ({metrics['n_examples']} examples, {metrics['seconds']:.0f} s) -> {out}")

@@ -5,8 +5,9 @@ Adding a subcommand: write ``radit_fast/cli/<name>.py`` with ``register(subparse
 an exit code (or None for 0); then add the module name to :data:`COMMANDS`. Import heavy libraries
 (torch, transformers, faiss) inside the handler so ``radit --help`` stays fast.
 
-User errors (:class:`radit_fast.io.RaditError`, missing files, permissions) end with one line
-``radit: error: ...`` on stderr and exit code 2, never a traceback (``--verbose`` logs the traceback).
+User errors (:class:`radit_fast.io.RaditError`, option values argparse rejects, missing files, permissions,
+a full disk, a file-size limit, a quota or a read-only file system) end with one line ``radit: error: ...``
+on stderr and exit code 2, never a traceback or a usage block (``--verbose`` logs the traceback).
 Ctrl-C exits with 130; SIGTERM (torchrun tearing down its workers, batch schedulers, ``kill``) is raised as
 :class:`Terminated` (a SystemExit) in the main thread, so every subcommand's ``finally`` blocks and
 ``atomic_dir`` clean-ups run, and exits with 143. A process blocked inside a C call (e.g. a gloo
@@ -24,7 +25,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 
-from radit_fast.io import RaditError
+from radit_fast.io import RaditError, write_errno, write_failure
 
 #: Modules (under radit_fast.cli) that register subcommands, in help order.
 COMMANDS = [
@@ -40,10 +41,19 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 logger = logging.getLogger("radit_fast.cli")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line ``radit: error: ...`` (no usage block), like every other
+    user error; its subcommand parsers are of the same class (argparse's default ``parser_class``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = " ".join(message.split())
+        self.exit(EXIT_USER_ERROR, f"radit: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from radit_fast import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="radit", description="radit-fast: retrieval-augmented dual instruction tuning (RA-DIT)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks on errors)")
@@ -112,6 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # under torchrun, rank 0 reports failures of every rank: the others stay quiet about them
         if not (getattr(e, "quiet_on_nonzero_rank", False) and os.environ.get("RANK", "0") != "0"):
             print(f"radit: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:  # noqa: BLE001 - only write failures are handled here, the rest is re-raised
+        if write_errno(e) is None:
+            raise
+        # a writer outside the atomic helpers (those report the bytes and remove their output themselves);
+        # libraries that write by themselves (safetensors, faiss) carry the system's message in theirs
+        logger.debug("traceback", exc_info=True)
+        where = getattr(e, "filename", None) or getattr(args, "out", None) or "the output"
+        print(f"radit: error: {_one_line(write_failure(e, where, removed=False))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("radit: interrupted", file=sys.stderr)

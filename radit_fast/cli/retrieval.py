@@ -103,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="KILT records with id and input (JSON lines, Parquet, or a datasets folder[:split])")
     r.add_argument("--k", type=_positive, default=10, help="passages per query (default 10)")
     r.add_argument("--out", required=True, type=Path, help="output JSON lines {id, passages: [{id, score, title, text}]}")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     r.add_argument("--query-encoder", help="query encoder folder or name (default: the index's)")
     r.add_argument("--allow-encoder-mismatch", action="store_true",
                    help="use a query encoder of another lineage/pooling (dim must still match)")
@@ -116,6 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from radit_fast.pipeline.checks import check_encoder
     from radit_fast.retrieval.build import IndexBuildConfig, build_index
 
     cfg = IndexBuildConfig(
@@ -127,6 +129,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     )
     if args.dist_timeout is not None:
         cfg.dist_timeout_s = args.dist_timeout
+    cfg.check()
+    check_encoder(cfg.doc_encoder or cfg.encoder, "--doc-encoder" if cfg.doc_encoder else "--encoder",
+                  trust_remote_code=cfg.trust_remote_code)
+    if cfg.query_encoder:
+        check_encoder(cfg.query_encoder, "--query-encoder", trust_remote_code=cfg.trust_remote_code)
     out = build_index(args.corpus, args.out, cfg, overwrite=args.overwrite)
     logger.info("index written to %s", out)
     return 0
@@ -171,6 +178,14 @@ def read_queries(path: Path) -> list[dict]:
     return out
 
 
+def check_out_file(out: Path, overwrite: bool) -> None:
+    """Refuse an output file that is a folder, or that exists without --overwrite (before any work)."""
+    if out.is_dir():
+        raise RaditError(f"{out}: is a folder; --out must name a file")
+    if out.exists() and not overwrite:
+        raise RaditError(f"{out}: already exists (choose another --out, or pass --overwrite to replace it)")
+
+
 def cmd_retrieve(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -178,15 +193,23 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from radit_fast.retrieval.metrics import provenance_doc_ids, retrieval_metrics
     from radit_fast.retrieval.retriever import Retriever
 
+    from radit_fast.retrieval.index import check_k
+
+    if args.out.is_dir():
+        raise RaditError(f"{args.out}: is a folder; --out must name a file")
     queries = read_queries(args.queries)
+    if args.query_encoder is not None:
+        from radit_fast.pipeline.checks import check_encoder
+
+        check_encoder(args.query_encoder, "--query-encoder", trust_remote_code=args.trust_remote_code)
     retriever = Retriever.load(
         args.index, args.query_encoder, device=args.device, verify=args.verify, search_params=args.search_params,
         strict=not args.allow_encoder_mismatch, batch_size=args.batch_size, precision=args.precision,
         trust_remote_code=args.trust_remote_code, pooling=args.pooling, normalize=args.normalize,
         max_length=args.max_length,
     )
-    if args.k > len(retriever.index):
-        raise RaditError(f"--k {args.k} is larger than the index ({len(retriever.index)} passages)")
+    check_k(args.k, len(retriever.index))
+    check_out_file(args.out, args.overwrite)  # after the input checks, before any work (and again at the end)
     ranked: list[list[str | None]] = []
 
     def rows():
@@ -201,7 +224,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
                     yield {"id": str(q["id"]), "passages": hits}
                 bar.update(len(batch))
 
-    n = write_jsonl(args.out, rows())
+    n = write_jsonl(args.out, rows(), overwrite=args.overwrite)
     logger.info("wrote %d results to %s", n, args.out)
     gold = [provenance_doc_ids(q) for q in queries]
     if any(gold):

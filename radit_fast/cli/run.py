@@ -144,6 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lm", help="causal LM name or folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--encoder", help="retriever encoder name or folder (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--chunk-words", type=int, help="max words per passage (default 200)")
+    p.add_argument("--preset", choices=["paper", "cpu"], default="paper",
+                   help="sizing: paper (the paper's settings: 500 steps of 64 x 3 instances, k 10; hours on a CPU) "
+                        f"or cpu ({DEMO_CONFIG.name}'s, about 15 minutes on 2 cores); --config and flags override it")
     _common(p)
     add_eval_options(p)
     _no_defaults(p)
@@ -214,9 +217,9 @@ def _run(args: argparse.Namespace, *, corpus, train, dev, test, file: dict) -> i
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from radit_fast.pipeline.config import load_run_file
+    from radit_fast.pipeline.config import load_run_file, merge_sections, preset_sections
 
-    file = load_run_file(args.config) if args.config else {}
+    file = merge_sections(preset_sections(args.preset), load_run_file(args.config) if args.config else {})
     return _run(args, corpus=args.corpus, train=args.train, dev=args.dev, test=args.test, file=file)
 
 

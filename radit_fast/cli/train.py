@@ -49,11 +49,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_train_retriever)
 
 
+def _check_models(cfg: object, query_encoder: bool = False) -> None:
+    """The model-kind checks every command runs on its references before any work (configs only)."""
+    from radit_fast.pipeline.checks import check_encoder, check_lm_reference
+
+    cfg.validate()
+    check_lm_reference(cfg.lm, "--lm")
+    if query_encoder and getattr(cfg, "query_encoder", None) is not None:
+        check_encoder(cfg.query_encoder, "--query-encoder")
+
+
 def _train_lm(args: argparse.Namespace) -> int:
     from radit_fast.training import train_lm
     from radit_fast.training.config import RaItConfig, config_from_args
 
-    out = train_lm(config_from_args(RaItConfig, args))
+    cfg = config_from_args(RaItConfig, args)
+    _check_models(cfg)
+    out = train_lm(cfg)
     _done(out)
     return 0
 
@@ -62,7 +74,9 @@ def _train_retriever(args: argparse.Namespace) -> int:
     from radit_fast.training import train_retriever
     from radit_fast.training.config import RetrieverConfig, config_from_args
 
-    out = train_retriever(config_from_args(RetrieverConfig, args))
+    cfg = config_from_args(RetrieverConfig, args)
+    _check_models(cfg, query_encoder=True)
+    out = train_retriever(cfg)
     _done(out)
     return 0
 

@@ -24,6 +24,7 @@ from radit_fast.evaluation.engine import LMEngine
 from radit_fast.evaluation.generation import generate_answers
 from radit_fast.evaluation.scoring import (EvalSettings, augmentation_for, pick_demonstrations,
                                            score_multiple_choice)
+from radit_fast.retrieval.index import check_k
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def retrieve(retriever: Any, examples: Sequence[Example], k: int, *, batch_size:
     ``retriever``: a :class:`radit_fast.retrieval.retriever.Retriever` (the index with its own query
     encoder, or with a tuned one).
     """
+    check_k(k, len(retriever.index))  # refused, never clamped (the recall depth below may be clamped)
     depth = min(max(k, max(RECALL_AT)), len(retriever.index))
     out: list[Retrieved] = []
     with tqdm(total=len(examples), desc=desc, unit=" queries", disable=not progress, leave=False) as bar:

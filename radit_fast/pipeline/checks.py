@@ -35,7 +35,7 @@ def check_encoder(name_or_path: str | os.PathLike | None, option: str = "--encod
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    from radit_fast.models import _not_found, _offline
+    from radit_fast.models import _not_found, _offline, check_model_kind
     from radit_fast.retrieval.encoder import resolve_encoder
 
     try:
@@ -53,6 +53,7 @@ def check_encoder(name_or_path: str | os.PathLike | None, option: str = "--encod
     if config.model_type not in MODEL_MAPPING_NAMES and not getattr(config, "auto_map", None):
         raise RaditError(f"{option} {location}: not an encoder (model type {config.model_type!r} has no "
                          "AutoModel class)")
+    check_model_kind(config, "encoder", f"{option} {location}")
     check_weights(location, option)
     return load(AutoTokenizer)
 
@@ -63,6 +64,9 @@ def check_lm_reference(name_or_path: str | os.PathLike | None, option: str = "--
     LM's tokenizer (:func:`radit_fast.models.load_tokenizer`), which is returned for the length checks."""
     from radit_fast.models import check_lm, load_tokenizer
 
-    check_lm(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        check_lm(name_or_path, trust_remote_code=trust_remote_code)
+    except RaditError as e:
+        raise RaditError(f"{option} {e}") from None
     check_weights(name_or_path, option)
     return load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)

@@ -31,6 +31,11 @@ PAPER_LM: dict[str, Any] = {"max_steps": 500, "batch_size": 64, "lr": 1e-5, "min
 PAPER_RETRIEVER: dict[str, Any] = {"max_steps": 500, "batch_size": 32, "lr": 1e-5, "warmup_steps": 50,
                                    "k": 10, "lm_temperature": 0.01}
 
+#: ``radit run --preset NAME``: ``paper`` = the built-in defaults above (hours on a CPU, sized for GPUs);
+#: ``cpu`` = the sections of demo.yaml (``radit demo``'s sizing: about 15 minutes on 2 CPU cores).
+DEMO_FILE = Path(__file__).resolve().with_name("demo.yaml")
+PRESETS = ("paper", "cpu")
+
 
 @dataclass
 class RunOptions:
@@ -126,6 +131,29 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def plan(self, *, documents: int, n_train: int, n_dev: int, n_test: int, n_retriever_train: int,
+             device: str) -> tuple[list[str], bool]:
+        """What the run will compute, stage by stage (sequences through the LM, tokens per step), and whether
+        it is sized beyond a CPU (the paper's settings): printed before any work, so that a run of hours
+        is a choice. Counts are upper bounds where prompts are shorter than ``max_length``."""
+        lm, r, ev = self.lm_config(Path(self.out) / "x"), self.retriever_config(Path(self.out) / "x"), self.eval
+        n_r = min(n_retriever_train, r.max_examples or n_retriever_train)
+        n_lm = min(n_train, lm.max_examples or n_train)
+        lm_seqs = lm.max_steps * lm.batch_size
+        candidates = max(1, lm.max_steps // self.run.select_every) if self.run.select_every else 1
+        lines = [
+            f"plan ({device}): index of {documents} documents in passages of at most {self.run.chunk_words} words",
+            f"  train_lm: {n_lm} examples x k={lm.k} = {n_lm * lm.k} instances; {lm.max_steps} steps x "
+            f"{lm.batch_size} sequences of <= {lm.max_length} tokens (<= {lm.batch_size * lm.max_length:,} tokens "
+            f"per step, {lm_seqs:,} forward+backward passes in all)",
+            f"  train_retriever: LSR scoring of {n_r} examples x k={r.k} = {n_r * r.k:,} LM sequences of <= "
+            f"{r.max_length} tokens (once, cached), then {r.max_steps} steps x {r.batch_size} queries",
+            f"  evaluation: 5 rows x {n_test} test examples x k={ev.k} passages (~{5 * n_test * max(ev.k, 1):,} "
+            f"prompts of <= {ev.max_length} tokens), plus {candidates} candidate(s) per stage x {n_dev} dev examples",
+        ]
+        heavy = device == "cpu" and lm_seqs * lm.max_length > 2_000_000
+        return lines, heavy
+
 
 def _typed(cls: type, data: dict[str, Any], source: str, base: Any = None) -> Any:
     """A dataclass instance from ``data`` over ``base`` with light type checks (unknown keys are errors)."""
@@ -165,6 +193,26 @@ def load_run_file(path: str | Path, *, extra_sections: tuple[str, ...] = ()) -> 
         if not isinstance(value, dict):
             raise RaditError(f"{path}: section {key!r} must be a mapping")
     return data
+
+
+def preset_sections(name: str) -> dict[str, Any]:
+    """The run-file sections of a preset (see :data:`PRESETS`); a run file and flags override them."""
+    if name not in PRESETS:
+        raise RaditError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    if name == "paper":
+        return {}
+    data = load_run_file(DEMO_FILE, extra_sections=("data",))
+    data.pop("data", None)
+    return data
+
+
+def merge_sections(*files: dict[str, Any]) -> dict[str, Any]:
+    """Run-file sections merged key by key, later files winning (a preset, then --config)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in files:
+        for section, values in f.items():
+            out.setdefault(section, {}).update(values)
+    return out
 
 
 def make_config(*, corpus: str, train: str, dev: str, test: str, out: str, file: dict[str, Any] | None = None,

@@ -36,9 +36,11 @@ from typing import Any
 import torch
 
 from radit_fast.evaluation.report import task_average, write_report
-from radit_fast.io import RaditError, read_jsonl, record_source, write_json, write_jsonl
+from radit_fast.io import RaditError, claimed_dir, read_jsonl, write_json, write_jsonl
 from radit_fast.pipeline.config import RunConfig
 from radit_fast.pipeline.steps import StepRunner, file_fingerprint
+from radit_fast.retrieval.build import check_corpus
+from radit_fast.retrieval.index import check_k
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +54,17 @@ ROWS = {  # row -> (LM, retriever)
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def load_splits(cfg: RunConfig) -> dict[str, list]:
-    """Read and check train/dev/test: answers, known fields, non-empty, pairwise disjoint ids."""
+def load_splits(cfg: RunConfig) -> tuple[dict[str, list], int]:
+    """Read and check the corpus (returns its document count) and train/dev/test: answers, known fields,
+    non-empty, pairwise disjoint ids."""
     from radit_fast.data.tasks import check_disjoint, load_tasks
 
-    try:
-        record_source(cfg.corpus)
-    except RaditError as e:
-        raise RaditError(f"{e} (--corpus)") from None
+    documents = check_corpus(cfg.corpus, cfg.run.chunk_words)  # lines and ids, before run_config.json or output
     splits = {name: load_tasks(getattr(cfg, name), require_answers=True) for name in ("train", "dev", "test")}
     for a, b in (("train", "test"), ("dev", "test"), ("train", "dev")):
         check_disjoint(splits[a], splits[b], names=(a, b))
     check_models_and_lengths(cfg, splits)
-    return splits
+    return splits, documents
 
 
 def check_models_and_lengths(cfg: RunConfig, splits: dict[str, list]) -> None:
@@ -124,12 +124,20 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, *, force: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.splits = load_splits(cfg)  # every input error before any compute
+        self.splits, documents = load_splits(cfg)  # every input error before any compute
         if cfg.run.dev_examples:
             self.splits["dev"] = self.splits["dev"][: cfg.run.dev_examples]
-        self.steps = StepRunner(self.out, force=force)
         dev_name = cfg.run.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev_name)
+        r_train = retriever_train_subset(cfg, self.splits["train"])
+        lines, heavy = cfg.plan(documents=documents, n_train=len(self.splits["train"]), n_dev=len(self.splits["dev"]),
+                                n_test=len(self.splits["test"]), device=self.device.type,
+                                n_retriever_train=len(self.splits["train"] if r_train is None else r_train))
+        log.info("\n".join(lines))
+        if heavy:
+            log.warning("these are the paper's GPU-sized settings: on a CPU the run takes many hours; "
+                        "`radit run --preset cpu` uses radit demo's sizing (about 15 minutes on 2 cores)")
+        self.steps = StepRunner(self.out, force=force)  # the first output, after the checks and the plan
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self._base_lm: tuple[Any, Any] | None = None
@@ -348,6 +356,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
+        """Every step (reused when cached), then the report; OUT is held against a second ``radit run`` on it
+        (:func:`radit_fast.io.claimed_dir`), which would otherwise interleave its steps with this one's."""
+        with claimed_dir(self.out, fresh=False):
+            return self._run_steps()
+
+    def _run_steps(self) -> dict[str, Any]:
         from radit_fast.retrieval.build import IndexBuildConfig, build_index
 
         cfg = self.cfg
@@ -366,6 +380,10 @@ class Pipeline:
 
         idx = self.steps.run("index", idx_key, build)
         log.info("index: %s passages", idx.result)
+        for option, k in (("eval.k", cfg.eval.k), ("train_lm.k", cfg.lm_config(self.out / "train_lm").k),
+                          ("train_retriever.k", cfg.retriever_config(self.out / "train_retriever").k)):
+            if k:  # refused, never clamped, before any retrieval or training (eval.k 0: no retrieval)
+                check_k(k, int(idx.result), option)
         ev = {k: v for k, v in vars(cfg.eval).items()}
         ret_key = {"index": idx.fingerprint, "inputs": inputs, "k": cfg.eval.k}
         self._retrieve_step("base", ret_key)

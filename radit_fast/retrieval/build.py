@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from array import array
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,15 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from radit_fast.io import RaditError, atomic_dir, record_source
-from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, encoder_text, iter_corpus
+from radit_fast.io import RaditError, atomic_dir, iter_records, open_npy, record_source, write_errno, write_failure
+from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, doc_id, encoder_text, iter_corpus
 from radit_fast.retrieval.distributed import DEFAULT_TIMEOUT_S, DistContext, run_step, shard_range
 from radit_fast.retrieval.encoder import TextEncoder, check_device
 from radit_fast.retrieval.index import (
     EMBEDDINGS_FILE, FAISS_FILE, build_on_device, make_faiss_index, set_search_params,
 )
 from radit_fast.retrieval.manifest import MANIFEST_FILE, estimate_index_bytes, write_manifest
-from radit_fast.retrieval.store import STORE_FILES, PassageStore, PassageStoreWriter, store_ram_bytes
+from radit_fast.retrieval.store import (
+    STORE_FILES, PassageStore, PassageStoreWriter, first_duplicate, id_hash, store_ram_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,35 @@ class IndexBuildConfig:
             raise RaditError(f"--dist-timeout must be positive, got {self.dist_timeout_s} s")
 
 
+def check_corpus(corpus: str | os.PathLike, chunk_words: int = DEFAULT_CHUNK_WORDS) -> int:
+    """Read a corpus once without writing anything: every line's fields (:func:`iter_corpus`) and no document id
+    twice (whatever the chunking); returns the number of documents. ``radit run`` calls it in its input phase,
+    before any output exists; ``index build`` checks the same while it writes the store."""
+    record_source(corpus)  # RaditError when missing or unreadable (JSON lines, Parquet, datasets folder)
+    hashes, lines, last = array("Q"), array("q"), None
+    for lineno, passage in iter_corpus(corpus, chunk_words):
+        if lineno != last:
+            hashes.append(id_hash(passage.doc_id))
+            lines.append(lineno)
+            last = lineno
+    if not lines:
+        raise RaditError(f"{corpus}: no documents")
+
+    def doc_at(i: int) -> str:  # only for the rows whose hashes are equal (a duplicate, or a rare collision)
+        want = lines[i]
+        return next(doc_id(str(obj.get("id"))) for n, obj in iter_records(corpus) if n == want)
+
+    dup = first_duplicate(np.frombuffer(hashes, dtype=np.uint64), lambda a, b: doc_at(a) == doc_at(b))
+    if dup is not None:
+        raise RaditError(f"{corpus}:{lines[dup[1]]}: duplicate id {doc_at(dup[0])!r} (first at line {lines[dup[0]]})")
+    return len(lines)
+
+
 def write_store(corpus: Path, folder: Path, chunk_words: int) -> int:
     """Chunk the corpus into the passage store files in ``folder``; returns the passage count."""
     from tqdm import tqdm
 
-    writer = PassageStoreWriter(folder, source=str(corpus))
+    writer = PassageStoreWriter(folder, source=str(corpus), documents=True)
     try:
         for lineno, passage in tqdm(iter_corpus(corpus, chunk_words), desc="reading corpus", unit=" passages",
                                     disable=None):
@@ -91,7 +118,7 @@ def encode_rows(store: PassageStore, encoder: TextEncoder, lo: int, hi: int, pat
     from tqdm import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(hi - lo, encoder.dim))
+    out = open_npy(path, np.float16, (hi - lo, encoder.dim))  # disk reserved first: no SIGBUS when full
     block = max(32 * batch_size, 4096)
     with tqdm(total=hi - lo, desc="encoding passages", unit=" passages", disable=None if progress else True) as bar:
         for s in range(lo, hi, block):
@@ -117,7 +144,12 @@ def _finish(folder: Path, *, doc_identity: dict, query_identity: dict, index_fac
     t0 = time.perf_counter()
     index, used = build_on_device(index, emb, device=device, train_size=train_size, progress=True)
     set_search_params(index, search_params)  # validate now, not at the first retrieve
-    faiss.write_index(index, str(folder / FAISS_FILE))
+    try:
+        faiss.write_index(index, str(folder / FAISS_FILE))
+    except RuntimeError as e:  # faiss reports a failed fwrite with the system's message
+        if write_errno(e) is None:
+            raise
+        raise write_failure(e, folder / FAISS_FILE, needed=estimate_index_bytes(index_factory, n, dim)) from None
     logger.info("built %s over %d vectors in %.1f s", index_factory, n, time.perf_counter() - t0)
     index_bytes = (folder / FAISS_FILE).stat().st_size
     memory = {
@@ -154,7 +186,9 @@ def build_index(corpus: str | os.PathLike, out: str | os.PathLike, config: Index
     corpus, out = Path(corpus), Path(out)
     if out.exists() and not overwrite:
         raise RaditError(f"{out}: already exists (pass --overwrite to replace it)")
-    record_source(corpus)  # RaditError when missing or unreadable
+    if out.exists() and not out.is_dir():
+        raise RaditError(f"{out}: exists and is not a folder")
+    record_source(corpus)  # RaditError when missing or unreadable (JSON lines, Parquet, datasets folder)
     with DistContext.from_env(timeout_s=cfg.dist_timeout_s) as ctx:
         if ctx.is_main:
             with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -204,7 +238,7 @@ def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBui
         if not ctx.is_main:
             return
         if ctx.world_size > 1:
-            out = np.lib.format.open_memmap(folder / EMBEDDINGS_FILE, mode="w+", dtype=np.float16, shape=(n, enc.dim))
+            out = open_npy(folder / EMBEDDINGS_FILE, np.float16, (n, enc.dim))
             for r in range(ctx.world_size):
                 lo, hi = shard_range(n, r, ctx.world_size)
                 out[lo:hi] = np.load(folder / f"shards/emb-{r:05d}.npy", mmap_mode="r")
@@ -263,7 +297,7 @@ def build_index_from_embeddings(
         n = writer.close()
         if n != len(emb):
             raise RaditError(f"{n} passages but {len(emb)} embeddings")
-        out16 = np.lib.format.open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=np.float16, shape=emb.shape)
+        out16 = open_npy(tmp / EMBEDDINGS_FILE, np.float16, emb.shape)
         for s in range(0, n, 1 << 18):
             out16[s : s + (1 << 18)] = emb[s : s + (1 << 18)]
         out16.flush()

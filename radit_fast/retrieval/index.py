@@ -49,6 +49,21 @@ def exact_topk(queries: torch.Tensor, docs: torch.Tensor, k: int, block: int = 6
     return best_s, best_i
 
 
+def check_k(k: int, count: int, option: str = "--k") -> None:
+    """The one check of a retrieval depth against an index: RaditError unless ``1 <= k <= count``.
+
+    Every command that retrieves (retrieve, train-lm, train-retriever, eval, run) calls it before any work,
+    instead of clamping k to the index size (which silently changes the method: with a tiny index every
+    example gets every passage).
+    """
+    sep = " " if option.startswith("--") else "="
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise RaditError(f"{option} must be >= 1, got {k!r}")
+    if k > count:
+        raise RaditError(f"{option}{sep}{k} is larger than the index ({count} passages): use {option}{sep}{count} "
+                         "or less, or build the index from a bigger corpus")
+
+
 def make_faiss_index(factory: str, dim: int) -> Any:
     """``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)`` with a one-line error for bad strings."""
     import faiss
@@ -300,10 +315,7 @@ class Index:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise RaditError(f"queries must have shape [B, {self.dim}], got {list(q.shape)}")
-        if k < 1:
-            raise RaditError(f"k must be >= 1, got {k}")
-        if k > len(self):
-            raise RaditError(f"k={k} is larger than the index ({len(self)} passages)")
+        check_k(k, len(self), "k")
         if impl not in ("auto", "faiss"):
             raise RaditError(f"impl must be auto or faiss, got {impl!r}")
         flat = self._flat_matrix() if impl == "auto" else None

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from radit_fast.io import RaditError, write_json
+from radit_fast.retrieval.store import STORE_FILES
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "radit-index/1"
 VERIFY_MODES = ("sha256", "size", "none")
+#: Files every index folder has (index.faiss, embeddings.f16.npy and the passage store).
+REQUIRED_FILES = ("index.faiss", "embeddings.f16.npy", *STORE_FILES)
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -75,17 +78,28 @@ def read_manifest(folder: str | os.PathLike, verify: str = "sha256") -> dict[str
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise RaditError(f"{path}: unsupported index format {found!r} (expected {FORMAT!r})")
     check_fields(manifest, path)
-    for name, rec in manifest["files"].items():
+    verify_files(folder, manifest["files"], verify, what="index file",
+                 hint="rebuild the index")
+    return manifest
+
+
+def verify_files(folder: Path, files: dict[str, dict[str, Any]], verify: str = "sha256", *, what: str = "file",
+                 hint: str = "") -> None:
+    """Check each file of a folder against its manifest record {bytes, sha256} (records already validated
+    by :func:`check_file_records`): present, same size, (``verify="sha256"``) same checksum. Shared by index
+    folders and training checkpoints; one-line RaditError naming the file and ``hint``."""
+    tail, more = (f" ({hint})", f"; {hint}") if hint else ("", "")
+    for name, rec in files.items():
         f = folder / name
         if not f.is_file():
-            raise RaditError(f"{folder}: index file {name} is missing (rebuild the index)")
+            raise RaditError(f"{folder}: {what} {name} is missing{tail}")
         if verify == "none":
             continue
-        if f.stat().st_size != rec["bytes"]:
-            raise RaditError(f"{f}: size {f.stat().st_size} != {rec['bytes']} in the manifest (corrupt or modified)")
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            raise RaditError(f"{f}: size {size} != {rec['bytes']} in the manifest (corrupt or modified{more})")
         if verify == "sha256" and sha256_file(f) != rec["sha256"]:
-            raise RaditError(f"{f}: sha256 checksum mismatch (corrupt or modified; rebuild the index)")
-    return manifest
+            raise RaditError(f"{f}: sha256 checksum mismatch (corrupt or modified{more})")
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -103,30 +117,47 @@ def _is_int(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def _need(path: Path, ok: bool, field: str, expected: str, value: Any) -> None:
+    if not ok:
+        shown = repr(value) if isinstance(value, (int, float, str)) else ""
+        shown = f" {shown[:60]}..." if len(shown) > 60 else f" {shown}" if shown else ""
+        raise RaditError(f"{path}: corrupt manifest (field {field} must be {expected}, got {_kind(value)}{shown})")
+
+
+def check_file_records(files: Any, path: Path, *, required: tuple[str, ...] = ()) -> None:
+    """Refuse a manifest's ``files`` entry unless it is an object {plain file name: {bytes, sha256}} that lists
+    every ``required`` name (one line naming the field). A name is a plain file of the folder: no ``/``,
+    ``\\``, ``.`` or ``..``, so nothing outside the folder is ever read. Index and checkpoint manifests share it."""
+
+    def need(ok: bool, field: str, expected: str, value: Any) -> None:
+        _need(path, ok, field, expected, value)
+
+    need(isinstance(files, dict), "files", "an object {file name: {bytes, sha256}}", files)
+    for name, rec in files.items():
+        where = f"files[{name!r}]"
+        need(bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name,
+             where, "a file of the folder (a plain name)", name)
+        need(isinstance(rec, dict), where, "an object {bytes, sha256}", rec)
+        need(_is_int(rec.get("bytes"), 0), f"{where}.bytes", "a non-negative integer", rec.get("bytes", _MISSING))
+        need(isinstance(rec.get("sha256"), str) and bool(_HEX64.fullmatch(rec["sha256"])), f"{where}.sha256",
+             "64 lowercase hex digits", rec.get("sha256", _MISSING))
+    missing = [n for n in required if n not in files]
+    if missing:
+        raise RaditError(f"{path}: corrupt manifest (field files lacks {', '.join(missing)})")
+
+
 def check_fields(manifest: dict[str, Any], path: Path) -> None:
     """Refuse a manifest whose fields are missing or of the wrong type, naming the field (one line)."""
 
     def need(ok: bool, field: str, expected: str, value: Any) -> None:
-        if not ok:
-            shown = repr(value) if isinstance(value, (int, float, str)) else ""
-            shown = f" {shown[:60]}..." if len(shown) > 60 else f" {shown}" if shown else ""
-            raise RaditError(f"{path}: corrupt manifest (field {field} must be {expected}, got {_kind(value)}{shown})")
+        _need(path, ok, field, expected, value)
 
     for key in ("count", "dim", "files", "doc_encoder", "query_encoder", "index"):
         if key not in manifest:
             raise RaditError(f"{path}: corrupt manifest (missing {key!r})")
     need(_is_int(manifest["count"], 0), "count", "a non-negative integer", manifest["count"])
     need(_is_int(manifest["dim"], 1), "dim", "a positive integer", manifest["dim"])
-    files = manifest["files"]
-    need(isinstance(files, dict), "files", "an object {file name: {bytes, sha256}}", files)
-    for name, rec in files.items():
-        where = f"files[{name!r}]"
-        need(bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name, where,
-             "a file of the index folder (a plain name)", name)
-        need(isinstance(rec, dict), where, "an object {bytes, sha256}", rec)
-        need(_is_int(rec.get("bytes"), 0), f"{where}.bytes", "a non-negative integer", rec.get("bytes", _MISSING))
-        need(isinstance(rec.get("sha256"), str) and bool(_HEX64.fullmatch(rec["sha256"])), f"{where}.sha256",
-             "64 lowercase hex digits", rec.get("sha256", _MISSING))
+    check_file_records(manifest["files"], path, required=REQUIRED_FILES)
     for side in ("doc_encoder", "query_encoder"):
         enc = manifest[side]
         need(isinstance(enc, dict), side, "an object", enc)

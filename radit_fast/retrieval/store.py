@@ -18,13 +18,13 @@ import hashlib
 import json
 import os
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from radit_fast.io import RaditError
-from radit_fast.retrieval.corpus import Passage
+from radit_fast.io import RaditError, save_npy
+from radit_fast.retrieval.corpus import Passage, doc_id
 
 PASSAGES_FILE = "passages.jsonl"
 OFFSETS_FILE = "offsets.npy"
@@ -43,27 +43,52 @@ def store_ram_bytes(n: int) -> int:
     return 8 * (n + 1) + 16 * n
 
 
+def first_duplicate(hashes: np.ndarray, same: Callable[[int, int], bool]) -> tuple[int, int] | None:
+    """The first pair of positions ``(i, j)``, ``i < j``, whose 64-bit hashes are equal and for which
+    ``same(i, j)`` confirms equal keys (hash collisions are told apart by it); None when all keys are unique.
+    Memory: one sort of the hashes (8 bytes per key, no Python set), so it scales to hundreds of millions."""
+    order = np.argsort(hashes, kind="stable")
+    sorted_h = hashes[order]
+    found = None
+    for i in np.flatnonzero(sorted_h[1:] == sorted_h[:-1]):
+        a, b = sorted(int(r) for r in order[i : i + 2])
+        if same(a, b) and (found is None or b < found[1]):
+            found = (a, b)
+    return found
+
+
 class PassageStoreWriter:
     """Append passages in row order; :meth:`close` writes the offsets and id map and rejects duplicate ids.
 
     ``source`` (a file name) and the line numbers given to :meth:`add` are only used in error messages.
+    With ``documents=True`` (a corpus read by lines, each line one document chunked into passages
+    ``{doc}#{n}``) it also rejects two lines with the same *document* id, whatever their chunking: a long
+    document and a short one with the same id have no passage id in common, yet their provenance is
+    ambiguous.
     """
 
-    def __init__(self, folder: str | os.PathLike, source: str = "corpus"):
+    def __init__(self, folder: str | os.PathLike, source: str = "corpus", *, documents: bool = False):
         self.folder = Path(folder)
         self.source = source
+        self.documents = documents
         self._f = open(self.folder / PASSAGES_FILE, "wb")  # noqa: SIM115 (closed in close())
         self._offsets = array("q", [0])
         self._hashes = array("Q")
         self._lines = array("q")
+        self._doc_hashes = array("Q")   # one per document (line): hash of its document id
+        self._doc_rows = array("q")     # the row of its first passage
 
     def add(self, passage: Passage, lineno: int = 0) -> int:
         line = json.dumps(passage.as_dict(), ensure_ascii=False).encode("utf-8") + b"\n"
+        row = len(self._hashes)
+        if self.documents and (row == 0 or self._lines[-1] != lineno):
+            self._doc_hashes.append(id_hash(doc_id(passage.id)))
+            self._doc_rows.append(row)
         self._f.write(line)
         self._offsets.append(self._offsets[-1] + len(line))
         self._hashes.append(id_hash(passage.id))
         self._lines.append(lineno)
-        return len(self._hashes) - 1
+        return row
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -77,30 +102,32 @@ class PassageStoreWriter:
         self._f.close()
         offsets = np.frombuffer(self._offsets, dtype=np.int64)
         hashes = np.frombuffer(self._hashes, dtype=np.uint64)
+        self._check_duplicates(hashes, offsets)
         order = np.argsort(hashes, kind="stable")
-        sorted_h = hashes[order]
-        self._check_duplicates(sorted_h, order, offsets)
-        np.save(self.folder / OFFSETS_FILE, offsets)
-        np.save(self.folder / ID_HASH_FILE, sorted_h)
-        np.save(self.folder / ID_ROWS_FILE, order.astype(np.int64))
+        save_npy(self.folder / OFFSETS_FILE, offsets)
+        save_npy(self.folder / ID_HASH_FILE, hashes[order])
+        save_npy(self.folder / ID_ROWS_FILE, order.astype(np.int64))
         return len(hashes)
 
-    def _check_duplicates(self, sorted_h: np.ndarray, order: np.ndarray, offsets: np.ndarray) -> None:
-        same = np.flatnonzero(sorted_h[1:] == sorted_h[:-1])
-        if same.size == 0:
-            return
+    def _check_duplicates(self, hashes: np.ndarray, offsets: np.ndarray) -> None:
         with open(self.folder / PASSAGES_FILE, "rb") as f:
 
             def read_id(row: int) -> str:
                 f.seek(int(offsets[row]))
                 return json.loads(f.readline())["id"]
 
-            for i in same:  # rows i and i+1 of the sorted order share a hash: same id or a collision
-                rows = sorted(int(r) for r in order[i : i + 2])
-                a, b = (read_id(r) for r in rows)
-                if a == b:
-                    first, dup = (self._lines[r] for r in rows)
-                    raise RaditError(f"{self.source}:{dup}: duplicate id {a!r} (first at line {first})")
+            if self.documents:
+                rows = np.frombuffer(self._doc_rows, dtype=np.int64)
+                doc = lambda i: doc_id(read_id(int(rows[i])))  # noqa: E731
+                dup = first_duplicate(np.frombuffer(self._doc_hashes, dtype=np.uint64), lambda a, b: doc(a) == doc(b))
+                if dup is not None:
+                    first, again = (self._lines[int(rows[i])] for i in dup)
+                    raise RaditError(f"{self.source}:{again}: duplicate id {doc(dup[0])!r} (first at line "
+                                     f"{first})")
+            dup = first_duplicate(hashes, lambda a, b: read_id(a) == read_id(b))
+            if dup is not None:
+                first, again = (self._lines[r] for r in dup)
+                raise RaditError(f"{self.source}:{again}: duplicate id {read_id(dup[0])!r} (first at line {first})")
 
 
 class PassageStore(Sequence):

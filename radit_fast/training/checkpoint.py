@@ -18,7 +18,6 @@ the step number is the whole data-order and RNG state.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,24 +31,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from radit_fast.io import RaditError, atomic_dir, write_json
+from radit_fast.retrieval.manifest import check_file_records, sha256_file
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
+REQUIRED_FILES = ("params.safetensors", "trainer_state.json")
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(RaditError):
     """A checkpoint that is incomplete, corrupt or does not belong to this run."""
-
-
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
@@ -146,7 +139,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, params: dict[str, tor
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a checkpoint folder after checking every file; CheckpointError otherwise."""
+    """The manifest of a checkpoint folder after checking every file; CheckpointError otherwise.
+
+    The manifest is validated by the same code as an index manifest
+    (:func:`radit_fast.retrieval.manifest.check_file_records`): ``files`` must be an object of plain file
+    names (nothing outside the folder is read) with integer ``bytes`` and a sha256, listing at least the
+    parameters and the trainer state.
+    """
     path = Path(path)
     hint = f"delete {path} to resume from an earlier checkpoint, or restart without --resume"
     mpath = path / MANIFEST
@@ -154,13 +153,25 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing ({hint})")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"checkpoint {path} is corrupt: unreadable {MANIFEST} ({hint})") from None
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} has no files entry ({hint})")
     if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')} is not supported "
+        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r} is not supported "
                               f"(expected {FORMAT_VERSION})")
-    for name, meta in files.items():
+    step = manifest.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} field step must be a non-negative "
+                              f"integer, got {step!r} ({hint})")
+    files = manifest["files"]
+    try:
+        check_file_records(files, mpath, required=REQUIRED_FILES)
+        if "optimizer.safetensors" in files:
+            check_file_records(files, mpath, required=("optimizer.json",))
+    except RaditError as e:
+        raise CheckpointError(f"checkpoint {e} ({hint})") from None
+    for name, meta in files.items():  # names are plain file names of this folder (checked above)
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing ({hint})")
@@ -175,16 +186,39 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; anything else (a pickle, a truncated file) is one CheckpointError, never unpickled."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for foreign formats
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a safetensors file ({first}); radit-fast never loads pickled "
+                              "weights") from None
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Verify and load a checkpoint folder (tensors on CPU)."""
     path = Path(path)
     manifest = verify_checkpoint(path)
-    params = load_file(str(path / "params.safetensors"))
+    params = _load_tensors(path / "params.safetensors")
     optimizer = None
     if "optimizer.safetensors" in manifest["files"]:
-        meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-        optimizer = optimizer_from_flat(load_file(str(path / "optimizer.safetensors")), meta)
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        meta = _load_json(path / "optimizer.json")
+        try:
+            optimizer = optimizer_from_flat(_load_tensors(path / "optimizer.safetensors"), meta)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path / 'optimizer.json'}: not an optimizer state written by radit-fast "
+                                  f"({type(e).__name__}: {e})") from None
+    state = _load_json(path / "trainer_state.json")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / 'trainer_state.json'}: expected a JSON object")
     return Checkpoint(step=int(manifest["step"]), path=path, params=params, optimizer=optimizer,
                       trainer_state=state)
 

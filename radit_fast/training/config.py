@@ -19,10 +19,9 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-from radit_fast.io import RaditError, atomic_file
+from radit_fast.io import RaditError, atomic_file, require_file
 
 _CLI_SKIP = {"train", "index", "out", "lm"}  # declared by the CLI itself (required/positional semantics)
 
@@ -256,9 +255,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     A file may nest the keys under a section named after the stage (``[train_lm]`` / ``train_retriever:``)
     or under ``train:``; top-level scalar keys apply to both stages.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise RaditError(f"{p}: no such config file")
+    p = require_file(path, "config file")
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() == ".toml":
         import tomllib

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from radit_fast.io import RaditError, write_json
+from radit_fast.io import RaditError, claimed_dir, write_json
 from radit_fast.training import checkpoint as ckpt
 from radit_fast.training.config import TrainConfig, resolved_config, write_resolved_config
 from radit_fast.training.distributed import (DistEnv, all_reduce_sum, any_process, barrier, full_state_dict,
@@ -65,7 +65,8 @@ class TrainResult:
 
 
 def prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
-    """Check and create ``cfg.out`` before any compute: exists -> needs --resume or --overwrite."""
+    """Check ``cfg.out`` before any compute: exists -> needs --resume or --overwrite. Nothing is created
+    here (a run refused for its inputs leaves no folder behind): :meth:`Trainer.fit` creates it."""
     out = Path(cfg.out)
     if env.is_main:
         if out.exists() and not out.is_dir():
@@ -79,7 +80,6 @@ def prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
         for partial in [*out.glob(".final.*.partial"), *(out / CHECKPOINTS).glob(".*.partial")]:
             log.info("removing %s, left by an interrupted run", partial)
             shutil.rmtree(partial, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
     barrier(env)
     return out
 
@@ -137,7 +137,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ run
     def fit(self) -> TrainResult:
-        cfg, env, stage = self.cfg, self.env, self.stage
+        cfg, env = self.cfg, self.env
         done = self.out / TRAIN_STATE
         if cfg.resume and done.is_file():
             import json
@@ -147,6 +147,12 @@ class Trainer:
                 log.info("%s: the run is already complete (%d steps)", self.out, cfg.max_steps)
                 return TrainResult(self.out, cfg.max_steps, state.get("final_loss"), cfg.max_steps)
 
+        # the inputs passed: the first output, held against a second run writing the same --out
+        with claimed_dir(self.out, fresh=not (cfg.resume or cfg.overwrite), enabled=env.is_main):
+            return self._fit(done)
+
+    def _fit(self, done: Path) -> TrainResult:
+        cfg, env, stage = self.cfg, self.env, self.stage
         module = stage.module
         resume = self._resume_point()
         start = 0
@@ -237,6 +243,10 @@ class Trainer:
             keys = sorted(counters)
             totals = dict(zip(keys, all_reduce_sum([counters[k] for k in keys], env)))
             dt = time.perf_counter() - t0
+            if step == start and env.is_main and cfg.max_steps - start > 1:  # the plan's estimate, timed
+                left = dt * (cfg.max_steps - start - 1)
+                log.info("the first step took %.2f s: about %s for the other %d steps (evaluation and "
+                         "checkpoints not included)", dt, _human_seconds(left), cfg.max_steps - start - 1)
             final_loss = totals["loss_sum"] / max(totals.get("loss_norm", 1.0), 1e-12)
             window.add(dt, totals)
             parts = {k[:-4]: v / max(totals.get("loss_norm", 1.0), 1e-12) for k, v in totals.items()
@@ -320,6 +330,14 @@ def _progress(cfg: TrainConfig, env: DistEnv, start: int) -> Any:
 
     return tqdm(total=cfg.max_steps, initial=start, desc=f"{type(cfg).__name__}", unit="step",
                 dynamic_ncols=True)
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from radit_fast.io import RaditError
+from radit_fast.io import RaditError, require_extra
 from radit_fast.training import sources
 from radit_fast.training.config import RaItConfig
 from radit_fast.training.distributed import DistEnv, cleanup, init_distributed, main_then_broadcast
@@ -97,7 +97,7 @@ def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
     sources.check_fit(tokenizer, examples, cfg.max_length, append_eos=eos)
     ev = sources.load_examples(cfg.eval_file)[: cfg.eval_examples] if cfg.eval_file else []
     sources.check_fit(tokenizer, ev, cfg.max_length, append_eos=eos)
-    index = sources.open_index(cfg.index)
+    index = sources.open_index(cfg.index, k=cfg.k)
     need = [i for i, ex in enumerate(examples) if not ex.context]
     retrieved = index.retrieve_texts([examples[i].input for i in need], cfg.k) if need else []
     chunks_of: dict[int, list[str]] = {i: r for i, r in zip(need, retrieved)}
@@ -217,10 +217,9 @@ class RaItStage:
 
 
 def _apply_lora(lm: nn.Module, cfg: RaItConfig) -> nn.Module:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise RaditError("--lora needs the peft package (pip install peft)") from None
+    require_extra("--lora", "peft")
+    from peft import LoraConfig, get_peft_model
+
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
     present = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
     missing = [t for t in targets if t not in present]

@@ -253,7 +253,7 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
 
             tokenizer = load_tokenizer(config.lm)
         evaluation = main_then_broadcast(env, lambda: load_inputs(config, tokenizer))  # input errors first
-        index = sources.open_index(config.index, config.query_encoder, device=str(env.device))
+        index = sources.open_index(config.index, config.query_encoder, device=str(env.device), k=config.k)
         _warn_flat_retriever(config, index, env)
 
         def lm_loader() -> nn.Module:

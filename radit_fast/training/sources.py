@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from radit_fast.io import RaditError
+from radit_fast.retrieval.index import check_k
 from radit_fast.training.identity import cache_key, fingerprint, model_identity, sha256_file  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class IndexSource:
 
         ``exclude[i]``: rows never returned for query i (the passages of a corpus item's own document).
         """
-        k = min(k, len(self.index))
+        check_k(k, len(self.index))
         banned = None if exclude is None else [np.asarray(sorted(set(e)), dtype=np.int64) for e in exclude]
         out = np.full((len(queries), k), -1, dtype=np.int64)
         for s in range(0, len(queries), batch):
@@ -113,9 +114,14 @@ class IndexSource:
         return self.texts(self.retrieve_rows(queries, k, exclude=exclude))
 
 
-def open_index(folder: str | os.PathLike, query_encoder: Any = None, *, device: str = "cpu") -> IndexSource:
-    """Open and verify an index folder (RaditError for a missing/corrupt index or a mismatched encoder)."""
-    return IndexSource(folder, query_encoder, device=device)
+def open_index(folder: str | os.PathLike, query_encoder: Any = None, *, device: str = "cpu",
+               k: int | None = None) -> IndexSource:
+    """Open and verify an index folder (RaditError for a missing/corrupt index or a mismatched encoder, or
+    when ``k`` is larger than the index: :func:`radit_fast.retrieval.index.check_k`)."""
+    source = IndexSource(folder, query_encoder, device=device)
+    if k is not None:
+        check_k(k, len(source.index))
+    return source
 
 
 @dataclass(frozen=True)
