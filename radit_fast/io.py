@@ -132,24 +132,27 @@ def _import_optional(module: str, package: str, what: str) -> Any:
         raise RaditError(f"{what} needs the package {package} ({EXTRA_HINT})") from None
 
 
-def record_source(path: str | os.PathLike) -> RecordSource:
-    """Detect the format of a task/corpus input (see :func:`iter_records`); RaditError when unusable."""
+def record_source(path: str | os.PathLike, what: str = "") -> RecordSource:
+    """Detect the format of a task/corpus input (see :func:`iter_records`); RaditError when unusable. ``what``
+    names the option in the message, e.g. ``"--corpus"``."""
     spec = str(path)
+    opt = f" ({what})" if what else ""
     p, split = Path(spec), None
     if not p.exists():
         head, sep, tail = spec.rpartition(":")
         if sep and head and tail and Path(head).is_dir():
             p, split = Path(head), tail
         else:
-            raise RaditError(f"{spec}: no such file or folder")
+            raise RaditError(f"{spec}: no such file or folder{opt}")
     if p.is_dir():
         if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
             return RecordSource("datasets", p, split=split)
         parquet = tuple(sorted(f for f in p.iterdir() if f.suffix == ".parquet" and f.is_file()))
         if parquet and split is None:
             return RecordSource("parquet", p, parquet)
-        raise RaditError(f"{spec}: not a Hugging Face datasets folder (no dataset_dict.json or state.json, "
-                         "written by save_to_disk) nor a folder of .parquet files")
+        raise RaditError(f"{spec}: is a folder, not a file; not a Hugging Face datasets folder (no "
+                         f"dataset_dict.json or state.json, written by save_to_disk) nor a folder of .parquet "
+                         f"files{opt}")
     with p.open("rb") as f:
         magic = f.read(4)
     return RecordSource("parquet" if magic == PARQUET_MAGIC else "jsonl", p, (p,))

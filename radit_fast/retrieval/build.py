@@ -74,7 +74,7 @@ def check_corpus(corpus: str | os.PathLike, chunk_words: int = DEFAULT_CHUNK_WOR
     """Read a corpus once without writing anything: every line's fields (:func:`iter_corpus`) and no document id
     twice (whatever the chunking); returns the number of documents. ``radit run`` calls it in its input phase,
     before any output exists; ``index build`` checks the same while it writes the store."""
-    record_source(corpus)  # RaditError when missing or unreadable (JSON lines, Parquet, datasets folder)
+    record_source(corpus, "--corpus")  # RaditError when missing or unreadable (JSON lines, Parquet, datasets folder)
     hashes, lines, last = array("Q"), array("q"), None
     for lineno, passage in iter_corpus(corpus, chunk_words):
         if lineno != last:
@@ -188,7 +188,7 @@ def build_index(corpus: str | os.PathLike, out: str | os.PathLike, config: Index
         raise RaditError(f"{out}: already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise RaditError(f"{out}: exists and is not a folder")
-    record_source(corpus)  # RaditError when missing or unreadable (JSON lines, Parquet, datasets folder)
+    record_source(corpus, "--corpus")  # RaditError when missing or unreadable (JSON lines, Parquet, datasets folder)
     with DistContext.from_env(timeout_s=cfg.dist_timeout_s) as ctx:
         if ctx.is_main:
             with atomic_dir(out, overwrite=overwrite) as tmp:
