@@ -115,10 +115,11 @@ def make_fn(impl: str):
 
 
 def _inputs(n, d, v, dtype, device):
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-    weight = (torch.randn(v, d, generator=gen) * d**-0.5).to(device=device, dtype=dtype)
-    targets = torch.randint(0, v, (n,), generator=gen).to(device)
+    """Random inputs drawn on ``device`` (never zeros: they can run faster than real data)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, d, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(v, d, generator=gen, device=device) * d**-0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=gen, device=device)
     return hidden, weight, targets
 
 
@@ -203,7 +204,7 @@ def finish_rows(raw: list[dict], shape, dtype: str, device: str) -> list[dict]:
     n, d, v = shape
     mm = {r["pass"]: r["median_s"] for r in raw if r["impl"] == "torch.mm" and r.get("status") == "ok"}
     common = {"op": "answer_logprobs", "device": _card(device), "dtype": dtype, "N": n, "d": d, "V": v,
-              "commit": harness.commit(), "torch": torch.__version__,
+              "commit": report.commit(), "torch": torch.__version__,
               "triton": report.module_version("triton")}
     rows = []
     for r in raw:

@@ -1,12 +1,12 @@
 """make gpu-check: validate and measure radit-fast's GPU path in one command, with no network (docs/gpu.md).
 
     make gpu-check                                   # GPU_PYTHON=python3, OUT=benchmarks/results/gpu/
-    python3 benchmarks/gpu_check.py --out DIR [--budget 445] [--only STAGE ...] [--skip STAGE ...]
+    python3 benchmarks/gpu_check.py --out DIR [--budget 440] [--only STAGE ...] [--skip STAGE ...]
     RADIT_GPU_CHECK_DRY_RUN=1 .venv/bin/python benchmarks/gpu_check.py --out DIR   # CPU dry run (a test)
 
 Without a CUDA GPU (and without the dry-run switch) it prints "gpu-check: no GPU: nothing measured" and exits 0.
 On a GPU it runs these stages, each in its own process group with a timeout cut from one overall budget
-(default 445 s; a stage that ends early leaves its time to the later ones; a stage that fails or times out is
+(default 440 s; a stage that ends early leaves its time to the later ones; a stage that fails or times out is
 reported and the next stage still runs):
 
   env          commit, card, driver, torch/triton/nvcc/cmake versions, tools present
@@ -60,8 +60,8 @@ import gpu_check_report as report  # noqa: E402
 NO_GPU_LINE = "gpu-check: no GPU: nothing measured"
 DRY_ENV = "RADIT_GPU_CHECK_DRY_RUN"
 # Nominal seconds per stage; they sum to the default overall budget (scaled when --budget differs).
-BUDGETS = {"env": 10, "wheels": 20, "build": 75, "correctness": 65, "bench": 100, "probes": 40, "pytest": 55,
-           "memcheck": 40, "racecheck": 40}
+BUDGETS = {"env": 10, "wheels": 15, "build": 60, "correctness": 90, "bench": 100, "probes": 45, "pytest": 55,
+           "memcheck": 35, "racecheck": 30}
 STAGES = list(BUDGETS)
 LOG_TAIL_BYTES = 400_000  # per stage in gpu_check.log
 
@@ -130,7 +130,9 @@ def child_env(work: Path) -> dict:
     env = os.environ.copy()
     site = work / "site"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["PATH"] = os.pathsep.join((str(site / "bin"), env.get("PATH", "")))
+    # Tools installed beside this Python (cmake, ninja, pytest of its venv) are found even off PATH.
+    env["PATH"] = os.pathsep.join((str(site / "bin"), str(Path(sys.executable).parent), env.get("PATH", ""),
+                                   "/usr/local/cuda/bin"))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -191,9 +193,7 @@ def find_sanitizer() -> str | None:
 def stage_env(ctx: Ctx) -> dict:
     import torch
 
-    import harness
-
-    info = {"commit": harness.commit(), "python": sys.version.split()[0], "torch": torch.__version__,
+    info = {"commit": report.commit(), "python": sys.version.split()[0], "torch": torch.__version__,
             "cuda_runtime": torch.version.cuda, "dry_run": ctx.dry, "triton": _module_version("triton"),
             "nvcc": _tool_version(["nvcc", "--version"], "release"), "cmake": _tool_version(["cmake", "--version"]),
             "ninja": _tool_version(["ninja", "--version"]), "compute_sanitizer": find_sanitizer() or "",
@@ -298,6 +298,8 @@ def stage_build(ctx: Ctx) -> dict:
 
         major, minor = torch.cuda.get_device_capability(0)
         arch = f"{major}{minor}"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return {"status": "FAILED", "note": f"no Python.h for {sys.executable} ({sysconfig.get_paths()['include']})"}
     build = ctx.work / "build"
     build.mkdir(parents=True, exist_ok=True)
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
@@ -422,6 +424,7 @@ def stage_sanitizer(ctx: Ctx, tool: str) -> dict:
         argv, why = exercise_command(ctx), "dry run: the exercise script without compute-sanitizer"
     else:
         argv, why = sanitizer_command(tool, sanitizer, ctx), ""
+        env["CUDA_MODULE_LOADING"] = "LAZY"  # only the kernels that run are loaded (and instrumented)
         if tool == "memcheck":
             env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # every tensor its own allocation: no out-of-bounds hidden
     log = ctx.work / f"{tool}.run.log"

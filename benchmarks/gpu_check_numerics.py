@@ -101,14 +101,15 @@ def reference_f64(hidden, weight, targets, bias=None, grad=None, ignore_index=IG
 
 
 def _inputs(n, d, v, dtype, device, bias, seed):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    h = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-    w = (torch.randn(v, d, generator=gen) * d ** -0.5 * 2).to(device=device, dtype=dtype)  # logits of std ~2
-    b = torch.randn(v, generator=gen).to(device=device, dtype=dtype) if bias else None
-    t = torch.randint(0, v, (n,), generator=gen)
+    """Random inputs drawn on ``device`` (a [128256, 4096] weight drawn on the CPU would take seconds)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(n, d, generator=gen, device=device).to(dtype)
+    w = (torch.randn(v, d, generator=gen, device=device) * (2 * d ** -0.5)).to(dtype)  # logits of std ~2
+    b = torch.randn(v, generator=gen, device=device).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), generator=gen, device=device)
     t[3::7] = IGNORE
     t[-1] = v - 1  # the last vocabulary entry and the last row
-    return h, w, b, t.to(device)
+    return h, w, b, t
 
 
 def _subset(n: int, size: int | None, device) -> torch.Tensor:
@@ -120,9 +121,11 @@ def _subset(n: int, size: int | None, device) -> torch.Tensor:
 
 
 def _run_op(impl, h, w, b, t, g, seg=None):
-    """Values and gradients of the op for upstream gradient g [N] (or [S] with seg = cu_seqlens)."""
-    hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    bb = None if b is None else b.detach().clone().requires_grad_()
+    """Values and gradients of the op for upstream gradient g [N] (or [S] with seg = cu_seqlens).
+
+    The inputs go in as given (``detach`` keeps their strides; a clone could make them contiguous)."""
+    hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+    bb = None if b is None else b.detach().requires_grad_()
     if seg is None:
         out = answer_logprobs(hh, ww, t, bias=bb, impl=impl)
     else:
@@ -196,8 +199,8 @@ def correctness(device: str, impls: list[str], dry: bool) -> list[dict]:
 
 
 def _naive_grads(h, w, b, t, g):
-    hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    bb = None if b is None else b.detach().clone().requires_grad_()
+    hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+    bb = None if b is None else b.detach().requires_grad_()
     out = naive_answer_logprobs(hh, ww, t, bias=bb)
     (out * g).sum().backward()
     return out.detach(), hh.grad, ww.grad, None if bb is None else bb.grad

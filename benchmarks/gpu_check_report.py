@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -62,6 +63,15 @@ def sanitizer_summary(text: str) -> str:
     found = re.findall(r"=+ ((?:ERROR|RACECHECK|LEAK) SUMMARY: [^\n]*)", text)
     exercise = re.findall(r"^(exercise: [^\n]*)", text, flags=re.M)
     return "; ".join(found + exercise[-1:])
+
+
+def commit() -> str:
+    """harness.commit() (short hash, "-dirty" when edited); where the tree is a copy without .git (a GPU
+    machine's), the RADIT_COMMIT environment variable (e.g. ``RADIT_COMMIT=$(git rev-parse --short HEAD)``)."""
+    import harness
+
+    found = harness.commit()
+    return found if found != "unknown" else os.environ.get("RADIT_COMMIT", "unknown (set RADIT_COMMIT)")
 
 
 def module_version(name: str) -> str:
