@@ -327,6 +327,9 @@ def _probe_big_rows(impl, device, B, k=8, V=16):
                            (True, True), gl),
         "lsr_loss": (lambda x, y, im: lsr_loss(x, y, lm_temperature=0.1, mask=mask, reduction="none", impl=im),
                      (s, lm), (True, False), gl),
+        "lsr_loss retriever_to_lsr": (lambda x, y, im: lsr_loss(x, y, lm_temperature=0.1, mask=mask, reduction="none",
+                                                                direction="retriever_to_lsr", impl=im),
+                                      (s, lm), (True, False), gl),
         "mixture_logprobs": (lambda x, y, im: mixture_logprobs(x, y, impl=im), (logits, lw), (True, True), gm),
     }
     out = []

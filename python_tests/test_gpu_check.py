@@ -247,6 +247,20 @@ def test_build_commands_cover_every_source_and_target_the_card(tmp_path):
     assert {"--no-index", "--no-deps", "--target"} <= set(wheels) and wheels[-1] == "a.whl"
 
 
+def test_build_steps_run_groups_in_order_and_stop_at_a_failure(tmp_path):
+    log = tmp_path / "log"
+    mark = tmp_path / "second"
+    steps = [[["sh", "-c", "echo one"], ["sh", "-c", "echo two"]], [["sh", "-c", f"echo three > {mark}"]]]
+    assert gpu_check._run_steps(steps, log, time.monotonic() + 30) and mark.exists()
+    assert {"one", "two"} <= set(log.read_text().split())
+    mark.unlink()
+    failing = [[["sh", "-c", "exit 0"], ["sh", "-c", "echo broken; exit 2"]], [["sh", "-c", f"touch {mark}"]]]
+    assert not gpu_check._run_steps(failing, log, time.monotonic() + 30) and not mark.exists()
+    t0 = time.monotonic()
+    assert not gpu_check._run_steps([[["sleep", "30"]]], log, time.monotonic() + 1)
+    assert time.monotonic() - t0 < 10
+
+
 def test_bench_says_why_a_row_cannot_run_here():
     assert bench.unavailable("torch.mm", "cpu") is None and bench.unavailable("naive", "cpu") is None
     assert "GPU" in bench.unavailable("cce", "cpu") or "not installed" in bench.unavailable("cce", "cpu")
