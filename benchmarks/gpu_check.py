@@ -60,7 +60,7 @@ import gpu_check_report as report  # noqa: E402
 NO_GPU_LINE = "gpu-check: no GPU: nothing measured"
 DRY_ENV = "RADIT_GPU_CHECK_DRY_RUN"
 # Nominal seconds per stage; they sum to the default overall budget (scaled when --budget differs).
-BUDGETS = {"env": 10, "wheels": 15, "build": 80, "correctness": 85, "bench": 95, "probes": 45, "pytest": 55,
+BUDGETS = {"env": 15, "wheels": 10, "build": 80, "correctness": 85, "bench": 95, "probes": 45, "pytest": 55,
            "memcheck": 35, "racecheck": 30}
 STAGES = list(BUDGETS)
 LOG_TAIL_BYTES = 400_000  # per stage in gpu_check.log
