@@ -137,11 +137,34 @@ def child_env(work: Path) -> dict:
     return env
 
 
+def partial_rows_path(work: Path, name: str) -> Path:
+    return work / f"{name}.rows.jsonl"
+
+
+def partial_rows(name: str, ctx: Ctx) -> list[dict]:
+    """Rows a killed or crashed stage finished: its JSON lines (correctness, probes) or bench.csv (bench)."""
+    if name == "bench":
+        path = ctx.out / "bench.csv"
+        if path.exists():
+            import csv
+
+            with open(path, newline="") as f:
+                return list(csv.DictReader(f))
+        return []
+    path = partial_rows_path(ctx.work, name)
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
 def run_stage(name: str, ctx: Ctx, timeout: float, py: str = sys.executable) -> dict:
     """Runs ``--stage name`` in a child process; its result dict (status ok | FAILED | skipped | TIMEOUT)."""
     log = ctx.work / f"{name}.log"
     result_path = ctx.work / f"{name}.json"
     result_path.unlink(missing_ok=True)
+    partial_rows_path(ctx.work, name).unlink(missing_ok=True)
+    if name == "bench":
+        (ctx.out / "bench.csv").unlink(missing_ok=True)
     if timeout < 3:
         return {"stage": name, "status": "skipped", "seconds": 0.0, "timeout": timeout,
                 "note": "no time left in the budget"}
@@ -157,6 +180,11 @@ def run_stage(name: str, ctx: Ctx, timeout: float, py: str = sys.executable) -> 
         res["status"], res["note"] = "FAILED", f"exit {rc}, no result: {_last_line(log)}"
     elif rc != 0 and res["status"] == "ok":
         res["status"] = "FAILED"
+    if res["status"] in ("TIMEOUT", "FAILED") and not (isinstance(res.get("data"), dict) and res["data"].get("rows")):
+        rows = partial_rows(name, ctx)
+        if rows:  # what the stage finished before it was killed or crashed
+            res["data"] = {"rows": rows, "partial": True}
+            res["note"] = f"{res.get('note', '')} ({len(rows)} rows finished before)".strip()
     return res
 
 
@@ -375,7 +403,7 @@ def _rows_status(rows: list[dict]) -> tuple[str, str]:
 def stage_correctness(ctx: Ctx) -> dict:
     import gpu_check_numerics as num
 
-    rows = num.correctness(ctx.device, ctx.impls, ctx.dry)
+    rows = num.correctness(ctx.device, ctx.impls, ctx.dry, log_path=partial_rows_path(ctx.work, "correctness"))
     status, note = _rows_status(rows)
     return {"status": status, "note": note, "data": {"rows": rows}}
 
@@ -383,7 +411,7 @@ def stage_correctness(ctx: Ctx) -> dict:
 def stage_probes(ctx: Ctx) -> dict:
     import gpu_check_numerics as num
 
-    rows = num.probes(ctx.device, ctx.impls, ctx.dry)
+    rows = num.probes(ctx.device, ctx.impls, ctx.dry, log_path=partial_rows_path(ctx.work, "probes"))
     status, note = _rows_status(rows)
     return {"status": status, "note": note, "data": {"rows": rows}}
 

@@ -18,6 +18,7 @@ Every check returns rows ``{"check", "case", "impl", "metric", "value", "bound",
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -70,6 +71,28 @@ def error_row(check, case, impl, exc: BaseException):
     msg = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
     return {"check": check, "case": case, "impl": impl, "metric": "error", "value": None, "bound": None,
             "status": "FAILED", "note": f"{type(exc).__name__}: {msg}"}
+
+
+class RowLog(list):
+    """A list of result rows that also appends each row as a JSON line to ``path`` (when given), so that rows
+    finished before a stage is killed at its timeout still reach the report."""
+
+    def __init__(self, path=None):
+        super().__init__()
+        self.path = path
+
+    def append(self, r):
+        super().append(r)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(r, default=str) + "\n")
+
+    def extend(self, rs):
+        for r in rs:
+            self.append(r)
+        return self
+
+    __iadd__ = extend
 
 
 def reference_f64(hidden, weight, targets, bias=None, grad=None, ignore_index=IGNORE, max_bytes=1 << 30):
@@ -142,9 +165,9 @@ def _run_op(impl, h, w, b, t, g, seg=None):
     return out.detach(), hh.grad, ww.grad, None if bb is None else bb.grad
 
 
-def correctness(device: str, impls: list[str], dry: bool) -> list[dict]:
+def correctness(device: str, impls: list[str], dry: bool, log_path=None) -> list[dict]:
     """Values and gradients of answer_logprobs (and per_sequence on the ragged case) against float64."""
-    rows = []
+    rows = RowLog(log_path)
     for case, n, d, v, dtype, bias, sub in (DRY_CASES if dry else GPU_CASES):
         t0 = time.perf_counter()
         h, w, b, t = _inputs(n, d, v, dtype, device, bias, seed=n)
@@ -224,11 +247,11 @@ def _empty_cache(device):
 # ---------------------------------------------------------------------------------------------------------
 # Probes
 # ---------------------------------------------------------------------------------------------------------
-def probes(device: str, impls: list[str], dry: bool) -> list[dict]:
+def probes(device: str, impls: list[str], dry: bool, log_path=None) -> list[dict]:
     """Side stream, strided/transposed inputs, > 65535 rows for the ensemble ops, bitwise determinism, a
     non-current device. Each probe and impl is reported on its own; one failing does not stop the others."""
     n, d, v = (48, 24, 301) if dry else (2048, 1024, 32000)
-    rows = []
+    rows = RowLog(log_path)
     h, w, b, t = _inputs(n, d, v, torch.bfloat16, device, True, seed=7)
     g = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(device)
     ref = reference_f64(h, w, t, b, g)

@@ -116,6 +116,17 @@ def test_run_stage_reports_timeouts_crashes_and_results(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "run_command", lambda argv, timeout, log, env=None: (None, timeout, True))
     assert gpu_check.run_stage("bench", ctx, 9.0)["status"] == "TIMEOUT"
 
+    def killed_after_two_rows(argv, timeout, log, env=None):  # rows written as they finish survive a timeout
+        rows = num.RowLog(gpu_check.partial_rows_path(ctx.work, "probes"))
+        rows.append(num.row("strided", "x", "triton", "values vs f64", 1e-7, 2e-5))
+        rows += [num.row("determinism", "two runs", "triton", "values bitwise equal", 0.0, ok=False)]
+        return None, timeout, True
+    monkeypatch.setattr(gpu_check, "run_command", killed_after_two_rows)
+    res = gpu_check.run_stage("probes", ctx, 9.0)
+    assert res["status"] == "TIMEOUT" and res["data"]["partial"] and "2 rows finished" in res["note"]
+    assert [r["check"] for r in res["data"]["rows"]] == ["strided", "determinism"]
+    assert res["data"]["rows"][1]["status"] == "FAILED"
+
     def crash(argv, timeout, log, env=None):
         log.write_text("Traceback ...\nRuntimeError: CUDA error: an illegal memory access was encountered\n")
         return -11, 1.0, False
