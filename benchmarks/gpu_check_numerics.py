@@ -223,6 +223,9 @@ def correctness(device: str, impls: list[str], dry: bool, log_path=None) -> list
                                         max(gfloor, 1.5 * naive[name])))
             except Exception as exc:  # noqa: BLE001 - reported, the next impl still runs
                 rows.append(error_row("correctness", case, impl, exc))
+                if not cuda_alive(device):
+                    rows.append(_context_lost("correctness", case, impl))
+                    return rows
         rows.append(row("correctness", case, "-", "seconds", time.perf_counter() - t0, ok=True,
                         note=f"N={n} d={d} V={v} {str(dtype).replace('torch.', '')} bias={bias}"))
         del h, w, b, t, ref_gw
@@ -236,6 +239,22 @@ def _naive_grads(h, w, b, t, g):
     out = naive_answer_logprobs(hh, ww, t, bias=bb)
     (out * g).sum().backward()
     return out.detach(), hh.grad, ww.grad, None if bb is None else bb.grad
+
+
+def cuda_alive(device) -> bool:
+    """False after a sticky CUDA error (e.g. an illegal memory access): every later call in this process fails."""
+    if torch.device(device).type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _context_lost(check, case, impl):
+    return row(check, case, impl, "CUDA context lost: the stage's later checks were not run", 1.0, ok=False,
+               note="a sticky CUDA error (e.g. an illegal memory access) during this impl")
 
 
 def _empty_cache(device):
@@ -264,10 +283,16 @@ def probes(device: str, impls: list[str], dry: bool, log_path=None) -> list[dict
                 rows += fn(impl, h, w, b, t, g, ref, vb, gfloor)
             except Exception as exc:  # noqa: BLE001
                 rows.append(error_row(name, f"N={n} d={d} V={v}", impl, exc))
+            if not cuda_alive(device):
+                rows.append(_context_lost(name, f"N={n} d={d} V={v}", impl))
+                return rows
         try:
             rows += _probe_big_rows(impl, device, DRY_BIG_ROWS if dry else BIG_ROWS)
         except Exception as exc:  # noqa: BLE001
             rows.append(error_row("big_rows", f"B={BIG_ROWS}", impl, exc))
+        if not cuda_alive(device):
+            rows.append(_context_lost("big_rows", f"B={BIG_ROWS}", impl))
+            return rows
     return rows
 
 
