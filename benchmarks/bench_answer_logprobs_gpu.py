@@ -67,7 +67,8 @@ def unavailable(impl: str, device: str) -> str | None:
     from radit_fast.ops import answer_logprobs
 
     on_gpu = device.startswith("cuda")
-    if impl == "torch.lce" and not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+    has_lce = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+    if impl == "torch.lce" and not has_lce:
         return f"torch {torch.__version__} has no F.linear_cross_entropy with LinearCrossEntropyOptions"
     if impl == "cce":
         if importlib.util.find_spec("cut_cross_entropy") is None:

@@ -265,7 +265,8 @@ def stage_wheels(ctx: Ctx) -> dict:
                                       ctx.work / "wheels.pip.log")
     _copy_log(ctx.work / "wheels.pip.log")
     names = [Path(w).name.split("-")[0] for w in wheels]
-    return {"status": "ok" if rc == 0 else "FAILED", "note": f"{len(wheels)} wheels in {secs:.0f} s: {', '.join(names)}"}
+    return {"status": "ok" if rc == 0 else "FAILED",
+            "note": f"{len(wheels)} wheels in {secs:.0f} s: {', '.join(names)}"}
 
 
 def _copy_log(path: Path) -> None:
@@ -338,7 +339,8 @@ def stage_build(ctx: Ctx) -> dict:
     nv = nvcc_build_commands(arch, build, target, pybind11.get_include())
     plans.append(("nvcc", [nv[:-1], nv[-1:]]))
     if ctx.dry:
-        return {"status": "skipped", "note": f"dry run: would build sm_{arch} with {' or else '.join(n for n, _ in plans)}",
+        tools = " or else ".join(n for n, _ in plans)
+        return {"status": "skipped", "note": f"dry run: would build sm_{arch} with {tools}",
                 "data": {"commands": {n: steps for n, steps in plans}}}
     if shutil.which("nvcc") is None:
         return {"status": "FAILED", "note": "nvcc not found"}
@@ -480,7 +482,8 @@ def stage_sanitizer(ctx: Ctx, tool: str) -> dict:
 
 STAGE_FUNCS = {"env": stage_env, "wheels": stage_wheels, "build": stage_build, "correctness": stage_correctness,
                "bench": stage_bench, "probes": stage_probes, "pytest": stage_pytest,
-               "memcheck": lambda c: stage_sanitizer(c, "memcheck"), "racecheck": lambda c: stage_sanitizer(c, "racecheck")}
+               "memcheck": lambda c: stage_sanitizer(c, "memcheck"),
+               "racecheck": lambda c: stage_sanitizer(c, "racecheck")}
 
 
 def child_main(name: str, ctx: Ctx) -> int:

@@ -12,7 +12,8 @@ float64 reference then needs only those rows, the kernels still run every row, a
 hidden gradient must be exactly zero.
 
 Bounds (``BOUNDS``, ``value_bound``): the GPU kernels accumulate in float32, so values must be within 2e-5
-relative L2 of float64 whatever the input dtype (impl="cpu", in the CPU dry run, rounds bf16 logits: 2e-3); gradients come back in the input dtype, so bfloat16 gradients carry bf16 rounding
+relative L2 of float64 whatever the input dtype (impl="cpu", in the CPU dry run, rounds bf16 logits: 2e-3);
+gradients come back in the input dtype, so bfloat16 gradients carry bf16 rounding
 (about 2^-9 relative): bound max(4e-3, 1.5 x the naive bfloat16 expression's own error).
 Every check returns rows ``{"check", "case", "impl", "metric", "value", "bound", "status", "note"}``.
 """
@@ -218,7 +219,8 @@ def correctness(device: str, impls: list[str], dry: bool, log_path=None) -> list
                     ref_seq = torch.zeros(cu.shape[0] - 1, dtype=torch.float64, device=device)
                     ref_seq.index_add_(0, seg_of_row, rt)
                     rows.append(row("correctness", case, impl, "per_sequence values vs f64", rel_err(seq, ref_seq), vb))
-                    for name, got, ref in (("grad_hidden", sgh, rgh), ("grad_weight", sgw, rgw), ("grad_bias", sgb, rgb)):
+                    for name, got, ref in (("grad_hidden", sgh, rgh), ("grad_weight", sgw, rgw),
+                                           ("grad_bias", sgb, rgb)):
                         rows.append(row("correctness", case, impl, f"per_sequence {name} vs f64", rel_err(got, ref),
                                         max(gfloor, 1.5 * naive[name])))
             except Exception as exc:  # noqa: BLE001 - reported, the next impl still runs
