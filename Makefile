@@ -55,3 +55,12 @@ demo: build
 
 clean:
 	rm -rf build dist $(VENV)
+
+# One command that validates and measures the GPU path (docs/gpu.md). It needs neither the venv nor a network:
+# it runs under the GPU machine's own Python (GPU_PYTHON) and installs peers only from .whl/ (pip --no-index).
+# Without a CUDA GPU it prints "gpu-check: no GPU: nothing measured" and exits 0.
+GPU_PYTHON ?= python3
+OUT ?= benchmarks/results/gpu/
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT)
