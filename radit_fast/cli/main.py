@@ -31,6 +31,7 @@ COMMANDS = [
     "retrieval",
     "train",
     "eval",
+    "ask",
     "run",
 ]
 
