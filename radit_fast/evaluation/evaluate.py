@@ -123,6 +123,8 @@ def predict_examples(model: torch.nn.Module, tokenizer: Any, examples: Sequence[
             for b, r in zip(mc, score_multiple_choice(engine, tokenizer, [examples[b] for b in mc],
                                                       [augs[b] for b in mc], settings, demos, progress=bar)):
                 results[b] = {"prediction": r["prediction"], "choice_logprobs": r["logprobs"]}
+                if r["scored"] != r["candidates"]:  # a lettered template: the letters were scored
+                    results[b]["scored"] = r["scored"]
                 if score_answers:
                     results[b]["answer_logprob"] = r["logprobs"][r["candidates"].index(r["prediction"])]
     if gen:
