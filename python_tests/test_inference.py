@@ -192,3 +192,68 @@ def test_radit_ask_errors(run, capsys, monkeypatch, argv, stdin, msg):
     argv = [str(run) if a == "RUN" else a for a in argv]
     code, _, err = _ask(argv, capsys, monkeypatch, stdin=stdin if stdin is not None else "")
     assert code == 2 and msg in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------ the paper's table, in miniature
+def test_paper_run_file_is_valid(tmp_path):
+    from pathlib import Path
+
+    from radit_fast.pipeline.config import load_run_file, make_config
+
+    path = Path(inference.__file__).parent / "pipeline" / "paper.yaml"
+    cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(tmp_path / "o"), file=load_run_file(path))
+    assert cfg.eval.k == 10 and cfg.eval.max_length == 2048 and cfg.run.chunk_words == 200
+    assert cfg.lm_config(tmp_path / "x").k == 3 and cfg.retriever_config(tmp_path / "y").lm_temperature == 0.01
+
+
+def test_paper_table_in_miniature(run, tmp_path, capsys):
+    """`radit eval --task paper` on the tiny run: five rows x MMLU/NQ/TQA/ELI5 x 0/1-shot, each cell the
+    paper's metric of that task's own evaluation, Avg their mean, the LM-alone row without passages."""
+    from test_eval_native import _kilt_nq
+    from test_kilt_readers import _mmlu, _prov, _write
+
+    from radit_fast.cli.main import main
+    from radit_fast.evaluation.paper import ROWS
+
+    short = {"arithmetic": [[f"{a}+{a}?", str(a), str(2 * a), str(3 * a), str(4 * a), "B"] for a in (1, 2, 3)]}
+    mmlu = _mmlu(tmp_path / "mmlu", "test", short)
+    _mmlu(mmlu, "dev", {"arithmetic": [["5+5?", "10", "5", "0", "1", "A"]]})
+    nq = _kilt_nq(4)
+    files = {"mmlu": mmlu, "nq": _write(tmp_path / "nq-dev-kilt.jsonl", nq[2:]),
+             "triviaqa": _write(tmp_path / "triviaqa-dev-kilt.jsonl", [{**r, "id": "t" + r["id"]} for r in nq[:2]]),
+             "eli5": _write(tmp_path / "eli5-dev-kilt.jsonl", [
+                 {"id": "e1", "input": "why is Paris the capital of France",
+                  "output": [{"answer": "Paris has been the seat of the French kings for centuries."},
+                             {"provenance": [_prov("cap0", "Paris")]}]}])}
+    pool = _write(tmp_path / "nq-train-kilt.jsonl", [{**r, "id": "p" + r["id"]} for r in nq[:2]])
+    eli5_pool = _write(tmp_path / "eli5-train-kilt.jsonl", [{"id": "e0", "input": "why rain", "output": [
+        {"answer": "Clouds cool."}]}])
+    out = tmp_path / "table"
+    argv = ["eval", "--task", "paper", "--run", str(run), "--out", str(out), "--paper-shots", "0,1",
+            "--tasks", *[f"{k}={v}" for k, v in files.items()],
+            "--shot-pools", f"nq={pool}", f"triviaqa={pool}", f"eli5={eli5_pool}",
+            "--long-form-tokens", "6", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "## 0-shot" in printed and "## 1-shot" in printed and "| row | MMLU | NQ | TQA | ELI5 | Avg |" in printed
+    table = json.loads((out / "paper_table.json").read_text())
+    assert table["metrics"] == {"mmlu": "accuracy", "nq": "em", "triviaqa": "em", "eli5": "rougel"}
+    for shots in ("0", "1"):
+        assert list(table["results"][shots]) == list(ROWS)
+        for row, cells in table["results"][shots].items():
+            for task, metric in table["metrics"].items():
+                m = json.loads((out / "cells" / f"{row}-{task}-{shots}shot" / "metrics.json").read_text())
+                assert cells["tasks"][task] == m[metric]
+            assert cells["avg"] == pytest.approx(sum(cells["tasks"].values()) / 4)
+    lm_only = (out / "cells" / "lm_only-nq-0shot" / "predictions.jsonl").read_text().splitlines()
+    assert all(json.loads(x)["passages"] == [] for x in lm_only)
+    replug = [json.loads(x) for x in (out / "cells" / "replug-nq-0shot" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(x["passages"]) == TINY_FILE["eval"]["k"] for x in replug)
+    code = main(["eval", "--task", "paper", "--run", str(run), "--out", str(tmp_path / "t2"),
+                 "--tasks", f"nq={files['nq']}"])
+    assert code == 2 and "5-shot needs a train file" in capsys.readouterr().err
+    code = main(["eval", "--task", "paper", "--run", str(run), "--out", str(tmp_path / "t3"),
+                 "--tasks", f"mmlu={_mmlu(tmp_path / 'long', 'test', {'x': [['why? ' * 60, '1', '2', '3', '4', 'A']]})}",
+                 "--paper-shots", "0"])
+    assert code == 2 and "task mmlu, 0-shot: example x-test-1: question and answer alone" in capsys.readouterr().err
+    assert not (tmp_path / "t3").exists()

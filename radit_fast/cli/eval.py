@@ -120,11 +120,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Evaluate an LM (alone, or with a retriever and the REPLUG ensemble) on "
                                           "a KILT task file: exact match / F1 for generation, accuracy for "
                                           "multiple choice, recall@k when the examples have provenance.")
-    p.add_argument("--test", required=True, type=Path,
+    p.add_argument("--test", type=Path,
                    help="examples to evaluate (radit/KILT JSON lines, an MMLU folder), or a text (--task lm)")
-    p.add_argument("--task", choices=["tasks", "lm"], default="tasks",
+    p.add_argument("--task", choices=["tasks", "lm", "paper"], default="tasks",
                    help="tasks: answer the examples (default); lm: perplexity and bits per byte of a text file, "
-                        "with and without the k retrieved passages (REPLUG ensemble)")
+                        "with and without the k retrieved passages (REPLUG ensemble); paper: the paper's Table 2 "
+                        "(five rows x --tasks, 0- and 5-shot) from a finished --run")
+    p.add_argument("--run", type=Path, help="--task paper: the radit run folder (tuned and base models, index)")
+    p.add_argument("--tasks", nargs="+", metavar="NAME=PATH", default=[],
+                   help="--task paper: task files, e.g. mmlu=data/mmlu nq=nq-dev-kilt.jsonl "
+                        "triviaqa=triviaqa-dev-kilt.jsonl eli5=eli5-dev-kilt.jsonl")
+    p.add_argument("--shot-pools", nargs="+", metavar="NAME=PATH", default=[],
+                   help="--task paper: few-shot pools per task (KILT train files; MMLU uses its dev split)")
+    p.add_argument("--paper-shots", default="0,5", help="--task paper: shot settings (default 0,5)")
+    p.add_argument("--long-form-tokens", type=_positive, default=128,
+                   help="--task paper: generation budget for ELI5 (default 128)")
     p.add_argument("--format", choices=["auto", "radit", "kilt", "mmlu"], default="auto",
                    help="task file format (default auto: MMLU for a folder or .csv, KILT for its released files)")
     p.add_argument("--template", default="auto",
@@ -205,6 +215,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.task == "lm":
         return cmd_eval_lm(args)
+    if args.task == "paper":
+        return cmd_eval_paper(args)
+    if args.test is None:
+        raise RaditError("--test is required")
     settings = settings_from_args(args)
     test, train = check_inputs(args)
     t0 = time.perf_counter()
@@ -242,6 +256,8 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
     from radit_fast.io import write_json
     from radit_fast.pipeline.checks import check_encoder, check_lm_reference
 
+    if args.test is None:
+        raise RaditError("--test is required (a UTF-8 text file)")
     path = Path(args.test)
     if not path.is_file():
         raise RaditError(f"{path}: no such file")
@@ -280,4 +296,39 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
     for name, r in rows:
         print(f"{name}: perplexity {r['perplexity']:.3f}  bits/byte {r['bits_per_byte']:.4f}")
     print(f"({res['tokens']} tokens, {res['windows']} windows, {res['seconds']:.0f} s) -> {out}")
+    return 0
+
+
+def _named_paths(items: list[str], option: str) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RaditError(f"{option}: expected NAME=PATH, got {item!r}")
+        if not Path(path).exists():
+            raise RaditError(f"{option} {name}: {path}: no such file or folder")
+        out[name] = Path(path)
+    return out
+
+
+def cmd_eval_paper(args: argparse.Namespace) -> int:
+    """``radit eval --task paper``: the paper's Table 2 layout from a finished ``radit run``."""
+    from radit_fast.evaluation.paper import paper_table, render_paper_table
+
+    if args.run is None:
+        raise RaditError("--task paper needs --run (a finished radit run folder)")
+    tasks = _named_paths(args.tasks, "--tasks")
+    if not tasks:
+        raise RaditError("--task paper needs --tasks NAME=PATH ... (mmlu, nq, triviaqa, eli5)")
+    try:
+        shots = sorted({int(x) for x in args.paper_shots.split(",")})
+    except ValueError:
+        raise RaditError(f"--paper-shots: expected integers such as 0,5, got {args.paper_shots!r}") from None
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise RaditError(f"{out}: already exists (use --overwrite to replace its results)")
+    table = paper_table(args.run, tasks, out, train=_named_paths(args.shot_pools, "--shot-pools"), shots=shots,
+                        max_new_tokens={"eli5": args.long_form_tokens}, limit=args.limit, device=args.device,
+                        progress=args.progress)
+    print(render_paper_table(table))
     return 0
