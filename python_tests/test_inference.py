@@ -194,6 +194,19 @@ def test_radit_ask_errors(run, capsys, monkeypatch, argv, stdin, msg):
     assert code == 2 and msg in err and err.count("\n") == 1, err
 
 
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_bf16_agrees_with_cpu_fp32(run, system):
+    """dtype="auto" on a GPU with bf16 runs the LM in bfloat16; scores agree with CPU float32 to bf16 accuracy."""
+    gpu = RaditSystem.from_run(run, device="cuda", dtype="auto")
+    assert gpu.model.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    want = system.score([Q, "What is the capital of Spain?"], ["Paris", "Madrid"])
+    got = gpu.score([Q, "What is the capital of Spain?"], ["Paris", "Madrid"])
+    assert got == pytest.approx(want, rel=0.05, abs=0.5)
+    [a] = gpu.generate([Q])
+    assert [p.id for p in a.passages] == [p.id for p in system.generate([Q])[0].passages]
+
 # ------------------------------------------------------------------ the paper's table, in miniature
 def test_paper_run_file_is_valid(tmp_path):
     from pathlib import Path
