@@ -15,7 +15,7 @@ ensemble through the fused LM-head op, mixture or rescoring decoding. Nothing he
 Batched (all questions of a call go through the engine together), on CPU or GPU; ``dtype="auto"`` runs the
 LM in bfloat16 where the device computes it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX).
 
->>> system = RaditSystem.from_run(run_folder, device="cpu")        # a `radit run` output folder
+>>> system = RaditSystem.from_run(run_folder, device="cpu")        # a `radit run` folder, e.g. runs/demo
 >>> [answer] = system.generate(["What is the capital of France?"], k=2, max_new_tokens=4)
 >>> len(answer.passages), round(sum(p.weight for p in answer.passages), 6)
 (2, 1.0)
@@ -214,8 +214,7 @@ class RaditSystem:
             ch = list(choices[i]) if choices is not None else None
             if ch is not None and (len(ch) < 2 or len(set(ch)) != len(ch) or not all(c.strip() for c in ch)):
                 raise RaditError(f"question {i + 1}: choices must be at least 2 distinct non-empty strings")
-            # the first choice stands in as the (unused) gold answer: predictions never read it
-            out.append(Example(id=f"q{i}", input=q.strip(), answers=[ch[0]] if ch else ["?"], choices=ch))
+            out.append(Example(id=f"q{i}", input=q.strip(), answers=[], choices=ch))  # no gold: predictions only
         return out
 
     def generate(self, questions: Sequence[str], *, k: int | None = None, decode: str | None = None,
