@@ -1,10 +1,15 @@
-"""``radit eval``: evaluate an LM, alone or with a retriever, on a KILT task file.
+"""``radit eval``: evaluate an LM, alone or with a retriever, on a task file or a text.
 
     radit eval --test test.jsonl --out runs/eval [--index runs/idx] [--query-encoder PATH] [--lm PATH]
                [--k 10] [--shots 5 --train train.jsonl] [--decode mixture|rescore] [--max-new-tokens 32]
+    radit eval --test nq-dev-kilt.jsonl ...            # KILT as released (format detected, or --format kilt)
+    radit eval --test mmlu/data --train mmlu/data --shots 5 ...   # MMLU CSVs: test split, dev as shots
+    radit eval --task lm --test text.txt [--index runs/idx] --out runs/ppl   # perplexity, bits per byte
 
 Writes ``OUT/predictions.jsonl`` (one line per example: prediction, gold answers, metrics, passages)
-and ``OUT/metrics.json``. Every input is checked before any model is loaded.
+and ``OUT/metrics.json`` (the means, KILT's metrics included, and per task when the examples name one);
+``--task lm`` writes ``OUT/metrics.json`` with and without retrieval. Every input is checked before any
+model is loaded.
 """
 from __future__ import annotations
 
@@ -104,7 +109,8 @@ def settings_from_args(args: argparse.Namespace):
     s = EvalSettings(k=args.k, shots=args.shots, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                      retriever_temperature=args.retriever_temperature, decode=args.decode, reweight=args.reweight,
                      choice_score=args.choice_score, show_choices=args.show_choices,
-                     batch_size=args.eval_batch_size, impl=args.impl, seed=args.seed)
+                     batch_size=args.eval_batch_size, impl=args.impl, seed=args.seed,
+                     template=getattr(args, "template", "auto"))
     s.validate()
     return s
 
@@ -114,8 +120,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Evaluate an LM (alone, or with a retriever and the REPLUG ensemble) on "
                                           "a KILT task file: exact match / F1 for generation, accuracy for "
                                           "multiple choice, recall@k when the examples have provenance.")
-    p.add_argument("--test", required=True, type=Path,
-                   help="examples to evaluate (KILT records: JSON lines, Parquet, or a datasets folder[:split])")
+    p.add_argument("--test", type=Path,
+                   help="examples to evaluate (radit/KILT records: JSON lines, Parquet, a datasets folder[:split]; an MMLU "
+                        "folder), or a text (--task lm)")
+    p.add_argument("--task", choices=["tasks", "lm", "paper"], default="tasks",
+                   help="tasks: answer the examples (default); lm: perplexity and bits per byte of a text file, "
+                        "with and without the k retrieved passages (REPLUG ensemble); paper: the paper's Table 2 "
+                        "(five rows x --tasks, 0- and 5-shot) from a finished --run")
+    p.add_argument("--run", type=Path, help="--task paper: the radit run folder (tuned and base models, index)")
+    p.add_argument("--tasks", nargs="+", metavar="NAME=PATH", default=[],
+                   help="--task paper: task files, e.g. mmlu=data/mmlu nq=nq-dev-kilt.jsonl "
+                        "triviaqa=triviaqa-dev-kilt.jsonl eli5=eli5-dev-kilt.jsonl")
+    p.add_argument("--shot-pools", nargs="+", metavar="NAME=PATH", default=[],
+                   help="--task paper: few-shot pools per task (KILT train files; MMLU uses its dev split)")
+    p.add_argument("--paper-shots", default="0,5", help="--task paper: shot settings (default 0,5)")
+    p.add_argument("--long-form-tokens", type=_positive, default=128,
+                   help="--task paper: generation budget for ELI5 (default 128)")
+    p.add_argument("--format", choices=["auto", "radit", "kilt", "mmlu"], default="auto",
+                   help="task file format (default auto: MMLU for a folder or .csv, KILT for its released files)")
+    p.add_argument("--template", default="auto",
+                   help="prompt template: auto (by each example's task), a name (qa, fact_checking, slot_filling, "
+                        "multiple_choice, long_form, dialogue, entity_linking), a task name (nq, fever, mmlu, ...) "
+                        "or a template string with {Q} {question} {A} (default auto)")
+    p.add_argument("--stride", type=_positive, default=128, help="--task lm: tokens scored per window (default 128)")
+    p.add_argument("--context", type=_nonneg, default=256,
+                   help="--task lm: tokens of preceding text per window (default 256)")
     p.add_argument("--out", required=True, type=Path, help="output folder (predictions.jsonl, metrics.json)")
     p.add_argument("--index", type=Path, help="index folder from `radit index build` (needed when --k > 0)")
     p.add_argument("--query-encoder", help="query encoder folder (default: the index's; e.g. a tuned one)")
@@ -128,13 +157,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def load_split(path: Path, name: str) -> list:
-    """A task split, validated (answers required, known fields only, no duplicates, not empty)."""
-    from radit_fast.data.tasks import load_tasks
+def load_split(path: Path, name: str, fmt: str = "auto") -> list:
+    """A task split, validated (answers required, known fields only, no duplicates, not empty), in any
+    format :func:`radit_fast.data.readers.load_examples` reads (MMLU: ``--train`` is its dev split)."""
+    from radit_fast.data.readers import load_examples
 
     if path is None:
         raise RaditError(f"--{name} is required")
-    return load_tasks(path, require_answers=True)
+    return load_examples(path, format=fmt, split="dev" if name == "train" else "test", require_answers=True)
 
 
 def check_inputs(args: argparse.Namespace) -> tuple[list, list | None]:
@@ -143,10 +173,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[list, list | None]:
     ``--max-length``."""
     from radit_fast.data.tasks import check_disjoint
 
-    test = load_split(args.test, "test")
+    test = load_split(args.test, "test", args.format)
     if args.limit:
         test = test[: args.limit]
-    train = load_split(args.train, "train") if args.train else None
+    train = load_split(args.train, "train", args.format) if args.train else None
     if train is not None:
         check_disjoint(train, test, names=("train", "test"))
     if args.shots and train is None:
@@ -181,9 +211,15 @@ def load_eval_lm(name: str | None, dtype: str, device: str | None) -> tuple[Any,
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from radit_fast.evaluation.evaluate import evaluate_examples, retrieve
+    from radit_fast.evaluation.evaluate import evaluate_examples, per_task_metrics, retrieve
     from radit_fast.io import claimed_dir, write_json, write_jsonl
 
+    if args.task == "lm":
+        return cmd_eval_lm(args)
+    if args.task == "paper":
+        return cmd_eval_paper(args)
+    if args.test is None:
+        raise RaditError("--test is required")
     settings = settings_from_args(args)
     test, train = check_inputs(args)
     t0 = time.perf_counter()
@@ -202,11 +238,98 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with claimed_dir(out, fresh=not args.overwrite):  # never mixed with, or replacing, another run's results
         write_jsonl(out / "predictions.jsonl", preds)
         metrics["seconds"] = round(time.perf_counter() - t0, 2)
-        write_json(out / "metrics.json", {"metrics": metrics, "settings": vars(settings),
+        write_json(out / "metrics.json", {"metrics": metrics, "by_task": per_task_metrics(test, preds),
+                                          "settings": vars(settings),
                                           "test": str(args.test), "lm": args.lm or "default",
                                           "index": str(args.index) if args.index else None,
                                           "query_encoder": args.query_encoder})
     shown = "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items()
                       if isinstance(v, float) and not k.startswith("n_") and k != "seconds")
     print(f"{shown}  ({metrics['n_examples']} examples, {metrics['seconds']:.0f} s) -> {out}")
+    return 0
+
+
+def cmd_eval_lm(args: argparse.Namespace) -> int:
+    """``radit eval --task lm``: perplexity and bits per byte of ``--test`` (a UTF-8 text file)."""
+    import torch
+
+    from radit_fast.evaluation.perplexity import LMEvalSettings, evaluate_lm
+    from radit_fast.io import claimed_dir, write_json
+    from radit_fast.pipeline.checks import check_encoder, check_lm_reference
+
+    if args.test is None:
+        raise RaditError("--test is required (a UTF-8 text file)")
+    path = Path(args.test)
+    if not path.is_file():
+        raise RaditError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RaditError(f"{path}: not a UTF-8 text file") from None
+    settings = LMEvalSettings(stride=args.stride, context=args.context, k=args.k if args.index else 0,
+                              max_length=args.max_length, retriever_temperature=args.retriever_temperature,
+                              batch_size=args.eval_batch_size, impl=args.impl)
+    settings.validate()
+    if args.index is not None and not (Path(args.index) / "manifest.json").is_file():
+        raise RaditError(f"{args.index}: not an index folder (no manifest.json; build one with `radit index build`)")
+    check_lm_reference(args.lm, "--lm")
+    if args.query_encoder is not None:
+        check_encoder(args.query_encoder, "--query-encoder")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise RaditError(f"{out}: already exists (use --overwrite to replace its results)")
+    t0 = time.perf_counter()
+    retriever = None
+    if settings.k > 0:
+        from radit_fast.retrieval.retriever import Retriever
+
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        retriever = Retriever.load(args.index, args.query_encoder, device=dev)
+    model, tok = load_eval_lm(args.lm, args.dtype, args.device)
+    res = evaluate_lm(model, tok, text, settings, retriever=retriever)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    with claimed_dir(out, fresh=not args.overwrite):
+        write_json(out / "metrics.json", {"metrics": res, "settings": vars(settings), "test": str(path),
+                                          "lm": args.lm or "default",
+                                          "index": str(args.index) if args.index else None,
+                                          "query_encoder": args.query_encoder})
+    rows = [("LM alone", res["lm_only"])] + ([(f"REPLUG k={settings.k}", res["retrieval"])] if res["retrieval"] else [])
+    for name, r in rows:
+        print(f"{name}: perplexity {r['perplexity']:.3f}  bits/byte {r['bits_per_byte']:.4f}")
+    print(f"({res['tokens']} tokens, {res['windows']} windows, {res['seconds']:.0f} s) -> {out}")
+    return 0
+
+
+def _named_paths(items: list[str], option: str) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RaditError(f"{option}: expected NAME=PATH, got {item!r}")
+        if not Path(path).exists():
+            raise RaditError(f"{option} {name}: {path}: no such file or folder")
+        out[name] = Path(path)
+    return out
+
+
+def cmd_eval_paper(args: argparse.Namespace) -> int:
+    """``radit eval --task paper``: the paper's Table 2 layout from a finished ``radit run``."""
+    from radit_fast.evaluation.paper import paper_table, render_paper_table
+
+    if args.run is None:
+        raise RaditError("--task paper needs --run (a finished radit run folder)")
+    tasks = _named_paths(args.tasks, "--tasks")
+    if not tasks:
+        raise RaditError("--task paper needs --tasks NAME=PATH ... (mmlu, nq, triviaqa, eli5)")
+    try:
+        shots = sorted({int(x) for x in args.paper_shots.split(",")})
+    except ValueError:
+        raise RaditError(f"--paper-shots: expected integers such as 0,5, got {args.paper_shots!r}") from None
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise RaditError(f"{out}: already exists (use --overwrite to replace its results)")
+    table = paper_table(args.run, tasks, out, train=_named_paths(args.shot_pools, "--shot-pools"), shots=shots,
+                        max_new_tokens={"eli5": args.long_form_tokens}, limit=args.limit, device=args.device,
+                        progress=args.progress)
+    print(render_paper_table(table))
     return 0

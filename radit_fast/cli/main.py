@@ -32,6 +32,7 @@ COMMANDS = [
     "retrieval",
     "train",
     "eval",
+    "ask",
     "run",
 ]
 

@@ -71,6 +71,10 @@ def choose_markers(rng: random.Random | None) -> tuple[str, str]:
 
 
 def format_instruction(question: str, markers: tuple[str, str] = EVAL_MARKERS) -> str:
+    """``Q: question\nA:``; a question rendered from a task template (:func:`render_template`) keeps its own
+    layout, with the ``{Q}``/``{A}`` placeholders replaced by the markers."""
+    if A_SLOT in question:
+        return question.replace(Q_SLOT, markers[0]).replace(A_SLOT, markers[1])
     return f"{markers[0]} {question}\n{markers[1]}"
 
 
@@ -88,13 +92,97 @@ def format_prompt(chunk: str | None, question: str, *, shots: Sequence[tuple[str
     return f"{BACKGROUND} {chunk.strip()}\n\n{body}" if chunk and chunk.strip() else body
 
 
-def question_text(example: Any, *, show_choices: bool = False) -> str:
-    """The question of a task example; with ``show_choices`` its options are listed (``A. ...``) below."""
+def question_text(example: Any, *, show_choices: bool = False, template: str | None = None) -> str:
+    """The question of a task example; with ``show_choices`` its options are listed (``A. ...``) below.
+    With a ``template`` (a name of :data:`TEMPLATES` or a template string) the example is rendered by
+    :func:`render_template` instead."""
+    if template is not None:
+        return render_template(template, example)
     text = example.input
     if show_choices and example.choices:
-        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-        text += "".join(f"\n{letters[i]}. {c}" for i, c in enumerate(example.choices))
+        text += "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(example.choices))
     return text
+
+
+# ------------------------------------------------------------------------------------ task templates
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+Q_SLOT, A_SLOT = "{Q}", "{A}"
+#: Prompt templates by task type. Fields: ``{question}`` (the input), ``{subject}`` / ``{relation}`` (slot
+#: filling inputs ``"subject [SEP] relation"``), ``{options}`` (lettered options, one per line: the LM then
+#: answers with the letter), ``{Q}`` / ``{A}`` (the question and answer markers, ``Q:``/``A:`` at evaluation).
+TEMPLATES = {
+    "qa": "{Q} {question}\n{A}",
+    "fact_checking": "{Q} Is the following claim true or false? {question}\n{A}",
+    "slot_filling": "{Q} {subject} - {relation}?\n{A}",
+    "multiple_choice": "{Q} {question}\n{options}\n{A}",
+    "long_form": "{Q} {question}\n{A}",
+    "dialogue": "{question}\n{A}",
+    "entity_linking": "{Q} Which Wikipedia article does the entity between [START_ENT] and [END_ENT] refer to? "
+                      "{question}\n{A}",
+}
+#: The template of each task of the paper (KILT names as in its file names, and MMLU).
+TASK_TEMPLATES = {
+    "nq": "qa", "triviaqa": "qa", "hotpotqa": "qa", "fever": "fact_checking", "zsre": "slot_filling",
+    "structured_zeroshot": "slot_filling", "trex": "slot_filling", "eli5": "long_form", "wow": "dialogue",
+    "aida": "entity_linking", "mmlu": "multiple_choice",
+}
+_FIELDS = ("{question}", "{subject}", "{relation}", "{options}")
+
+
+def resolve_template(spec: str | None, task: str | None = None) -> str | None:
+    """The template string for ``spec``: ``None``/``"auto"`` (by ``task``, see :data:`TASK_TEMPLATES`; None for
+    an unknown task: the plain ``Q:``/``A:`` layout), a template or task name, or a template string (it must
+    contain ``{A}`` and one of the fields).
+
+    >>> resolve_template("fever")
+    '{Q} Is the following claim true or false? {question}\\n{A}'
+    >>> resolve_template("auto", "mmlu") == TEMPLATES["multiple_choice"], resolve_template("auto", "mine")
+    (True, None)
+    """
+    if spec is None or spec == "auto":
+        return TEMPLATES[TASK_TEMPLATES[task]] if task in TASK_TEMPLATES else None
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if spec in TASK_TEMPLATES:
+        return TEMPLATES[TASK_TEMPLATES[spec]]
+    if A_SLOT in spec and any(f in spec for f in _FIELDS):
+        return spec
+    raise RaditError(f"template {spec!r}: not a template name ({', '.join(TEMPLATES)}), a task name "
+                     f"({', '.join(TASK_TEMPLATES)}) or a template string with {{A}} and {{question}}")
+
+
+def lettered(template: str | None) -> bool:
+    """Whether a template lists the options as letters (the answer is then the option's letter)."""
+    return template is not None and "{options}" in template
+
+
+def render_template(template: str, example: Any) -> str:
+    """Fill a template's fields from ``example`` (``{Q}``/``{A}`` stay for :func:`format_instruction`).
+
+    >>> from radit_fast.data.tasks import Example
+    >>> ex = Example("1", "Kate Sullivan [SEP] country of citizenship", ["United States"])
+    >>> format_instruction(render_template(resolve_template("slot_filling"), ex))
+    'Q: Kate Sullivan - country of citizenship?\\nA:'
+    >>> mc = Example("2", "2 + 2 =", ["4"], choices=["3", "4"])
+    >>> format_instruction(render_template(resolve_template("mmlu"), mc), ("Question:", "Answer:"))
+    'Question: 2 + 2 =\\nA. 3\\nB. 4\\nAnswer:'
+    """
+    template = resolve_template(template)
+    subject, sep, relation = example.input.partition("[SEP]")
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(example.choices or []))
+    values = {"{subject}": subject.strip(), "{relation}": relation.strip() if sep else "",
+              "{options}": options, "{question}": example.input.strip()}
+    out, i = [], 0
+    while i < len(template):  # one left-to-right pass: text inserted from a field is never re-read
+        for key, value in values.items():
+            if template.startswith(key, i):
+                out.append(value)
+                i += len(key)
+                break
+        else:
+            out.append(template[i])
+            i += 1
+    return "".join(out)
 
 
 _PREFIX_CACHE: "weakref.WeakKeyDictionary[Any, list[int]]" = weakref.WeakKeyDictionary()

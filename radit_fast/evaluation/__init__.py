@@ -7,7 +7,12 @@
 * :mod:`~radit_fast.evaluation.scoring`: :class:`EvalSettings`, parallel retrieval augmentation and the
   REPLUG ensemble, multiple choice by ensemble likelihood.
 * :mod:`~radit_fast.evaluation.generation`: ``generate_answers`` (mixture or per-chunk + rescoring).
-* :mod:`~radit_fast.evaluation.evaluate`: ``retrieve`` and ``evaluate_examples`` (predictions + metrics).
+* :mod:`~radit_fast.evaluation.evaluate`: ``retrieve``, ``predict_examples`` (the one prediction path of
+  ``radit eval``, ``radit run`` and :mod:`radit_fast.inference`) and ``evaluate_examples`` (+ metrics).
+* :mod:`~radit_fast.evaluation.kilt`: KILT's R-precision, recall@k/success@k over evidence sets,
+  KILT-EM/F1/accuracy/ROUGE-L, ``rouge_l``.
+* :mod:`~radit_fast.evaluation.perplexity`: ``evaluate_lm`` (perplexity and bits per byte with retrieval).
+* :mod:`~radit_fast.evaluation.paper`: ``paper_table`` (the paper's Table 2 layout from a run).
 * :mod:`~radit_fast.evaluation.report`: ``write_report`` (report.json / report.md / report.png).
 """
 from __future__ import annotations
@@ -19,7 +24,8 @@ _EXPORTS = {
     "exact_match": "metrics", "token_f1": "metrics", "accuracy": "metrics", "recall_at_k": "metrics",
     "normalize_answer": "metrics", "LMEngine": "engine", "EvalSettings": "scoring",
     "generate_answers": "generation", "retrieve": "evaluate", "evaluate_examples": "evaluate",
-    "write_report": "report",
+    "predict_examples": "evaluate", "write_report": "report", "kilt_metrics": "kilt", "r_precision": "kilt",
+    "rouge_l": "kilt", "evaluate_lm": "perplexity", "LMEvalSettings": "perplexity", "paper_table": "paper",
 }
 __all__ = sorted(_EXPORTS)
 

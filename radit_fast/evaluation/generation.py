@@ -23,7 +23,7 @@ from typing import Any
 
 from radit_fast.data.tasks import Example
 from radit_fast.evaluation.engine import LMEngine
-from radit_fast.evaluation.scoring import Augmentation, EvalSettings, prompt_ids, score_candidates
+from radit_fast.evaluation.scoring import Augmentation, EvalSettings, prompt_ids, score_candidates, shots_for
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def generate_answers(engine: LMEngine, tokenizer: Any, examples: Sequence[Exampl
     ``"rescore"`` also returns the per-chunk ``"candidates"`` and their ensemble ``"logprobs"``.
     """
     stops = stop_ids(tokenizer)
-    prompts = [[prompt_ids(tokenizer, ex, chunk, settings, demos.get(ex.choices is not None, []),
+    prompts = [[prompt_ids(tokenizer, ex, chunk, settings, shots_for(demos, ex),
                            settings.max_new_tokens) for chunk in aug.chunks]
                for ex, aug in zip(examples, augs)]
     if settings.decode == "mixture":

@@ -30,7 +30,8 @@ ROW_LABELS = {
     "r_it": "+ R-IT (base LM + tuned retriever)",
     "ra_dit": "RA-DIT (tuned LM + tuned retriever)",
 }
-METRIC_ORDER = ("avg", "em", "f1", "accuracy", "recall@1", "recall@10")
+METRIC_ORDER = ("avg", "em", "f1", "accuracy", "rougel", "kilt_em", "kilt_f1", "kilt_accuracy", "kilt_rougel",
+                "r_precision", "r_precision_paragraph", "recall@1", "recall@10")
 # Task metrics averaged into "avg", one per task type (the paper averages EM / accuracy over tasks).
 TASK_METRICS = ("em", "accuracy")
 

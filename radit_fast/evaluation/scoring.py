@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from radit_fast.data.prompts import build_prompt, question_text
+from radit_fast.data.prompts import LETTERS, build_prompt, lettered, question_text, resolve_template
 from radit_fast.data.tasks import Example
 from radit_fast.evaluation.engine import LMEngine
 
@@ -48,6 +48,7 @@ class EvalSettings:
     max_rows: int = 64                  # continuation rows per forward pass (multiple choice, rescoring)
     impl: str = "auto"                  # backend of the fused ops
     seed: int = 0                       # choice of demonstrations
+    template: str = "auto"              # prompt template: auto (by each example's meta task), a name, a string
 
     def validate(self) -> None:
         from radit_fast.io import RaditError
@@ -65,6 +66,7 @@ class EvalSettings:
             raise RaditError(f"--decode must be mixture or rescore, got {self.decode!r}")
         if self.choice_score not in ("sum", "mean"):
             raise RaditError(f"--choice-score must be sum or mean, got {self.choice_score!r}")
+        resolve_template(self.template)
 
 
 @dataclass
@@ -86,21 +88,71 @@ def augmentation_for(example: Example, retrieved: Sequence[tuple[str, str, float
     return Augmentation([t for _, t, _ in top], [float(s) for _, _, s in top], [p for p, _, _ in top])
 
 
-def pick_demonstrations(train: Sequence[Example] | None, shots: int, *, seed: int = 0,
-                        show_choices: bool = False) -> dict[bool, list[tuple[str, str]]]:
-    """``shots`` fixed (question, answer) demonstrations per task kind (True: multiple choice).
+def example_task(example: Example) -> str | None:
+    """The task an example belongs to (``meta["task"]``, set by the native-format readers), else None."""
+    return example.meta.get("task") if isinstance(example.meta, dict) else None
 
-    Drawn once with ``seed`` from the train split, so every evaluated example of a kind sees the same ones.
+
+def template_for(example: Example, template: str = "auto") -> str | None:
+    """The resolved prompt template of ``example`` (None: the plain ``Q:``/``A:`` layout)."""
+    return resolve_template(template, example_task(example))
+
+
+def gold_text(example: Example, template: str | None) -> str:
+    """The answer a demonstration shows: the option's letter under a lettered template, else the answer."""
+    if lettered(template) and example.choices:
+        meta = example.meta if isinstance(example.meta, dict) else {}
+        idx = meta.get("answer_index")  # MMLU may repeat an option's text; its letter is in the file
+        return LETTERS[idx if isinstance(idx, int) else example.choices.index(example.answer)]
+    return example.answer
+
+
+def _group(example: Example) -> tuple[bool, str | None]:
+    """Demonstrations are drawn per task kind (multiple choice or not) and per task/subject when known."""
+    meta = example.meta if isinstance(example.meta, dict) else {}
+    return example.choices is not None, meta.get("subject") or meta.get("task")
+
+
+def pick_demonstrations(train: Sequence[Example] | None, shots: int, *, seed: int = 0,
+                        show_choices: bool = False, template: str = "auto") -> dict[Any, list[tuple[str, str]]]:
+    """``shots`` fixed (question, answer) demonstrations per task kind (key True: multiple choice) and,
+    for examples whose meta names a task or an MMLU subject, per ``(kind, task or subject)``.
+
+    Per kind: drawn once with ``seed`` from the train split, so every evaluated example of a kind sees the
+    same ones. Per subject (MMLU): the first ``shots`` examples of the subject's pool in file order, as
+    MMLU's own evaluation takes them from its dev split. Look them up with :func:`shots_for`.
     """
-    out: dict[bool, list[tuple[str, str]]] = {False: [], True: []}
+    out: dict[Any, list[tuple[str, str]]] = {False: [], True: []}
     if not shots or not train:
         return out
+
+    def demo(ex: Example) -> tuple[str, str]:
+        t = template_for(ex, template)
+        return question_text(ex, show_choices=show_choices, template=t), gold_text(ex, t)
+
     order = list(train)
     random.Random(seed).shuffle(order)
     for mc in (False, True):
         pool = [ex for ex in order if (ex.choices is not None) == mc]
-        out[mc] = [(question_text(ex, show_choices=show_choices), ex.answer) for ex in pool[:shots]]
+        out[mc] = [demo(ex) for ex in pool[:shots]]
+    groups: dict[tuple[bool, str], list[Example]] = {}
+    for ex in train:  # file order
+        key = _group(ex)
+        if key[1] is not None:
+            groups.setdefault(key, []).append(ex)
+    for key, pool in groups.items():
+        is_subject = isinstance(pool[0].meta, dict) and pool[0].meta.get("subject")
+        chosen = pool[:shots] if is_subject else [ex for ex in order if _group(ex) == key][:shots]
+        out[key] = [demo(ex) for ex in chosen]
     return out
+
+
+def shots_for(demos: dict[Any, list[tuple[str, str]]], example: Example) -> list[tuple[str, str]]:
+    """The demonstrations of ``example``: those of its task/subject when drawn, else of its kind."""
+    key = _group(example)
+    if key[1] is not None and key in demos:
+        return demos[key]
+    return demos.get(example.choices is not None, [])
 
 
 def answer_ids(tokenizer: Any, answer: str) -> list[int]:
@@ -112,7 +164,7 @@ def answer_ids(tokenizer: Any, answer: str) -> list[int]:
 
 def prompt_ids(tokenizer: Any, example: Example, chunk: str | None, settings: EvalSettings,
                shots: Sequence[tuple[str, str]], reserve: int) -> list[int]:
-    q = question_text(example, show_choices=settings.show_choices)
+    q = question_text(example, show_choices=settings.show_choices, template=template_for(example, settings.template))
     return build_prompt(tokenizer, chunk, q, max_length=settings.max_length, shots=shots, reserve=reserve,
                         example_id=example.id).input_ids
 
@@ -120,7 +172,7 @@ def prompt_ids(tokenizer: Any, example: Example, chunk: str | None, settings: Ev
 def reserve_for(example: Example, tokenizer: Any, settings: EvalSettings) -> int:
     """Tokens an example's prompts keep free: its longest option (multiple choice) or ``max_new_tokens``."""
     if example.choices is not None:
-        return max(len(answer_ids(tokenizer, c)) for c in example.choices)
+        return max(len(answer_ids(tokenizer, c)) for c in choice_candidates(example, settings))
     return settings.max_new_tokens
 
 
@@ -129,9 +181,10 @@ def check_prompts_fit(tokenizer: Any, examples: Sequence[Example], settings: Eva
     """RaditError (naming the example) when an example's question, its demonstrations and the room for its
     answer do not fit ``settings.max_length`` even without a background: the prompts of
     :func:`score_multiple_choice` and ``generate_answers`` built with no chunk, before any model runs."""
-    demos = pick_demonstrations(train, settings.shots, seed=settings.seed, show_choices=settings.show_choices)
+    demos = pick_demonstrations(train, settings.shots, seed=settings.seed, show_choices=settings.show_choices,
+                                template=settings.template)
     for ex in examples:
-        prompt_ids(tokenizer, ex, None, settings, demos.get(ex.choices is not None, []),
+        prompt_ids(tokenizer, ex, None, settings, shots_for(demos, ex),
                    reserve_for(ex, tokenizer, settings))
 
 
@@ -183,7 +236,7 @@ def score_candidates(engine: LMEngine, tokenizer: Any, examples: Sequence[Exampl
             given = [list(p) for p in prompts[b]]
         else:
             reserve = max(len(c) for c in cand_ids[b])
-            shots = demos.get(ex.choices is not None, [])
+            shots = shots_for(demos, ex)
             given = [prompt_ids(tokenizer, ex, chunk, settings, shots, reserve) for chunk in aug.chunks]
         for p in given:
             rows.append(p)
@@ -214,12 +267,24 @@ def score_candidates(engine: LMEngine, tokenizer: Any, examples: Sequence[Exampl
     return out
 
 
+def choice_candidates(example: Example, settings: EvalSettings) -> list[str]:
+    """What the LM scores for each option: the option itself, or its letter under a lettered template."""
+    if lettered(template_for(example, settings.template)):
+        return list(LETTERS[: len(example.choices)])
+    return list(example.choices)
+
+
 def score_multiple_choice(engine: LMEngine, tokenizer: Any, examples: Sequence[Example],
                           augs: Sequence[Augmentation], settings: EvalSettings,
-                          demos: dict[bool, list[tuple[str, str]]], *, progress: Any = None) -> list[dict[str, Any]]:
-    """Predict each multiple-choice example's option by ensemble likelihood (argmax over its choices)."""
+                          demos: dict[Any, list[tuple[str, str]]], *, progress: Any = None) -> list[dict[str, Any]]:
+    """Predict each multiple-choice example's option by ensemble likelihood (argmax over its choices; under
+    a lettered template the letters are scored and the prediction is the option of the best letter)."""
     for ex in examples:
         if not ex.choices:
             raise ValueError(f"example {ex.id} has no choices")
-    return score_candidates(engine, tokenizer, examples, augs, [ex.choices for ex in examples], settings, demos,
-                            progress=progress)
+    res = score_candidates(engine, tokenizer, examples, augs, [choice_candidates(ex, settings) for ex in examples],
+                           settings, demos, progress=progress)
+    for ex, r in zip(examples, res):
+        best = r["candidates"].index(r["prediction"])
+        r["scored"], r["candidates"], r["prediction"] = r["candidates"], list(ex.choices), ex.choices[best]
+    return res
