@@ -1,0 +1,9 @@
+"""Drop-in integrations of radit-fast's fused ops with the training libraries people already use.
+
+Submodules are imported on demand (each pulls in a heavy third-party package):
+
+* ``radit_fast.integrations.transformers``: :func:`~radit_fast.integrations.transformers.patch` a Hugging Face
+  causal LM (or :func:`~radit_fast.integrations.transformers.apply_radit_kernels` to a model class) so its
+  ``labels`` loss runs through the fused LM-head op without materialising logits; works under ``Trainer``,
+  TRL's ``SFTTrainer``, peft, packed batches and ``torch.compile``.
+"""
