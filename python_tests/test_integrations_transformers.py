@@ -187,7 +187,7 @@ def test_all_ignored_batch_gives_zero_loss_with_zero_gradients():
     _, fused = _pair("llama")
     ids, mask, _ = _batch()
     out, grads = _loss_and_grads(fused, input_ids=ids, attention_mask=mask, labels=torch.full_like(ids, -100))
-    assert float(out.loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads.values())
+    assert float(out.loss.detach()) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads.values())
 
 
 # ------------------------------------------------------------------ per-token / per-sequence scores
@@ -310,3 +310,101 @@ def test_refusals_name_the_reason():
         fused(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=4)
     unpatch(fused)
     assert not is_patched(fused) and fused(input_ids=ids, labels=labels).logits is not None
+
+
+# ------------------------------------------------------------------------------ Trainer and TRL
+
+
+def _train_rows(n: int = 8):
+    """Equal-length rows (the default collator stacks them) with padding and prompts of different lengths, so
+    micro-batches hold different numbers of answer tokens (num_items_in_batch matters)."""
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(3, V, (L,), generator=g)
+        mask = torch.ones(L, dtype=torch.long)
+        mask[L - (i % 4):] = 0
+        labels = torch.where(mask.bool(), ids, -100)
+        labels[: 2 + (i % 5)] = -100
+        rows.append({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+    return rows
+
+
+def _train(model, trainer_cls, args_cls, out_dir, **kw):
+    args = args_cls(output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2, learning_rate=0.5, optim="sgd", logging_steps=1, report_to=[],
+                    save_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+                    disable_tqdm=True, **kw.pop("args", {}))
+    trainer = trainer_cls(model=model, args=args, **kw)
+    if kw.get("processing_class") is not None:  # SFTTrainer installs its own fused head: patch after it
+        patch(trainer.model)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trainer_steps_equal_unpatched(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ref, fused = _pair("llama", torch.float32)
+    logs_r, params_r = _train(ref, Trainer, TrainingArguments, tmp_path / "r", train_dataset=_train_rows())
+    logs_f, params_f = _train(fused, Trainer, TrainingArguments, tmp_path / "f", train_dataset=_train_rows())
+    assert len(logs_f) == len(logs_r) == 3
+    for a, b in zip(logs_f, logs_r):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-4)
+    for name, p in params_r.items():
+        torch.testing.assert_close(params_f[name], p, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "Q:", "A:"] + [f"w{i}" for i in range(60)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_sft_trainer_completion_only_through_the_fused_op(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from radit_fast.integrations import transformers as integ
+
+    g = torch.Generator().manual_seed(11)
+    pick = lambda k: " ".join(f"w{int(i)}" for i in torch.randint(0, 60, (k,), generator=g))  # noqa: E731
+    data = [{"prompt": f"Q: {pick(2 + i % 3)} A:", "completion": f" {pick(1 + i % 2)}"} for i in range(8)]
+    tok = _word_tokenizer()
+    ref, fused = _pair("llama", torch.float32)
+    for m in (ref, fused):
+        m.config.pad_token_id, m.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    calls = []
+    real = integ.answer_logprobs
+    monkeypatch.setattr(integ, "answer_logprobs", lambda h, *a, **k: calls.append(h.shape[0]) or real(h, *a, **k))
+    sft = dict(args_cls=trl.SFTConfig, trainer_cls=trl.SFTTrainer, processing_class=tok,
+               args={"max_length": 16, "completion_only_loss": True, "bf16": False})
+    logs_f, params_f = _train(fused, out_dir=tmp_path / "f", train_dataset=datasets.Dataset.from_list(data), **sft)
+    # completion-only: a micro-batch of 2 examples scores their completion words and EOS, never their prompts
+    per_example = [len(d["completion"].split()) + 1 for d in data]
+    assert len(calls) == 3 * 2 and max(calls) <= 2 * max(per_example) and min(calls) >= 2 * min(per_example)
+    monkeypatch.setattr(integ, "answer_logprobs", real)
+    sft["processing_class"] = tok
+    logs_r, params_r = _train_unpatched_sft(ref, tmp_path / "r", datasets.Dataset.from_list(data), sft)
+    assert len(logs_f) == len(logs_r) == 3
+    for a, b in zip(logs_f, logs_r):  # TRL's own chunked head is the reference (loss, entropy, accuracy)
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+    for name, p in params_r.items():
+        torch.testing.assert_close(params_f[name], p, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _train_unpatched_sft(model, out_dir, dataset, sft):
+    args = sft["args_cls"](output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2, learning_rate=0.5, optim="sgd", logging_steps=1,
+                           report_to=[],
+                           save_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+                           disable_tqdm=True, **sft["args"])
+    trainer = sft["trainer_cls"](model=model, args=args, train_dataset=dataset, processing_class=sft["processing_class"])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, {n: p.detach().clone() for n, p in model.named_parameters()}

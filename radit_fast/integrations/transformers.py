@@ -23,11 +23,19 @@ modifiers, MoE models that add a router loss (``output_router_logits=True``), he
 ``nn.Linear`` (LoRA or ``modules_to_save`` on ``lm_head``), DTensor heads (tensor parallel, or an FSDP2 unit of
 their own).
 
+TRL's ``SFTTrainer`` (>= 1.16) installs its own chunked LM head in ``__init__`` (``add_fused_lm_head``, which
+replaces ``model.forward``) and calls ``model(..., fused_lm_head=True)`` for per-token log-probs, entropy and
+top-1 accuracy. A patched forward answers that call too (:class:`FusedLMHeadOutput`: log-probs through the fused
+op, entropy and top-1 from a no-grad blocked pass over the answer rows), so patch the trainer's model *after*
+building the trainer: ``trainer = SFTTrainer(model, ...); patch(trainer.model)``. Patching before lets TRL's head
+replace radit's. The per-token log-probs there are the op's ``reduction="none"`` output (TRL reduces them itself).
+
 Under autocast the head runs in the autocast dtype, as ``nn.Linear`` would. A batch without any answer token
 gives loss 0 (transformers gives NaN for the mean of nothing).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import types
@@ -37,13 +45,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
 from radit_fast.models import decoder_body
 from radit_fast.ops._dispatch import IMPLS
 from radit_fast.ops.answer_logprobs import answer_logprobs, answer_logprobs_per_sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["answer_logprobs_from_model", "apply_radit_kernels", "is_patched", "patch", "unpatch"]
+__all__ = ["FusedLMHeadOutput", "answer_logprobs_from_model", "apply_radit_kernels", "is_patched", "patch", "unpatch"]
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
@@ -58,7 +69,8 @@ _LOGIT_SCALES = {
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
                     "logit_softcapping", "output_logits_scaling")
 # Forward keyword arguments consumed by the loss, never passed to the decoder body.
-_LOSS_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index", "logits_to_keep", "return_dict")
+# Vocabulary entries per block of the no-grad entropy / top-1 pass of the TRL protocol.
+METRIC_BLOCK_COLS = 4096
 
 
 @dataclass(frozen=True)
@@ -207,11 +219,80 @@ def fused_causal_lm_loss(model: nn.Module, hidden: torch.Tensor, labels=None, *,
     return -total / max(rows.shape[0], 1)
 
 
+# ------------------------------------------------------------------------ TRL's fused_lm_head protocol
+
+
+@dataclass
+class FusedLMHeadOutput(ModelOutput):
+    """What ``model(..., labels=..., fused_lm_head=True)`` returns: the fields TRL's ``SFTTrainer`` (>= 1.16) reads
+    from its own fused head (``trl.trainer.utils.add_fused_lm_head``), computed through radit's op instead.
+
+    Per-token fields are ``[B, T-1]`` (``[B, T]`` with ``shift_labels``), zero where the label is ignored:
+    ``log_probs`` (differentiable, float32), ``entropy`` and ``is_top1`` (no gradient, for TRL's metrics),
+    ``label_mask`` (bool). ``loss`` = -sum(log_probs) / (num_items_in_batch or #answer tokens).
+    """
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def _entropy_and_top1(hidden, weight, bias, targets, block_cols: int = METRIC_BLOCK_COLS):
+    """Entropy of softmax(hidden @ weight.T + bias) per row and whether the target is its argmax, walking the
+    vocabulary in blocks (online logsumexp; H = lse - sum_v p_v z_v). ``[N]`` float32 and ``[N]`` bool."""
+    n = hidden.shape[0]
+    run_max = hidden.new_full((n,), float("-inf"), dtype=torch.float32)
+    sum_exp = hidden.new_zeros(n, dtype=torch.float32)
+    sum_exp_z = hidden.new_zeros(n, dtype=torch.float32)
+    best = hidden.new_full((n,), float("-inf"), dtype=torch.float32)
+    arg = torch.zeros(n, dtype=torch.long, device=hidden.device)
+    for c0 in range(0, weight.shape[0], block_cols):
+        z = (hidden @ weight[c0:c0 + block_cols].T).float()
+        if bias is not None:
+            z += bias[c0:c0 + block_cols].float()
+        block_max, block_arg = z.max(1)
+        better = block_max > best
+        best, arg = torch.where(better, block_max, best), torch.where(better, block_arg + c0, arg)
+        new_max = torch.maximum(run_max, block_max)
+        alpha = torch.exp(run_max - new_max)
+        e = torch.exp(z - new_max[:, None])
+        sum_exp = sum_exp * alpha + e.sum(1)
+        sum_exp_z = sum_exp_z * alpha + (e * z).sum(1)
+        run_max = new_max
+    entropy = run_max + torch.log(sum_exp) - sum_exp_z / sum_exp
+    return entropy, arg == targets
+
+
+def _trl_fused_output(model, body_kwargs, labels, shift_labels, num_items, options: FusedOptions):
+    body_kwargs["use_cache"] = False
+    hidden = decoder_body(model)(**body_kwargs)[0]
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    weight, bias, scale = _head(model)
+    targets = targets.to(hidden.device)
+    mask = targets != IGNORE_INDEX
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    t = targets.reshape(-1).index_select(0, rows)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    h, weight, bias = _head_inputs(h, weight, bias, scale)
+    with _no_autocast(h.device.type):
+        tok = answer_logprobs(h, weight, t, bias=bias, impl=options.impl)
+        entropy, top1 = _entropy_and_top1(h, weight, bias, t)
+    scatter = lambda x: x.new_zeros(mask.shape).masked_scatter(mask, x)  # noqa: E731  (stays connected when empty)
+    log_probs = scatter(tok)
+    denom = mask.sum().clamp(min=1) if num_items is None else num_items
+    return FusedLMHeadOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=scatter(entropy),
+                             is_top1=scatter(top1), label_mask=mask)
+
+
 # ------------------------------------------------------------------------------- patched forward
-
-
-def _original_forward(cls: type):
-    return getattr(cls, "_radit_original_forward", cls.forward)
 
 
 def _parameter_names(fn) -> list[str]:
@@ -219,9 +300,20 @@ def _parameter_names(fn) -> list[str]:
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def _fused_forward(self, *args, **kwargs):
+def _make_forward(original):
+    """The patched forward around ``original`` (an unbound forward). It keeps the original's signature
+    (``functools.wraps``): Trainer drops dataset columns the forward does not name and checks it for ``**kwargs``
+    (to pass ``num_items_in_batch``); ``generate`` validates its model kwargs against it."""
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        return _fused_forward(self, original, args, kwargs)
+
+    forward._radit_fused = True
+    return forward
+
+
+def _fused_forward(self, original, args, kwargs):
     """Forward of a patched causal LM: the original one without labels, the fused loss with them."""
-    original = _original_forward(type(self))
     if args:
         names = _parameter_names(original)
         if len(args) > len(names):
@@ -232,10 +324,17 @@ def _fused_forward(self, *args, **kwargs):
                 raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
             kwargs[name] = value
     options = self.__dict__.get("_radit_options") or getattr(type(self), "_radit_options", None)
+    fused_lm_head = kwargs.pop("fused_lm_head", False)
     if options is None or (kwargs.get("labels") is None and kwargs.get("shift_labels") is None):
+        if fused_lm_head:
+            raise ValueError("radit: fused_lm_head=True needs labels or shift_labels")
         return original(self, **kwargs)
     labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
     num_items = kwargs.pop("num_items_in_batch", None)
+    if fused_lm_head:  # TRL's SFTTrainer asks for per-token log-probs and metrics instead of a loss
+        _check_fusable(self)
+        kwargs.pop("return_dict", None)
+        return _trl_fused_output(self, kwargs, labels, shift_labels, num_items, options)
     ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
     logits_to_keep = kwargs.pop("logits_to_keep", 0)
     return_dict = kwargs.pop("return_dict", None)
@@ -258,8 +357,6 @@ def _fused_forward(self, *args, **kwargs):
         logits = self.get_output_embeddings()(hidden)
         scale = _head(self)[2]
         logits = logits * scale if scale != 1.0 else logits
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=getattr(outputs, "past_key_values", None),
                                  hidden_states=getattr(outputs, "hidden_states", None),
                                  attentions=getattr(outputs, "attentions", None))
@@ -283,14 +380,19 @@ def patch(model: nn.Module, *, impl: str = "auto", reduction: str = "mean", retu
             the Trainer passes it) or ``"sum"`` (negative sum of the answer log-probs).
         return_logits: also compute and return the ``[B, T, V]`` logits (off: ``outputs.logits`` is None).
 
+    With TRL's ``SFTTrainer``, call it on ``trainer.model`` after building the trainer (see the module doc).
+
     Raises:
         ValueError: one line naming why the head cannot be fused (soft-capping, router loss, non-Linear head...).
     """
     options = _check_options(impl, reduction, return_logits)
     inner = _inner(model)
     _check_fusable(inner)
+    current = getattr(inner.__dict__.get("forward"), "__func__", None)
+    if "/trl/" in getattr(getattr(current, "__code__", None), "co_filename", "").replace("\\", "/"):
+        log.info("replacing the fused LM head TRL added to %s with radit's", type(inner).__name__)
     inner._radit_options = options
-    inner.forward = types.MethodType(_fused_forward, inner)
+    inner.forward = types.MethodType(_make_forward(type(inner).forward), inner)
     log.info("patched %s: labels loss through the fused LM head (impl=%s, reduction=%s)",
              type(inner).__name__, impl, reduction)
     return model
@@ -313,7 +415,7 @@ def apply_radit_kernels(model_type_or_class: str | type, *, impl: str = "auto", 
         cls._radit_original_forward = cls.forward
         cls._radit_forward_was_own = "forward" in cls.__dict__
     cls._radit_options = options
-    cls.forward = _fused_forward
+    cls.forward = _make_forward(cls._radit_original_forward)
     log.info("patched class %s: labels loss through the fused LM head (impl=%s)", cls.__name__, impl)
     return cls
 
