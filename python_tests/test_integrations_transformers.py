@@ -408,3 +408,56 @@ def _train_unpatched_sft(model, out_dir, dataset, sft):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return logs, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------------ DDP
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_gloo_equal_one_big_batch(tmp_path):
+    """2 ranks x half the batch under DistributedDataParallel (gloo, CPU), num_items_in_batch counting both
+    halves and the loss scaled by the world size (what Trainer does), give the gradients of the whole batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, str(tmp_path / "grads.pt")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)  # 2 imports of transformers
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = torch.load(tmp_path / "grads.pt", weights_only=True)
+    ref, _ = _pair("llama")
+    ids, mask, labels = _batch(b=4)
+    _, want = _reference_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    _assert_grads_close({k.removeprefix("module."): v for k, v in got.items()}, want, rtol=1e-9, atol=1e-12)
+
+
+def _ddp_worker(out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _, fused = _pair("llama")
+    ddp = DistributedDataParallel(fused)
+    ids, mask, labels = _batch(b=4)
+    n_items = torch.tensor(int((labels[:, 1:] != -100).sum()))  # Trainer gathers this count over the ranks
+    part = slice(rank * 2, rank * 2 + 2)
+    out_r = ddp(input_ids=ids[part], attention_mask=mask[part], labels=labels[part], num_items_in_batch=n_items)
+    (out_r.loss * world).backward()  # DDP averages gradients over ranks; Trainer scales the loss back
+    if rank == 0:
+        torch.save({n: p.grad for n, p in ddp.named_parameters()}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # one torchrun worker of the DDP test
+    import sys
+
+    _ddp_worker(sys.argv[1])
