@@ -404,7 +404,8 @@ def _train_unpatched_sft(model, out_dir, dataset, sft):
                            report_to=[],
                            save_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
                            disable_tqdm=True, **sft["args"])
-    trainer = sft["trainer_cls"](model=model, args=args, train_dataset=dataset, processing_class=sft["processing_class"])
+    trainer = sft["trainer_cls"](model=model, args=args, train_dataset=dataset,
+                                 processing_class=sft["processing_class"])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return logs, {n: p.detach().clone() for n, p in model.named_parameters()}

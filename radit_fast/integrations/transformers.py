@@ -14,9 +14,9 @@ ignored) unless ``shift_labels`` is passed (then used as is, as transformers' ``
 the loss is float32 (float64 for float64 models; transformers computes it in float32 for every dtype). With
 labels, ``use_cache`` defaults to False, so packed rows (``position_ids`` restarting at 0, no attention mask, as
 ``DataCollatorWithFlattening`` makes them) keep attention inside each sequence: transformers' own forward builds a
-cache by default and then skips its packed-sequence detection. Logits are not computed (``logits=None``) unless the model was
-patched with ``return_logits=True``; without ``labels`` the original forward runs unchanged (generation,
-evaluation of logits). Cohere's ``logit_scale`` and Granite's ``logits_scaling`` multiply the logits by a
+cache by default and then skips its packed-sequence detection. Logits are not computed (``logits=None``) unless
+the model was patched with ``return_logits=True``; without ``labels`` the original forward runs unchanged
+(generation, evaluation of logits). Cohere's ``logit_scale`` and Granite's ``logits_scaling`` multiply the logits by a
 constant, which is applied exactly to the hidden rows (and bias) before the head. Heads that cannot be fused
 raise ValueError naming the reason: soft-capped logits (Gemma-2/3 ``final_logit_softcapping``), other logit
 modifiers, MoE models that add a router loss (``output_router_logits=True``), heads that are not an
@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from radit_fast.models import decoder_body
@@ -68,7 +69,6 @@ _LOGIT_SCALES = {
 # Config attributes that change the logits of other model types (refused unless neutral).
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
                     "logit_softcapping", "output_logits_scaling")
-# Forward keyword arguments consumed by the loss, never passed to the decoder body.
 # Vocabulary entries per block of the no-grad entropy / top-1 pass of the TRL protocol.
 METRIC_BLOCK_COLS = 4096
 
@@ -111,18 +111,18 @@ def _logit_scale(config) -> float:
         name = f"{type(cfg).__name__}"
         model_type = getattr(cfg, "model_type", "")
         if getattr(cfg, "output_router_logits", False):
-            raise ValueError(f"radit: cannot fuse the LM head of {name}: output_router_logits=True adds the MoE "
+            raise ValueError(f"cannot fuse the LM head of {name}: output_router_logits=True adds the MoE "
                              "router loss to the LM loss (set config.output_router_logits=False to patch)")
         known = _LOGIT_SCALES.get(model_type)
         for attr in _LOGIT_MODIFIERS:
             value = getattr(cfg, attr, None)
             if known is not None and attr == known[0]:
                 if not isinstance(value, (int, float)) or value == 0:
-                    raise ValueError(f"radit: cannot fuse the LM head of {name}: config.{attr}={value!r} "
+                    raise ValueError(f"cannot fuse the LM head of {name}: config.{attr}={value!r} "
                                      "is not a non-zero number")
                 scale = float(value) if known[1] == "mul" else 1.0 / float(value)
             elif value not in (None, 1, 1.0, False):
-                raise ValueError(f"radit: cannot fuse the LM head of {name}: its logits are modified by "
+                raise ValueError(f"cannot fuse the LM head of {name}: its logits are modified by "
                                  f"config.{attr}={value!r} (soft-capping/scaling not supported by the fused op)")
     return scale
 
@@ -135,12 +135,12 @@ def _head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     head = get_head() if callable(get_head) else None
     if not (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward):
         kind = "no output embedding" if head is None else f"a {type(head).__name__}"
-        raise ValueError(f"radit: cannot fuse the LM head of {name}: it is {kind}, not a plain nn.Linear "
+        raise ValueError(f"cannot fuse the LM head of {name}: it is {kind}, not a plain nn.Linear "
                          "(a LoRA adapter or modules_to_save on lm_head, a quantised or custom head)")
     weight = head.weight
     dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
     if dtensor is not None and isinstance(weight, dtensor):
-        raise ValueError(f"radit: cannot fuse the LM head of {name}: its weight is a DTensor (tensor-parallel, "
+        raise ValueError(f"cannot fuse the LM head of {name}: its weight is a DTensor (tensor-parallel, "
                          "or lm_head sharded as an FSDP2 unit of its own; shard it with its parent instead)")
     return weight, head.bias, scale
 
@@ -152,9 +152,9 @@ def _check_fusable(model: nn.Module) -> None:
 
 def _check_options(impl: str, reduction: str, return_logits: bool) -> FusedOptions:
     if impl not in IMPLS:
-        raise ValueError(f"radit: impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"patch: impl must be one of {IMPLS}, got {impl!r}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"radit: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"patch: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return FusedOptions(impl=impl, reduction=reduction, return_logits=bool(return_logits))
 
 
@@ -179,10 +179,10 @@ def _answer_rows(hidden: torch.Tensor, labels, shift_labels, ignore_index: int):
     """Flat row indices of the answer positions and their targets. ``hidden [B, T, d]``."""
     if shift_labels is None:
         if labels is None:
-            raise ValueError("radit: pass labels or shift_labels")
+            raise ValueError("pass labels or shift_labels")
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"radit: labels give targets of shape {tuple(shift_labels.shape)} but the model kept "
+        raise ValueError(f"labels give targets of shape {tuple(shift_labels.shape)} but the model kept "
                          f"hidden states of shape {tuple(hidden.shape[:-1])} (with logits_to_keep, pass "
                          "shift_labels for the kept positions)")
     targets = shift_labels.reshape(-1).to(hidden.device)
@@ -195,6 +195,8 @@ def _scored_rows(model, hidden, labels, shift_labels, ignore_index):
     weight, bias, scale = _head(model)
     rows, targets, shift_labels = _answer_rows(hidden, labels, shift_labels, ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    if h.device != weight.device:  # a model split over devices (device_map): the head's device scores
+        h, targets = h.to(weight.device), targets.to(weight.device)
     h, weight, bias = _head_inputs(h, weight, bias, scale)
     return h, weight, bias, targets, rows, shift_labels
 
@@ -327,7 +329,7 @@ def _fused_forward(self, original, args, kwargs):
     fused_lm_head = kwargs.pop("fused_lm_head", False)
     if options is None or (kwargs.get("labels") is None and kwargs.get("shift_labels") is None):
         if fused_lm_head:
-            raise ValueError("radit: fused_lm_head=True needs labels or shift_labels")
+            raise ValueError("fused_lm_head=True needs labels or shift_labels")
         return original(self, **kwargs)
     labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -345,11 +347,9 @@ def _fused_forward(self, original, args, kwargs):
     outputs = decoder_body(self)(**kwargs)
     hidden = outputs[0]
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-        from transformers.modeling_utils import slice_logits_to_keep
-
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
         if hidden.dim() != 3:
-            raise ValueError("radit: a boolean logits_to_keep mask cannot be combined with labels")
+            raise ValueError("a boolean logits_to_keep mask cannot be combined with labels")
     loss = fused_causal_lm_loss(self, hidden, labels, shift_labels=shift_labels, num_items_in_batch=num_items,
                                 ignore_index=ignore_index, options=options)
     logits = None
@@ -449,14 +449,15 @@ def is_patched(model_or_class) -> bool:
 def _resolve_class(model_type_or_class: str | type) -> type:
     if isinstance(model_type_or_class, type):
         if not issubclass(model_type_or_class, nn.Module):
-            raise ValueError(f"radit: {model_type_or_class.__name__} is not a torch module class")
+            raise ValueError(f"apply_radit_kernels: {model_type_or_class.__name__} is not a torch module class")
         return model_type_or_class
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(model_type_or_class))
     if name is None:
-        raise ValueError(f"radit: {model_type_or_class!r} is not a causal-LM model_type known to transformers")
+        raise ValueError(f"apply_radit_kernels: {model_type_or_class!r} is not a causal-LM model_type known to "
+                         "transformers")
     return getattr(transformers, name)
 
 
@@ -480,9 +481,9 @@ def answer_logprobs_from_model(model: nn.Module, input_ids: torch.Tensor | None 
     Differentiable w.r.t. the model's parameters (float64 for float64 models).
     """
     if per not in PER:
-        raise ValueError(f"radit: per must be one of {PER}, got {per!r}")
+        raise ValueError(f"answer_logprobs_from_model: per must be one of {PER}, got {per!r}")
     if impl not in IMPLS:
-        raise ValueError(f"radit: impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"answer_logprobs_from_model: impl must be one of {IMPLS}, got {impl!r}")
     inner = _inner(model)
     outputs = decoder_body(inner)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                   **model_kwargs)
