@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 DEPS := "torch==$(TORCH_VERSION)" "numpy>=1.24" "faiss-cpu==1.15.1" "transformers==5.23.0" \
         "safetensors>=0.4" "tqdm>=4.60" "pyyaml>=6" "gguf==0.19.0" "accelerate==1.15.0" "peft==0.21.2" \
-        "triton==3.9.0" "scikit-build-core>=0.10" "pybind11>=2.12" "ninja" \
+        "triton==3.9.0" "trl==1.16.0" "scikit-build-core>=0.10" "pybind11>=2.12" "ninja" \
         "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" "rouge-score==0.1.2" \
         "sentence-transformers==6.2.0" "datasets==5.2.0" "pyarrow==26.0.1" "tensorboard==2.21.0"
 # The embedded default models and data (DESIGN.md section 5); their own dependencies are not needed.
