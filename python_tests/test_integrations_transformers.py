@@ -455,6 +455,7 @@ def _ddp_worker(out: str) -> None:
     (out_r.loss * world).backward()  # DDP averages gradients over ranks; Trainer scales the loss back
     if rank == 0:
         torch.save({n: p.grad for n, p in ddp.named_parameters()}, out)
+    dist.barrier()  # both ranks leave together (a rank tearing gloo down while the other still talks can hang)
     dist.destroy_process_group()
 
 
