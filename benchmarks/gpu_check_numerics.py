@@ -6,7 +6,7 @@ References (independent of the library):
     z_n = h_n W^T + b, tok_n = z_{n,t_n} - logsumexp(z_n) (0 where t_n == ignore_index); for an upstream
     gradient g, dz_n = g_n (onehot(t_n) - softmax(z_n)), grad_hidden = dz W, grad_weight = dz^T H,
     grad_bias = sum_n dz_n.
-  * ``torch_answer_logprobs`` (the library's chunked float32 reference), on every row, as a second opinion.
+  * ``answer_logprobs_torch`` (the library's chunked float32 reference), on every row, as a second opinion.
 Gradients at LLM scale are checked with an upstream gradient that is non-zero on a subset of rows only: the
 float64 reference then needs only those rows, the kernels still run every row, and every other row's
 hidden gradient must be exactly zero.
@@ -27,7 +27,7 @@ import torch
 
 from radit_fast.ops import (answer_logprobs, answer_logprobs_per_sequence, lsr_loss, mixture_logprobs,
                             replug_logprob)
-from radit_fast.ops.answer_logprobs import naive_answer_logprobs, torch_answer_logprobs
+from radit_fast.ops.answer_logprobs import naive_answer_logprobs, answer_logprobs_torch
 
 IGNORE = -100
 # (values bound, gradient floor) per input dtype; see the module doc.
@@ -179,12 +179,12 @@ def correctness(device: str, impls: list[str], dry: bool, log_path=None) -> list
         g[idx] = torch.randn(idx.shape[0], generator=gen).to(device)
         ref_tok, ref_gh, ref_gw, ref_gb = reference_f64(h[idx], w, t[idx], b, g[idx])
         # The references' own agreement, and PyTorch's own error in this dtype (the naive expression).
-        lib64 = torch_answer_logprobs(h[idx].double(), w.double(), t[idx],
+        lib64 = answer_logprobs_torch(h[idx].double(), w.double(), t[idx],
                                       bias=None if b is None else b.double())
-        rows.append(row("correctness", case, "ref", "f64 closed form vs torch_answer_logprobs f64",
+        rows.append(row("correctness", case, "ref", "f64 closed form vs answer_logprobs_torch f64",
                         rel_err(lib64, ref_tok), 1e-12))
-        ref32 = torch_answer_logprobs(h, w, t, bias=b)  # float32 chunked, every row
-        rows.append(row("correctness", case, "ref", "torch_answer_logprobs f32 vs f64 (subset)",
+        ref32 = answer_logprobs_torch(h, w, t, bias=b)  # float32 chunked, every row
+        rows.append(row("correctness", case, "ref", "answer_logprobs_torch f32 vs f64 (subset)",
                         rel_err(ref32[idx], ref_tok), BOUNDS[dtype][0]))
         nv, ngh, ngw, ngb = _naive_grads(h[idx], w, b, t[idx], g[idx])
         naive = {"grad_hidden": rel_err(ngh, ref_gh), "grad_weight": rel_err(ngw, ref_gw)}

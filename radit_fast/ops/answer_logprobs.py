@@ -58,7 +58,7 @@ __all__ = [
     "answer_logprobs",
     "answer_logprobs_per_sequence",
     "naive_answer_logprobs",
-    "torch_answer_logprobs",
+    "answer_logprobs_torch",
 ]
 
 OP = "answer_logprobs"
@@ -497,7 +497,7 @@ def answer_logprobs_per_sequence(hidden: torch.Tensor, weight: torch.Tensor, tar
     return seg
 
 
-def torch_answer_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100):
+def answer_logprobs_torch(hidden, weight, targets, *, bias=None, ignore_index=-100):
     """The chunked torch reference (impl="torch"), without autograd: [N] in the accumulation dtype."""
     _check_inputs(OP, hidden, weight, targets, bias)
     return _torch_fwd(hidden, weight, bias, targets.to(torch.int64), int(ignore_index))[0]
