@@ -17,7 +17,7 @@ and in ``output`` entries; provenance entries may carry KILT's other keys), an e
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,13 +141,13 @@ def parse_example(obj: dict[str, Any], where: str, *, require_answers: bool = Tr
                    meta=obj.get("meta"))
 
 
-def load_tasks(path: str | os.PathLike, *, require_answers: bool = True) -> list[Example]:
-    """Read and validate a KILT-style task file (see the module docstring for the format and errors): JSON
-    lines, Parquet or a Hugging Face ``datasets`` folder (:func:`radit_fast.io.iter_records`)."""
+def read_examples(path: str | os.PathLike, parse: Callable[[dict[str, Any], str], Example]) -> list[Example]:
+    """Every record of ``path`` (:func:`radit_fast.io.iter_records`) through ``parse(obj, "file:line")``; ids
+    must be unique and the file non-empty (RaditError naming the line otherwise). Shared by every task reader."""
     examples: list[Example] = []
     first_line: dict[str, int] = {}
     for lineno, obj in iter_records(path):
-        ex = parse_example(obj, f"{path}:{lineno}", require_answers=require_answers)
+        ex = parse(obj, f"{path}:{lineno}")
         if ex.id in first_line:
             raise RaditError(f"{path}:{lineno}: duplicate id {ex.id!r} (first on line {first_line[ex.id]})")
         first_line[ex.id] = lineno
@@ -155,6 +155,12 @@ def load_tasks(path: str | os.PathLike, *, require_answers: bool = True) -> list
     if not examples:
         raise RaditError(f"{path}: no examples (empty file)")
     return examples
+
+
+def load_tasks(path: str | os.PathLike, *, require_answers: bool = True) -> list[Example]:
+    """Read and validate a KILT-style task file (see the module docstring for the format and errors): JSON
+    lines, Parquet or a Hugging Face ``datasets`` folder (:func:`radit_fast.io.iter_records`)."""
+    return read_examples(path, lambda obj, where: parse_example(obj, where, require_answers=require_answers))
 
 
 def write_tasks(path: str | os.PathLike, examples: Iterable[Example]) -> int:

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from radit_fast.data.tasks import Example
+from radit_fast.data.tasks import Example, read_examples
 from radit_fast.io import RaditError, iter_jsonl
 
 #: KILT file-name prefix -> task name (the keys of radit_fast.data.prompts.TASK_TEMPLATES).
@@ -120,14 +120,4 @@ def load_kilt(path: str | os.PathLike, *, task: str | None = None, require_answe
         task = KILT_TASKS[task]
     else:
         task = kilt_task_of(path)
-    examples: list[Example] = []
-    seen: dict[str, int] = {}
-    for lineno, obj in iter_jsonl(path):
-        ex = parse_kilt(obj, f"{path}:{lineno}", task, require_answers=require_answers)
-        if ex.id in seen:
-            raise RaditError(f"{path}:{lineno}: duplicate id {ex.id!r} (first on line {seen[ex.id]})")
-        seen[ex.id] = lineno
-        examples.append(ex)
-    if not examples:
-        raise RaditError(f"{path}: no examples (empty file)")
-    return examples
+    return read_examples(path, lambda obj, where: parse_kilt(obj, where, task, require_answers=require_answers))
