@@ -104,7 +104,7 @@ def fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segments):
     dev = hidden.device
     b = None if bias is None else bias.contiguous()
     bdt = block_dtype(hidden.dtype, dev)
-    rows, cols = blocks(n, v, torch.finfo(bdt).bits // 8, dev)
+    rows, cols = blocks(n, v, bdt.itemsize, dev)
     buf = torch.empty(rows * cols, dtype=bdt, device=dev)
     m, s, tl = _state(n, dev)
     for v0 in range(0, v, cols):  # vocabulary outer: the weight block stays in cache across row tiles
@@ -166,7 +166,7 @@ def bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden,
     b = None if bias is None else bias.contiguous()
     lse, g = lse.contiguous(), grad_tok.to(torch.float32).contiguous()
     bdt = block_dtype(hidden.dtype, dev)
-    rows, cols = blocks(n, v, torch.finfo(bdt).bits // 8, dev)
+    rows, cols = blocks(n, v, bdt.itemsize, dev)
     chunks = -(-n // rows)
     buf = torch.empty(rows * cols, dtype=bdt, device=dev)
     dzbuf = None if bdt == hidden.dtype else torch.empty(rows * cols, dtype=hidden.dtype, device=dev)
@@ -212,7 +212,7 @@ def loss_and_grads(hidden, weight, bias, targets, ignore_index, grad_tok, need_h
     b = None if bias is None else bias.contiguous()
     g = grad_tok.to(torch.float32).contiguous()
     bdt = block_dtype(hidden.dtype, dev)
-    rows = loss_rows(n, v, torch.finfo(bdt).bits // 8, dev)
+    rows = loss_rows(n, v, bdt.itemsize, dev)
     chunks = -(-n // rows)
     buf = torch.empty(rows * v, dtype=bdt, device=dev)
     dzbuf = None if bdt == hidden.dtype else torch.empty(rows * v, dtype=hidden.dtype, device=dev)

@@ -49,6 +49,7 @@ import math
 import torch
 
 from radit_fast.ops import _answer_logprobs_blocked as blocked
+from radit_fast.ops._common import compute_dtype
 from radit_fast.ops._dispatch import common_device, debug_checks, raise_if_flagged, resolve_impl
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,6 @@ REDUCTIONS = ("none", "sum", "mean")
 # Vocabulary entries per block of the torch reference.
 TORCH_BLOCK_COLS = 4096
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # dtypes of the cpu, triton and cuda backends
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and output) dtype: float64 for float64 inputs (torch backend only), else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,7 +163,7 @@ def _choose_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype) -
 # ----------------------------------------------------------------------------------------------------------
 def _torch_fwd(hidden, weight, bias, targets, ignore_index, block_cols=TORCH_BLOCK_COLS):
     """(tok_logprob [N], lse [N]) in the accumulation dtype; the reference and the fallback backend."""
-    acc = _acc_dtype(hidden.dtype)
+    acc = compute_dtype(hidden)
     n, v = hidden.shape[0], weight.shape[0]
     h = hidden.to(acc)
     valid = targets != ignore_index
@@ -193,7 +189,7 @@ def _torch_fwd(hidden, weight, bias, targets, ignore_index, block_cols=TORCH_BLO
 def _torch_bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden, need_weight, need_bias,
                block_cols=TORCH_BLOCK_COLS):
     """(grad_hidden, grad_weight, grad_bias) in the accumulation dtype (None where not needed)."""
-    acc = _acc_dtype(hidden.dtype)
+    acc = compute_dtype(hidden)
     n, v = hidden.shape[0], weight.shape[0]
     h = hidden.to(acc)
     g = torch.where(targets != ignore_index, grad_tok.to(acc), 0.0)
@@ -322,7 +318,7 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @_fwd_op.register_fake
 def _(hidden, weight, bias, targets, segment_ids, num_segments, ignore_index, impl):
-    acc = _acc_dtype(hidden.dtype)
+    acc = compute_dtype(hidden)
     n = hidden.shape[0]
     seg = hidden.new_empty(num_segments if segment_ids is not None else 0, dtype=acc)
     return hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc), seg
@@ -362,7 +358,7 @@ def _loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 @_loss_op.register_fake
 def _(hidden, weight, bias, targets, ignore_index, reduction, need_hidden, need_weight, need_bias, impl):
-    value = hidden.new_empty((), dtype=_acc_dtype(hidden.dtype))
+    value = hidden.new_empty((), dtype=compute_dtype(hidden))
     return (value,) + _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
@@ -515,4 +511,4 @@ def naive_answer_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-1
     valid = targets != ignore_index
     t = torch.where(valid, targets, 0).to(torch.int64)
     tok = torch.log_softmax(logits, -1).gather(1, t[:, None]).squeeze(1)
-    return torch.where(valid, tok, 0.0).to(_acc_dtype(hidden.dtype))
+    return torch.where(valid, tok, 0.0).to(compute_dtype(hidden))
