@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import radit_fast.distributed as dist_mod
 import radit_fast.retrieval.corpus as corpus_mod
-import radit_fast.retrieval.distributed as dist_mod
 import radit_fast.retrieval.metrics as metrics_mod
 import radit_fast.retrieval.store as store_mod
+from radit_fast.distributed import shard_range
 from radit_fast.io import RaditError
 from radit_fast.retrieval.corpus import Passage, chunk_words, doc_id, iter_corpus
-from radit_fast.retrieval.distributed import shard_range
 from radit_fast.retrieval.metrics import provenance_doc_ids, recall_at_k, retrieval_metrics
 from radit_fast.retrieval.store import PassageStore, PassageStoreWriter
 

@@ -20,7 +20,7 @@ from radit_fast.training import schedule
 from radit_fast.training.config import (RaItConfig, RetrieverConfig, TrainConfig, add_config_arguments,
                                         config_from_args, config_from_dict, load_config_file,
                                         read_resolved_config, write_resolved_config)
-from radit_fast.training.distributed import DistEnv
+from radit_fast.distributed import DistEnv
 from radit_fast.training.loop import Trainer
 from radit_fast.training.plan import DataPlan
 

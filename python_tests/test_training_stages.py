@@ -246,7 +246,7 @@ def test_fsdp_keeps_the_lm_on_the_cpu_until_it_is_sharded(tmp_path, monkeypatch)
     from transformers import AutoModelForCausalLM
 
     import radit_fast.models as models
-    from radit_fast.training.distributed import DistEnv
+    from radit_fast.distributed import DistEnv
     from radit_fast.training.ra_it import prepare_lm
     from test_training_fixtures import tiny_lm
 

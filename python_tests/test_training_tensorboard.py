@@ -12,7 +12,7 @@ from torch import nn
 from radit_fast.cli.main import main
 from radit_fast.io import RaditError
 from radit_fast.training.config import TrainConfig
-from radit_fast.training.distributed import DistEnv
+from radit_fast.distributed import DistEnv
 from radit_fast.training.loop import Trainer, prepare_out
 from radit_fast.training.metrics import MetricsWriter, read_metrics, scalar_rows
 from radit_fast.training.plan import DataPlan

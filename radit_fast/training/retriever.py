@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from radit_fast.distributed import DistEnv, init_distributed, main_then_broadcast
 from radit_fast.io import RaditError
 from radit_fast.training import lsr_cache, sources
 from radit_fast.training.config import RetrieverConfig
-from radit_fast.training.distributed import (DistEnv, all_reduce_sum, cleanup, init_distributed,
-                                             main_then_broadcast)
 from radit_fast.training.loop import Callback, Trainer, prepare_out
 from radit_fast.training.plan import DataPlan, check_items
 
@@ -211,7 +210,7 @@ class RetrieverStage:
                 got |= {doc_id(g) for g in got}
                 hits += float(bool(gold & got))
                 total += 1.0
-        hits, total = all_reduce_sum([hits, total], self.env)
+        hits, total = self.env.all_reduce_sum([hits, total])
         return {f"eval_recall@{self.cfg.k}": hits / total if total else float("nan"), "eval_examples": total}
 
     def save_final(self, out: Path, gathered: dict[str, torch.Tensor] | None) -> None:
@@ -271,5 +270,5 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
         stage = RetrieverStage(config, env, index, data, fingerprint)
         Trainer(config, stage, env, callbacks=callbacks).fit()
     finally:
-        cleanup(env)
+        env.barrier()  # the process group lives until the process exits
     return Path(config.out)
