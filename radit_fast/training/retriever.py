@@ -192,7 +192,8 @@ class RetrieverStage:
         return out
 
     def evaluate(self, module: nn.Module) -> dict[str, float] | None:
-        """Recall@k of the evaluation examples' provenance (passage or document ids) with the current encoder."""
+        """``eval_hit@k``: the share of evaluation examples with a gold passage or document id among their top-k
+        passages (a passage ``doc#n`` also counts as ``doc``) with the current encoder."""
         d = self.data
         if not d.eval_queries:
             return None
@@ -212,7 +213,7 @@ class RetrieverStage:
                 hits += float(bool(gold & got))
                 total += 1.0
         hits, total = all_reduce_sum([hits, total], self.env)
-        return {f"eval_recall@{self.cfg.k}": hits / total if total else float("nan"), "eval_examples": total}
+        return {f"eval_hit@{self.cfg.k}": hits / total if total else float("nan"), "eval_examples": total}
 
     def save_final(self, out: Path, gathered: dict[str, torch.Tensor] | None) -> None:
         self.encoder.save_pretrained(out)
