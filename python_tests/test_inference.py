@@ -226,7 +226,7 @@ def test_paper_table_in_miniature(run, tmp_path, capsys):
     from test_kilt_readers import _mmlu, _prov, _write
 
     from radit_fast.cli.main import main
-    from radit_fast.evaluation.paper import ROWS
+    from radit_fast.pipeline.paper import ROWS
 
     short = {"arithmetic": [[f"{a}+{a}?", str(a), str(2 * a), str(3 * a), str(4 * a), "B"] for a in (1, 2, 3)]}
     mmlu = _mmlu(tmp_path / "mmlu", "test", short)

@@ -12,7 +12,6 @@
 * :mod:`~radit_fast.evaluation.kilt`: KILT's R-precision, recall@k/success@k over evidence sets,
   KILT-EM/F1/accuracy/ROUGE-L, ``rouge_l``.
 * :mod:`~radit_fast.evaluation.perplexity`: ``evaluate_lm`` (perplexity and bits per byte with retrieval).
-* :mod:`~radit_fast.evaluation.paper`: ``paper_table`` (the paper's Table 2 layout from a run).
 * :mod:`~radit_fast.evaluation.report`: ``write_report`` (report.json / report.md / report.png).
 """
 from __future__ import annotations
@@ -25,7 +24,7 @@ _EXPORTS = {
     "normalize_answer": "metrics", "LMEngine": "engine", "EvalSettings": "scoring",
     "generate_answers": "generation", "retrieve": "evaluate", "evaluate_examples": "evaluate",
     "predict_examples": "evaluate", "write_report": "report", "kilt_metrics": "kilt", "r_precision": "kilt",
-    "rouge_l": "kilt", "evaluate_lm": "perplexity", "LMEvalSettings": "perplexity", "paper_table": "paper",
+    "rouge_l": "kilt", "evaluate_lm": "perplexity", "LMEvalSettings": "perplexity",
 }
 __all__ = sorted(_EXPORTS)
 
