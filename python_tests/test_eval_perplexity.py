@@ -10,8 +10,8 @@ import torch
 from test_training_fixtures import cached_setup
 
 from radit_fast.evaluation import perplexity as P
-from radit_fast.evaluation.evaluate import background_text
 from radit_fast.io import RaditError
+from radit_fast.retrieval.corpus import passage_text
 
 TEXT = ("Paris is the capital of France. Berlin is the capital of Germany. It has a long history, many "
         "museums and a busy river port. Rome is the capital of Italy and Madrid is in Spain.")
@@ -54,7 +54,7 @@ def _ref(model, tok, text, s: P.LMEvalSettings, retriever):
         body = [] if w == 0 else ctx
         terms = []
         for p, score in zip(res.passages[0], res.scores[0].double()):
-            chunk = tok(background_text(p.title, p.text), add_special_tokens=False)["input_ids"]
+            chunk = tok(passage_text(p.title, p.text), add_special_tokens=False)["input_ids"]
             chunk = chunk[:s.max_length - len(body) - len(y) - len(sep)]
             terms.append((score / s.retriever_temperature, lp(chunk + sep + body, y)))
         logw = torch.tensor([t[0] for t in terms], dtype=torch.float64).log_softmax(0)

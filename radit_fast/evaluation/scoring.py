@@ -1,4 +1,4 @@
-"""Parallel retrieval augmentation and the REPLUG ensemble for evaluation (DESIGN.md section 1).
+"""Parallel retrieval augmentation and the REPLUG ensemble for evaluation (docs/method.md).
 
 For an example x with retrieved chunks c_1..c_k (scores s_i), each chunk is prepended to x *separately*
 (``Background: c_i\\n\\n[demonstrations]Q: x\\nA:``); the k augmented prompts are scored by the LM and

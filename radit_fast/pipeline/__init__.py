@@ -2,7 +2,8 @@
 
 :func:`run_pipeline` with a :class:`~radit_fast.pipeline.config.RunConfig` (built by
 :func:`~radit_fast.pipeline.config.make_config`); steps are cached by
-:class:`~radit_fast.pipeline.steps.StepRunner`.
+:class:`~radit_fast.pipeline.steps.StepRunner`. :func:`~radit_fast.pipeline.paper.paper_table`: the paper's
+Table 2 layout from a finished run (``radit eval --task paper``).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"run_pipeline": "run", "RunConfig": "config", "make_config": "config", "StepRunner": "steps",
-            "prepare_demo_data": "demo"}
+            "prepare_demo_data": "demo", "paper_table": "paper"}
 __all__ = sorted(_EXPORTS)
 
 

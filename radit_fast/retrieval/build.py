@@ -23,7 +23,7 @@ import numpy as np
 
 from radit_fast.distributed import INDEX_BUILD_TIMEOUT_S, DistEnv, init_distributed, run_step, shard_range
 from radit_fast.io import RaditError, atomic_dir, iter_records, open_npy, record_source, write_errno, write_failure
-from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, doc_id, encoder_text, iter_corpus
+from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, doc_id, iter_corpus, passage_text
 from radit_fast.retrieval.encoder import TextEncoder, check_device
 from radit_fast.retrieval.index import (
     EMBEDDINGS_FILE, FAISS_FILE, build_on_device, make_faiss_index, set_search_params,
@@ -123,7 +123,7 @@ def encode_rows(store: PassageStore, encoder: TextEncoder, lo: int, hi: int, pat
     with tqdm(total=hi - lo, desc="encoding passages", unit=" passages", disable=None if progress else True) as bar:
         for s in range(lo, hi, block):
             e = min(hi, s + block)
-            texts = [encoder_text(p.title, p.text) for p in store.get(range(s, e))]
+            texts = [passage_text(p.title, p.text) for p in store.get(range(s, e))]
             emb = encoder.encode(texts, batch_size=batch_size, precision=precision, progress=bar)
             emb16 = emb.cpu().numpy().astype(np.float16)
             if not np.isfinite(emb16).all():
