@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from radit_fast.io import RaditError
-from radit_fast.training import RaItConfig, identity, sources, train_lm, train_retriever
+from radit_fast.config.stages import RaItConfig
+from radit_fast.training import identity, sources, train_lm, train_retriever
 from radit_fast.training.distributed import DistEnv
 from test_training_fixtures import cached_setup, corpus_rows, lm_config, retriever_config, tiny_lm, write_jsonl
 

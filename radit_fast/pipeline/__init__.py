@@ -1,7 +1,7 @@
 """``radit run``: index, evaluate, tune the LM (RA-IT) and the retriever (LSR), evaluate again, report.
 
-:func:`run_pipeline` with a :class:`~radit_fast.pipeline.config.RunConfig` (built by
-:func:`~radit_fast.pipeline.config.make_config`); steps are cached by
+:func:`run_pipeline` with a :class:`~radit_fast.config.run.RunConfig` (built by
+:func:`~radit_fast.config.run.make_config`); steps are cached by
 :class:`~radit_fast.pipeline.steps.StepRunner`.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"run_pipeline": "run", "RunConfig": "config", "make_config": "config", "StepRunner": "steps",
+_EXPORTS = {"run_pipeline": "run", "StepRunner": "steps",
             "prepare_demo_data": "demo"}
 __all__ = sorted(_EXPORTS)
 

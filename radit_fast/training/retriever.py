@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from radit_fast.config.stages import RetrieverConfig
 from radit_fast.io import RaditError
 from radit_fast.training import lsr_cache, sources
-from radit_fast.training.config import RetrieverConfig
 from radit_fast.training.distributed import (DistEnv, all_reduce_sum, cleanup, init_distributed,
                                              main_then_broadcast)
 from radit_fast.training.loop import Callback, Trainer, prepare_out
