@@ -211,7 +211,7 @@ def test_gpu_bf16_agrees_with_cpu_fp32(run, system):
 def test_paper_run_file_is_valid(tmp_path):
     from pathlib import Path
 
-    from radit_fast.pipeline.config import load_run_file, make_config
+    from radit_fast.config.run import load_run_file, make_config
 
     path = Path(inference.__file__).parent / "pipeline" / "paper.yaml"
     cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(tmp_path / "o"), file=load_run_file(path))

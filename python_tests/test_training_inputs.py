@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from radit_fast.io import RaditError
-from radit_fast.training import RaItConfig, identity, sources, train_lm, train_retriever
+from radit_fast.config.stages import RaItConfig
 from radit_fast.distributed import DistEnv
+from radit_fast.training import identity, sources, train_lm, train_retriever
 from test_training_fixtures import cached_setup, corpus_rows, lm_config, retriever_config, tiny_lm, write_jsonl
 
 torch.set_num_threads(1)

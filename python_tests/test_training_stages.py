@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from radit_fast.io import RaditError
-from radit_fast.training import RaItConfig, train_lm, train_retriever
+from radit_fast.config.stages import RaItConfig
+from radit_fast.training import train_lm, train_retriever
 from test_training_fixtures import cached_setup, lm_config, retriever_config, task_rows, tiny_encoder, write_jsonl
 
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ from torch import nn
 
 from radit_fast.cli.main import main
 from radit_fast.io import RaditError
-from radit_fast.training.config import TrainConfig
+from radit_fast.config.stages import TrainConfig
 from radit_fast.distributed import DistEnv
 from radit_fast.training.loop import Trainer, prepare_out
 from radit_fast.training.metrics import MetricsWriter, read_metrics, scalar_rows
@@ -165,7 +165,7 @@ def test_train_retriever_cli_writes_tensorboard(tmp_path):
 def test_radit_run_passes_report_to_both_stages(tmp_path):
     from radit_fast.cli.main import build_parser
     from radit_fast.cli.run import _overrides
-    from radit_fast.pipeline.config import make_config
+    from radit_fast.config.run import make_config
 
     args = build_parser().parse_args(["run", "--corpus", "c", "--train", "t", "--dev", "d", "--test", "e",
                                       "--out", str(tmp_path / "run"), "--report-to", "tensorboard"])

@@ -4,7 +4,7 @@
   gold answers), ``accuracy``, ``aggregate`` (retrieval recall@k/hit@k: :mod:`radit_fast.retrieval.metrics`).
 * :mod:`~radit_fast.evaluation.engine`: :class:`LMEngine` (answer scoring through the fused LM head,
   greedy decoding from the token mixture with a KV cache).
-* :mod:`~radit_fast.evaluation.scoring`: :class:`EvalSettings`, parallel retrieval augmentation and the
+* :mod:`~radit_fast.evaluation.scoring`: parallel retrieval augmentation and the
   REPLUG ensemble, multiple choice by ensemble likelihood.
 * :mod:`~radit_fast.evaluation.generation`: ``generate_answers`` (mixture or per-chunk + rescoring).
 * :mod:`~radit_fast.evaluation.evaluate`: ``retrieve``, ``predict_examples`` (the one prediction path of
@@ -21,10 +21,10 @@ from typing import Any
 
 _EXPORTS = {
     "exact_match": "metrics", "token_f1": "metrics", "accuracy": "metrics",
-    "normalize_answer": "metrics", "LMEngine": "engine", "EvalSettings": "scoring",
+    "normalize_answer": "metrics", "LMEngine": "engine",
     "generate_answers": "generation", "retrieve": "evaluate", "evaluate_examples": "evaluate",
     "predict_examples": "evaluate", "write_report": "report", "kilt_metrics": "kilt", "r_precision": "kilt",
-    "rouge_l": "kilt", "evaluate_lm": "perplexity", "LMEvalSettings": "perplexity",
+    "rouge_l": "kilt", "evaluate_lm": "perplexity",
 }
 __all__ = sorted(_EXPORTS)
 

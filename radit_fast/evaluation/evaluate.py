@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.tasks import Example
 from radit_fast.evaluation import metrics as M
 from radit_fast.evaluation.engine import LMEngine
 from radit_fast.evaluation.generation import generate_answers
 from radit_fast.evaluation.kilt import kilt_metrics
-from radit_fast.evaluation.scoring import (Augmentation, EvalSettings, augmentation_for, pick_demonstrations,
-                                           score_candidates, score_multiple_choice)
+from radit_fast.evaluation.scoring import (Augmentation, augmentation_for, pick_demonstrations, score_candidates,
+                                           score_multiple_choice)
 from radit_fast.retrieval.corpus import passage_text
 from radit_fast.retrieval.index import check_k
 from radit_fast.retrieval.metrics import recall_at_k

@@ -21,9 +21,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.tasks import Example
 from radit_fast.evaluation.engine import LMEngine
-from radit_fast.evaluation.scoring import Augmentation, EvalSettings, prompt_ids, score_candidates, shots_for
+from radit_fast.evaluation.scoring import Augmentation, prompt_ids, score_candidates, shots_for
 
 log = logging.getLogger(__name__)
 

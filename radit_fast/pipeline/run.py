@@ -37,7 +37,7 @@ import torch
 
 from radit_fast.evaluation.report import task_average, write_report
 from radit_fast.io import RaditError, claimed_dir, read_jsonl, write_json, write_jsonl
-from radit_fast.pipeline.config import RunConfig
+from radit_fast.config.run import RunConfig
 from radit_fast.pipeline.steps import StepRunner, file_fingerprint
 from radit_fast.retrieval.build import check_corpus
 from radit_fast.retrieval.index import check_k

@@ -20,10 +20,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from radit_fast.config.stages import TrainConfig, resolved_config, write_resolved_config
 from radit_fast.distributed import DistEnv
 from radit_fast.io import RaditError, claimed_dir, write_json
 from radit_fast.training import checkpoint as ckpt
-from radit_fast.training.config import TrainConfig, resolved_config, write_resolved_config
 from radit_fast.training.parallel import full_state_dict, load_params, no_sync, wrap_model
 from radit_fast.training.metrics import MetricsWriter
 from radit_fast.training.schedule import lr_at, set_lr, step_seed

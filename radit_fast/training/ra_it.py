@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from radit_fast.config.stages import RaItConfig
 from radit_fast.distributed import DistEnv, init_distributed, main_then_broadcast
 from radit_fast.io import RaditError, require_extra
 from radit_fast.training import sources
-from radit_fast.training.config import RaItConfig
 from radit_fast.training.loop import Callback, Trainer, prepare_out
 from radit_fast.training.plan import DataPlan, check_items
 

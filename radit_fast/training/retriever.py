@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from radit_fast.config.stages import RetrieverConfig
 from radit_fast.distributed import DistEnv, init_distributed, main_then_broadcast
 from radit_fast.io import RaditError
 from radit_fast.retrieval.metrics import hit_at_k
 from radit_fast.training import lsr_cache, sources
-from radit_fast.training.config import RetrieverConfig
 from radit_fast.training.loop import Callback, Trainer, prepare_out
 from radit_fast.training.plan import DataPlan, check_items
 
