@@ -10,6 +10,9 @@ from radit_fast.io import RaditError
 from radit_fast.ops._dispatch import IMPLS
 
 DECODES = ("mixture", "rescore")
+#: tau_R, the one default for the retriever's softmax(score / tau_R) in training (stage 2) and at inference: cosine
+#: scores of the default normalised encoders lie in [-1, 1], so 1.0 gives a nearly uniform p_R (stage 2 warns).
+RETRIEVER_TEMPERATURE = 0.1
 CHOICE_SCORES = ("sum", "mean")
 
 
@@ -22,7 +25,8 @@ class EvalSettings:
     max_length: int = option(512, "tokens per augmented prompt including the answer; only the chunk is truncated",
                              ge=1)
     max_new_tokens: int = option(32, "generation budget", ge=1)
-    retriever_temperature: float = option(1.0, "tau_R of the ensemble weights softmax(score / tau_R)", gt=0)
+    retriever_temperature: float = option(RETRIEVER_TEMPERATURE, "tau_R of the ensemble weights softmax(score / tau_R)",
+                                          gt=0)
     decode: str = option("mixture", "generation: token-level mixture of the k prompts, or decode each prompt and "
                                     "rescore the candidates with the ensemble", choices=DECODES)
     reweight: bool = option(False, "mixture decoding: re-weight chunks by their running likelihood of the answer "
@@ -52,7 +56,8 @@ class LMEvalSettings:
     query_tokens: int = option(64, "last tokens of the context used as the retrieval query", ge=1)
     k: int = option(10, "passages per window (0: no retrieval)", ge=0)
     max_length: int = option(1024, "tokens per augmented sequence (the passage is cut to fit)", ge=1)
-    retriever_temperature: float = option(1.0, "tau_R of the ensemble weights softmax(score / tau_R)", gt=0)
+    retriever_temperature: float = option(RETRIEVER_TEMPERATURE, "tau_R of the ensemble weights softmax(score / tau_R)",
+                                          gt=0)
     batch_size: int = option(16, "augmented sequences per forward pass", ge=1)
     impl: str = option("auto", "backend of the fused ops", choices=IMPLS)
 

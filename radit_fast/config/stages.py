@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from radit_fast import __version__
+from radit_fast.config.evaluation import RETRIEVER_TEMPERATURE
 from radit_fast.config.fields import add_arguments, check_fields, check_value, from_dict, load_config_file, option
 from radit_fast.io import RaditError, atomic_file
 from radit_fast.ops._dispatch import IMPLS
@@ -145,7 +146,7 @@ class RetrieverConfig(TrainConfig):
     query_encoder: str | None = option(None, "initial query encoder (default: the index's encoder)")
     max_length: int = option(256, "tokens per augmented sequence when scoring with the LM", gt=0)
     query_max_length: int = option(128, "tokens per query for the query encoder", gt=0)
-    retriever_temperature: float = option(0.1, "tau_R: p_R(c|x) = softmax(E_q(x).E_d(c) / tau_R); 0.05-0.1 "
+    retriever_temperature: float = option(RETRIEVER_TEMPERATURE, "tau_R: p_R(c|x) = softmax(E_q(x).E_d(c) / tau_R); 0.05-0.1 "
                                                "suits cosine scores (normalised encoders such as the default)",
                                           gt=0)
     lm_temperature: float = option(0.01, "tau_LSR: p_LSR(c|x,y) = softmax(score_LM / tau_LSR) (paper: 0.01)", gt=0)
