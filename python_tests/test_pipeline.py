@@ -335,7 +335,7 @@ def test_plain_copy_merges_lora(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from radit_fast.pipeline.run import plain_copy
+    from radit_fast.models import plain_copy
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_lm(tmp_path / "lm"))
     peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -38,6 +38,7 @@ import torch
 from radit_fast.evaluation.report import task_average, write_report
 from radit_fast.io import RaditError, claimed_dir, read_jsonl, write_json, write_jsonl
 from radit_fast.config.run import RunConfig
+from radit_fast.models import plain_copy
 from radit_fast.pipeline.steps import StepRunner, file_fingerprint
 from radit_fast.retrieval.build import check_corpus
 from radit_fast.retrieval.index import check_k
@@ -242,10 +243,8 @@ class Pipeline:
             every = cfg.run.select_every
             stage_cfg.save_every = every if every else stage_cfg.save_every
             base, tok = self.base_lm()
-            if cfg.run.train_dtype == "bf16":  # frozen bf16 base weights, fp32 LoRA adapters (validated)
-                lm = copy.deepcopy(base).to(torch.bfloat16)
-            else:
-                lm = copy.deepcopy(base)
+            # frozen bf16 base weights, fp32 LoRA adapters (validated)
+            lm = plain_copy(base, dtype=torch.bfloat16 if cfg.run.train_dtype == "bf16" else None)
             selector = _Selector(d, "lm", cfg.run.select_metric_lm)
             dev = self.splits["dev"]
 
@@ -442,25 +441,6 @@ def stage_key(stage_cfg: Any) -> dict[str, Any]:
     decide its result: a changed default (e.g. ``append_eos``) invalidates a finished stage step, as a
     changed run-file value does. Paths inside the run folder and display settings are left out."""
     return {k: v for k, v in dataclasses.asdict(stage_cfg).items() if k not in _NOT_IN_STAGE_KEY}
-
-
-def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of a causal LM with any LoRA adapters merged into its weights and the LoRA wrappers
-    removed, so that ``save_pretrained`` writes an ordinary model (peft injects the adapters in place)."""
-    m = copy.deepcopy(model)
-    get_base = getattr(m, "get_base_model", None)
-    if callable(get_base):
-        m = get_base()
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # no peft: no adapters
-        return m
-    for name, mod in list(m.named_modules()):
-        if isinstance(mod, LoraLayer):
-            mod.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(m.get_submodule(parent) if parent else m, child, mod.get_base_layer())
-    return m
 
 
 class _Selector:
