@@ -412,7 +412,7 @@ def test_stage_keys_follow_resolved_defaults(tmp_path):
     import dataclasses
 
     from radit_fast.config.run import make_config, run_defaults
-    from radit_fast.pipeline.run import _NOT_IN_STAGE_KEY, stage_key
+    from radit_fast.pipeline.tuning import _NOT_IN_STAGE_KEY, stage_key
 
     def key(out, **overrides):
         cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(out), overrides=overrides)
