@@ -20,6 +20,8 @@
   itself (varlen kernels for flash-attention). Both give the per-instance results of unpacked runs
   (tested to 1e-5 in fp32). The mask costs O(L^2) memory and sdpa/eager compute the full L x L scores,
   so pack into rows of about ``max_length`` tokens (``collate_packed(max_tokens=...)``), not one long row.
+* :func:`plain_copy`: the one way to copy an LM for saving or evaluation (out of its peft wrapper, LoRA
+  merged, dtype-cast; also the rebuild of an FSDP-sharded LM from its gathered weights).
 """
 from __future__ import annotations
 
