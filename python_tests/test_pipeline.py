@@ -335,7 +335,7 @@ def test_plain_copy_merges_lora(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from radit_fast.pipeline.run import plain_copy
+    from radit_fast.models import plain_copy
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_lm(tmp_path / "lm"))
     peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -412,7 +412,7 @@ def test_stage_keys_follow_resolved_defaults(tmp_path):
     import dataclasses
 
     from radit_fast.config.run import make_config, run_defaults
-    from radit_fast.pipeline.run import _NOT_IN_STAGE_KEY, stage_key
+    from radit_fast.pipeline.tuning import _NOT_IN_STAGE_KEY, stage_key
 
     def key(out, **overrides):
         cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(out), overrides=overrides)

@@ -20,10 +20,13 @@
   itself (varlen kernels for flash-attention). Both give the per-instance results of unpacked runs
   (tested to 1e-5 in fp32). The mask costs O(L^2) memory and sdpa/eager compute the full L x L scores,
   so pack into rows of about ``max_length`` tokens (``collate_packed(max_tokens=...)``), not one long row.
+* :func:`plain_copy`: the one way to copy an LM for saving or evaluation (out of its peft wrapper, LoRA
+  merged, dtype-cast; also the rebuild of an FSDP-sharded LM from its gathered weights).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import os
@@ -333,6 +336,48 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they stay)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def plain_copy(model: nn.Module, *, dtype: torch.dtype | None = None, state: dict[str, torch.Tensor] | None = None,
+               in_place: bool = False) -> nn.Module:
+    """A plain causal LM for ``save_pretrained`` or evaluation: out of any peft wrapper, its LoRA adapters
+    merged into their weights and the LoRA layers replaced by their base layers (peft injects them in place),
+    cast to ``dtype`` when given. A deep copy: ``model`` is untouched.
+
+    ``state``: the full weights of an FSDP-sharded ``model`` (gathered on rank 0): the copy is built from
+    ``model.config`` on the CPU and holds them, instead of a deep copy of the shards.
+    ``in_place``: merge into ``model`` itself, no second copy in memory (for a model done training; it is
+    left merged).
+    """
+    if state is not None:
+        m = _from_state(model, state)
+    else:
+        m = _unwrap(model if in_place else copy.deepcopy(model))
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft: no adapters
+        LoraLayer = ()
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(m.get_submodule(parent) if parent else m, child, mod.get_base_layer())
+    return m if dtype is None else m.to(dtype)
+
+
+def _from_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A CPU model of ``model``'s config holding ``state`` (the gathered weights of a sharded model)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_config(model.config)
+    missing, unexpected = m.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise RaditError(f"cannot rebuild the FSDP model for saving: missing {real_missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    if getattr(m.config, "tie_word_embeddings", False):
+        m.tie_weights()
+    return m
 
 
 def decoder_body(model: nn.Module) -> nn.Module:

@@ -33,6 +33,7 @@ from torch import nn
 from radit_fast.config.stages import RaItConfig
 from radit_fast.distributed import DistEnv, init_distributed, main_then_broadcast
 from radit_fast.io import RaditError, require_extra
+from radit_fast.models import plain_copy
 from radit_fast.training import sources
 from radit_fast.training.loop import Callback, Trainer, prepare_out
 from radit_fast.training.plan import DataPlan, check_items
@@ -205,11 +206,11 @@ class RaItStage:
 
     def save_final(self, out: Path, gathered: dict[str, torch.Tensor] | None) -> None:
         lm = self.lm
-        if gathered is not None:  # FSDP: rebuild full weights on rank 0
-            lm = sources.unsharded_copy(self.lm, {k.removeprefix("lm."): v for k, v in gathered.items()})
+        if gathered is not None:  # FSDP: rebuild full weights on rank 0 (no LoRA: validated)
+            lm = plain_copy(self.lm, state={k.removeprefix("lm."): v for k, v in gathered.items()})
         if self.cfg.lora:
             lm.save_pretrained(out / "adapter", safe_serialization=True)
-            lm = lm.merge_and_unload()
+            lm = plain_copy(lm, in_place=True)  # training is over: merged without a second copy
         lm.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
 

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from radit_fast.io import RaditError
 from radit_fast.retrieval.corpus import passage_text
 from radit_fast.retrieval.index import check_k
 from radit_fast.training.identity import cache_key, fingerprint, model_identity, sha256_file  # noqa: F401
@@ -233,17 +232,3 @@ def decoder_layer_types(model: nn.Module) -> tuple[type, ...]:
     names |= set(getattr(inner, "_no_split_modules", None) or [])
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
 
-
-def unsharded_copy(lm: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain CPU copy of an FSDP-sharded LM holding the gathered ``state`` (for ``save_pretrained``)."""
-    from transformers import AutoModelForCausalLM
-
-    copy = AutoModelForCausalLM.from_config(lm.config)
-    missing, unexpected = copy.load_state_dict(state, strict=False)
-    real_missing = [m for m in missing if not m.endswith("lm_head.weight")]
-    if real_missing or unexpected:
-        raise RaditError(f"cannot rebuild the FSDP model for saving: missing {real_missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    if getattr(copy.config, "tie_word_embeddings", False):
-        copy.tie_weights()
-    return copy
