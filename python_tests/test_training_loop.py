@@ -225,6 +225,27 @@ def test_toy_resume_matches_uninterrupted(tmp_path):
         _run_toy(_toy_cfg(tmp_path / "b", resume=True, lr=0.1, max_steps=8))
 
 
+def test_resume_announces_the_loaded_step_to_callbacks(tmp_path):
+    """A kill after step 4's checkpoint but before its step_end callbacks: the resumed run tells the callbacks
+    that the weights of step 4 are loaded (the pipeline scores that step's dev candidate then), once."""
+    class Stop(Exception):
+        pass
+
+    def crash(event, step, info):
+        if event == "checkpoint" and step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _run_toy(_toy_cfg(tmp_path / "b"), [crash])
+    events = []
+    _run_toy(_toy_cfg(tmp_path / "b", resume=True), [lambda event, step, info: events.append((event, step))])
+    assert [e for e in events if e[0] == "resumed"] == [("resumed", 4)]
+    assert events[0] == ("resumed", 4) and ("step_end", 4) not in events and ("step_end", 5) in events
+    events.clear()
+    _run_toy(_toy_cfg(tmp_path / "c"), [lambda event, step, info: events.append((event, step))])
+    assert not any(e[0] == "resumed" for e in events)
+
+
 def test_toy_grad_accum_equivalent(tmp_path):
     _, a = _run_toy(_toy_cfg(tmp_path / "a", save_every=0), dropout=0.0)
     _, b = _run_toy(_toy_cfg(tmp_path / "b", save_every=0, grad_accum=4), dropout=0.0)

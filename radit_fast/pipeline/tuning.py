@@ -54,7 +54,8 @@ def tune_lm(p: Pipeline, d: Path) -> dict[str, Any]:
     selector = Selector(d, "lm", cfg.run.select_metric_lm)
 
     def callback(event: str, step: int, row: dict[str, Any]) -> None:
-        if event == "step_end" and ((every and step % every == 0) or step == stage_cfg.max_steps):
+        # "resumed": a kill between a checkpoint and its step_end would otherwise lose that step's candidate
+        if event in ("step_end", "resumed") and ((every and step % every == 0) or step == stage_cfg.max_steps):
             if not selector.has(step):
                 _offer_lm(p, selector, lm, tok, step)
 

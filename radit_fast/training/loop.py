@@ -40,6 +40,9 @@ _MUTABLE = {"resume", "overwrite", "progress", "threads", "log_every", "save_eve
             "eval_every", "eval_file", "eval_examples", "out", "impl", "device", "cache_dir",
             "score_batch_size", "grad_accum", "fsdp", "report_to"}
 
+#: ``callback(event, step, info)``: "step_end" (info: the step's metrics row), "eval" (the dev metrics), "checkpoint"
+#: (its path) after each, and "resumed" (the checkpoint's path) once when a resumed run has loaded the weights
+#: of ``step``, which a kill may have left between its checkpoint and its "step_end" callbacks.
 Callback = Callable[[str, int, dict[str, Any]], None]
 
 
@@ -171,6 +174,9 @@ class Trainer:
             else:
                 optimizer.load_state_dict(resume.optimizer)
             log.info("resumed from %s (step %d)", resume.path, start)
+        if resume is not None:  # the weights of step `start` again: a kill may have come before its step_end ran
+            for cb in self.callbacks:
+                cb("resumed", start, {"path": str(resume.path)})
         if env.is_main:
             write_resolved_config(cfg, self.out / RESOLVED_CONFIG, world_size=env.world_size,
                                   device=str(env.device), torch=str(torch.__version__),
