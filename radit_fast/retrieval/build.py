@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from radit_fast.io import RaditError, atomic_dir, iter_records, open_npy, record_source, write_errno, write_failure
+from radit_fast.io import RaditError, atomic_dir, open_npy, write_errno, write_failure
+from radit_fast.records import iter_records, record_source
 from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, doc_id, encoder_text, iter_corpus
 from radit_fast.retrieval.distributed import DEFAULT_TIMEOUT_S, DistContext, run_step, shard_range
 from radit_fast.retrieval.encoder import TextEncoder, check_device
