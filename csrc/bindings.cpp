@@ -59,6 +59,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("grad_bias"), py::arg("out"), py::arg("num_threads"),
           "dz = grad_tok * (onehot(target) - softmax) of a logits block into out (or in place); column sums "
           "added to grad_bias[col0:col0+cols] when given.");
+    m.def("answer_logprobs_mm_bf16_f32_supported", &al::mm_bf16_f32_supported,
+          "True when this CPU runs answer_logprobs_mm_bf16_f32_cpu (AVX512-BF16).");
+    m.def("answer_logprobs_mm_bf16_f32_cpu", &al::mm_bf16_f32_cpu, nogil, py::arg("a"), py::arg("b"), py::arg("c"),
+          py::arg("num_threads"), "c = a @ b.T for bfloat16 a [M, K], b [N, K] into float32 c [M, N] (AVX512-BF16).");
     m.def("answer_logprobs_bwd_workspace_rows", &al::bwd_workspace_rows, py::arg("rows"),
           "Rows of the float32 [rows', cols] grad_bias workspace of answer_logprobs_bwd_block_cuda.");
 #ifdef RADIT_WITH_CUDA

@@ -6,8 +6,8 @@ import doctest
 import pytest
 
 from radit_fast.evaluation import metrics
-from radit_fast.evaluation.metrics import (aggregate, exact_match, normalize_answer, recall_at_k,
-                                           token_f1)
+from radit_fast.evaluation.metrics import aggregate, exact_match, normalize_answer, token_f1
+from radit_fast.retrieval.metrics import recall_at_k
 
 
 def test_doctests():

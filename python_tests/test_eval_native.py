@@ -8,9 +8,10 @@ import pytest
 from test_kilt_readers import _mmlu, _prov, _write
 from test_training_fixtures import CITIES, cached_setup
 
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.prompts import TEMPLATES, format_instruction, render_template, resolve_template
 from radit_fast.data.readers import load_examples
-from radit_fast.evaluation.scoring import EvalSettings, choice_candidates, pick_demonstrations, shots_for
+from radit_fast.evaluation.scoring import choice_candidates, pick_demonstrations, shots_for
 from radit_fast.io import RaditError
 from radit_fast.retrieval.corpus import doc_id
 

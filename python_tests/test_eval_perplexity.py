@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_training_fixtures import cached_setup
 
+from radit_fast.config.evaluation import LMEvalSettings
 from radit_fast.evaluation import perplexity as P
-from radit_fast.evaluation.evaluate import background_text
 from radit_fast.io import RaditError
+from radit_fast.retrieval.corpus import passage_text
 
 TEXT = ("Paris is the capital of France. Berlin is the capital of Germany. It has a long history, many "
         "museums and a busy river port. Rome is the capital of Italy and Madrid is in Spain.")
@@ -31,7 +32,7 @@ def test_doctests():
     assert doctest.testmod(P).failed == 0
 
 
-def _ref(model, tok, text, s: P.LMEvalSettings, retriever):
+def _ref(model, tok, text, s: LMEvalSettings, retriever):
     """Every window scored by a float64 copy of the model, full logits, the ensemble in float64."""
     ref = type(model)(model.config).double().eval()
     ref.load_state_dict(model.state_dict())
@@ -54,7 +55,7 @@ def _ref(model, tok, text, s: P.LMEvalSettings, retriever):
         body = [] if w == 0 else ctx
         terms = []
         for p, score in zip(res.passages[0], res.scores[0].double()):
-            chunk = tok(background_text(p.title, p.text), add_special_tokens=False)["input_ids"]
+            chunk = tok(passage_text(p.title, p.text), add_special_tokens=False)["input_ids"]
             chunk = chunk[:s.max_length - len(body) - len(y) - len(sep)]
             terms.append((score / s.retriever_temperature, lp(chunk + sep + body, y)))
         logw = torch.tensor([t[0] for t in terms], dtype=torch.float64).log_softmax(0)
@@ -64,7 +65,7 @@ def _ref(model, tok, text, s: P.LMEvalSettings, retriever):
 
 @pytest.mark.parametrize("stride, context", [(8, 6), (16, 0), (24, 12)])
 def test_matches_float64_reference(parts, stride, context):
-    s = P.LMEvalSettings(stride=stride, context=context, k=3, max_length=48, retriever_temperature=0.5,
+    s = LMEvalSettings(stride=stride, context=context, k=3, max_length=48, retriever_temperature=0.5,
                          query_tokens=12, impl="torch" if stride == 24 else "auto")
     got = P.evaluate_lm(parts["model"], parts["tok"], TEXT, s, retriever=parts["retriever"])
     n, plain, ens = _ref(parts["model"], parts["tok"], TEXT, s, parts["retriever"])
@@ -78,11 +79,11 @@ def test_matches_float64_reference(parts, stride, context):
 
 
 def test_without_retriever_and_bad_settings(parts):
-    s = P.LMEvalSettings(stride=8, context=4, k=0, max_length=32)
+    s = LMEvalSettings(stride=8, context=4, k=0, max_length=32)
     got = P.evaluate_lm(parts["model"], parts["tok"], TEXT, s, retriever=parts["retriever"])
     assert got["retrieval"] is None and got["lm_only"]["perplexity"] > 1.0
     with pytest.raises(RaditError, match="do not fit"):
-        P.evaluate_lm(parts["model"], parts["tok"], TEXT, P.LMEvalSettings(stride=30, context=30, max_length=32))
+        P.evaluate_lm(parts["model"], parts["tok"], TEXT, LMEvalSettings(stride=30, context=30, max_length=32))
     with pytest.raises(RaditError, match="empty"):
         P.evaluate_lm(parts["model"], parts["tok"], "  \n", s)
 
@@ -100,7 +101,7 @@ def test_radit_eval_task_lm(parts, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "LM alone: perplexity" in printed and "REPLUG k=3: perplexity" in printed
     m = json.loads((out / "metrics.json").read_text())["metrics"]
-    s = P.LMEvalSettings(stride=8, context=6, k=3, max_length=48, retriever_temperature=0.5)
+    s = LMEvalSettings(stride=8, context=6, k=3, max_length=48, retriever_temperature=0.5)
     want = P.evaluate_lm(parts["model"], parts["tok"], TEXT, s, retriever=parts["retriever"])
     assert m["retrieval"]["bits_per_byte"] == pytest.approx(want["retrieval"]["bits_per_byte"], rel=1e-6)
     assert m["lm_only"]["bits_per_byte"] == pytest.approx(want["lm_only"]["bits_per_byte"], rel=1e-6)

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from test_training_fixtures import tiny_setup
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.prompts import format_prompt
 from radit_fast.data.tasks import Example, load_tasks
 from radit_fast.evaluation.engine import LMEngine
 from radit_fast.retrieval.corpus import doc_id
 from radit_fast.evaluation.evaluate import evaluate_examples, retrieve
-from radit_fast.evaluation.scoring import (Augmentation, EvalSettings, augmentation_for, pick_demonstrations,
-                                           score_multiple_choice)
+from radit_fast.evaluation.scoring import Augmentation, augmentation_for, pick_demonstrations, score_multiple_choice
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_score_and_weights_match_float64_reference(system):
     """log p(a | q) = logsumexp_i(log softmax(s / tau)_i + log p_LM(a | c_i o q)) in float64 with plain
     transformers; the passages' weights are the softmax of the retriever's own scores."""
     from radit_fast.data.prompts import build_prompt
-    from radit_fast.evaluation.evaluate import background_text
+    from radit_fast.retrieval.corpus import passage_text
     from radit_fast.evaluation.scoring import answer_ids
 
     tau = 0.5
@@ -119,7 +119,7 @@ def test_score_and_weights_match_float64_reference(system):
     ref_model.eval()
     per_chunk = []
     for p in res.passages[0]:
-        prompt = build_prompt(system.tokenizer, background_text(p.title, p.text), Q, max_length=96,
+        prompt = build_prompt(system.tokenizer, passage_text(p.title, p.text), Q, max_length=96,
                               reserve=len(ans)).input_ids
         per_chunk.append(_ref_logprob(ref_model, prompt + ans, len(ans)))
     want = float(torch.logsumexp((scores / tau).log_softmax(0) + torch.tensor(per_chunk, dtype=torch.float64), 0))
@@ -211,7 +211,7 @@ def test_gpu_bf16_agrees_with_cpu_fp32(run, system):
 def test_paper_run_file_is_valid(tmp_path):
     from pathlib import Path
 
-    from radit_fast.pipeline.config import load_run_file, make_config
+    from radit_fast.config.run import load_run_file, make_config
 
     path = Path(inference.__file__).parent / "pipeline" / "paper.yaml"
     cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(tmp_path / "o"), file=load_run_file(path))
@@ -226,7 +226,7 @@ def test_paper_table_in_miniature(run, tmp_path, capsys):
     from test_kilt_readers import _mmlu, _prov, _write
 
     from radit_fast.cli.main import main
-    from radit_fast.evaluation.paper import ROWS
+    from radit_fast.pipeline.paper import ROWS
 
     short = {"arithmetic": [[f"{a}+{a}?", str(a), str(2 * a), str(3 * a), str(4 * a), "B"] for a in (1, 2, 3)]}
     mmlu = _mmlu(tmp_path / "mmlu", "test", short)

@@ -15,7 +15,7 @@ import torch
 
 from radit_fast.integrations.sentence_transformers import LSRLoss, lsr_label
 from radit_fast.retrieval.encoder import TextEncoder, default_encoder_path
-from radit_fast.training.config import RetrieverConfig
+from radit_fast.config.stages import RetrieverConfig
 from radit_fast.training.retriever import LsrObjective
 
 st = pytest.importorskip("sentence_transformers")

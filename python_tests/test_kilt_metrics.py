@@ -40,10 +40,10 @@ def test_recall_and_success_at_k_by_hand():
     # X misses; B half-completes set 0 (no point yet); A completes it (one point); C completes set 1
     guesses, sets = ["X", "B", "A", "C"], [{"A", "B"}, {"C"}]
     assert K.kilt_rank(guesses, sets) == [False, True, True]
-    assert [K.recall_at_k(guesses, sets, k) for k in (1, 2, 3, 10)] == [0.0, 0.5, 1.0, 1.0]
+    assert [K.kilt_recall_at_k(guesses, sets, k) for k in (1, 2, 3, 10)] == [0.0, 0.5, 1.0, 1.0]
     assert [K.success_at_k(guesses, sets, k) for k in (1, 2)] == [0.0, 1.0]
     with pytest.raises(ValueError):
-        K.recall_at_k(guesses, sets, 0)
+        K.kilt_recall_at_k(guesses, sets, 0)
 
 
 def test_passage_keys_and_ranking():

@@ -317,10 +317,9 @@ def test_demo_data_merged_splits_and_corpus_subset(tmp_path):
 
 
 def test_demo_config_is_valid(tmp_path):
-    from radit_fast.cli.run import DEMO_CONFIG
-    from radit_fast.pipeline.config import load_run_file, make_config
+    from radit_fast.config.run import DEMO_FILE, load_run_file, make_config
 
-    file = load_run_file(DEMO_CONFIG, extra_sections=("data",))
+    file = load_run_file(DEMO_FILE, extra_sections=("data",))
     file.pop("data")
     cfg = make_config(corpus="c", train="t", dev="d", test="e", out=str(tmp_path / "o"), file=file)
     assert cfg.eval.k >= 1 and cfg.run.eval_dtype == "bf16"
@@ -379,7 +378,7 @@ def test_radit_run_lora_bf16_and_retriever_subset(tiny_run_inputs, tmp_path):
     subset = load_tasks(out / "train_retriever" / "train_subset.jsonl")
     assert len(subset) == 4 and all(ex.choices is None for ex in subset)
     with pytest.raises(RaditError, match="needs train_lm.lora|set train_lm.lora"):
-        from radit_fast.pipeline.config import make_config
+        from radit_fast.config.run import make_config
 
         make_config(corpus="c", train="t", dev="d", test="e", out="o", file={"run": {"train_dtype": "bf16"}})
 
@@ -412,7 +411,7 @@ def test_stage_keys_follow_resolved_defaults(tmp_path):
     own paths do not enter the key."""
     import dataclasses
 
-    from radit_fast.pipeline.config import PAPER_LM, make_config
+    from radit_fast.config.run import make_config, run_defaults
     from radit_fast.pipeline.run import _NOT_IN_STAGE_KEY, stage_key
 
     def key(out, **overrides):
@@ -420,14 +419,14 @@ def test_stage_keys_follow_resolved_defaults(tmp_path):
         return stage_key(cfg.lm_config(out / "train_lm")), stage_key(cfg.retriever_config(out / "train_retriever"))
 
     lm_key, r_key = key(tmp_path / "a")
-    assert "append_eos" not in PAPER_LM and lm_key["append_eos"] is True
+    assert "append_eos" not in run_defaults()["train_lm"] and lm_key["append_eos"] is True
     assert "out" not in lm_key and "index" not in lm_key and "cache_dir" not in r_key
     assert r_key["lm_temperature"] == 0.01 and r_key["score_kind"] == "mean"
     assert key(tmp_path / "b") == (lm_key, r_key)          # another run folder: same keys
     changed, same_r = key(tmp_path / "a", train_lm={"append_eos": False})
     assert changed == {**lm_key, "append_eos": False} and same_r == r_key
     # every resolved default of both stages is in the keys (a changed default retrains) ...
-    from radit_fast.training.config import RaItConfig, RetrieverConfig
+    from radit_fast.config.stages import RaItConfig, RetrieverConfig
 
     assert set(lm_key) == {f.name for f in dataclasses.fields(RaItConfig)} - set(_NOT_IN_STAGE_KEY)
     assert set(r_key) == {f.name for f in dataclasses.fields(RetrieverConfig)} - set(_NOT_IN_STAGE_KEY)
@@ -458,9 +457,10 @@ def test_demo_help_states_the_demo_yaml_defaults():
     import yaml
 
     from radit_fast.cli.main import build_parser
-    from radit_fast.cli.run import _DEMO_KEYS, DEMO_CONFIG
+    from radit_fast.cli.run import _DEMO_KEYS
+    from radit_fast.config.run import DEMO_FILE
 
-    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data = yaml.safe_load(DEMO_FILE.read_text())
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     helps = {a.dest: a.help for a in sub.choices["demo"]._actions}
     checked = set()

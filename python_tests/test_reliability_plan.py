@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from radit_fast.io import RaditError
-from radit_fast.pipeline.config import (
-    DEMO_FILE, PAPER_LM, load_run_file, make_config, merge_sections, preset_sections,
+from radit_fast.config.run import (
+    DEMO_FILE, load_run_file, make_config, merge_sections, preset_sections, run_defaults,
 )
+from radit_fast.io import RaditError
 from test_training_fixtures import cached_setup, task_rows, write_jsonl
 
 torch.set_num_threads(1)
@@ -62,7 +62,7 @@ def test_plan_is_logged_before_any_work_and_warns_on_cpu(inputs, tmp_path, caplo
     Pipeline(paper)
     assert first_output == [(False, True)]  # nothing written before the plan was stated
     text = "\n".join(r.getMessage() for r in caplog.records)
-    lm = PAPER_LM
+    lm = run_defaults()["train_lm"]
     assert "plan (cpu): index of 24 documents" in text
     assert (f"train_lm: 8 examples x k={lm['k']} = {8 * lm['k']} instances; {lm['max_steps']} steps x "
             f"{lm['batch_size']} sequences of <= {lm['max_length']} tokens") in text
@@ -98,7 +98,7 @@ def test_preset_flag_reaches_the_run(inputs, tmp_path, monkeypatch, capsys):
     assert cfg.train_lm["max_steps"] == 5 and cfg.train_lm["batch_size"] == demo["train_lm"]["batch_size"]
     assert cfg.eval.k == demo["eval"]["k"] and cfg.run.chunk_words == demo["run"]["chunk_words"]
     assert main([str(a) for a in argv]) == 2
-    assert seen["cfg"].train_lm["max_steps"] == PAPER_LM["max_steps"]
+    assert seen["cfg"].train_lm["max_steps"] == run_defaults()["train_lm"]["max_steps"]
     capsys.readouterr()
 
 

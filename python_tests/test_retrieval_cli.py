@@ -243,11 +243,11 @@ def test_dist_timeout_reaches_the_process_group(tmp_path, capsys, monkeypatch):
 
     seen = []
 
-    def from_env(timeout_s):
+    def init_distributed(device=None, *, timeout_s):
         seen.append(timeout_s)
         raise RaditError("stop here")
 
-    monkeypatch.setattr(build_mod.DistContext, "from_env", staticmethod(from_env))
+    monkeypatch.setattr(build_mod, "init_distributed", init_distributed)
     corpus = write_lines(tmp_path / "corpus.jsonl", ['{"id": "a", "text": "x"}'])
     for extra in ([], ["--dist-timeout", "90m"], ["--dist-timeout", "7200"], ["--dist-timeout", "1.5h"],
                   ["--dist-timeout", "2d"]):

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import radit_fast.distributed as dist_mod
 import radit_fast.retrieval.corpus as corpus_mod
-import radit_fast.retrieval.distributed as dist_mod
 import radit_fast.retrieval.metrics as metrics_mod
 import radit_fast.retrieval.store as store_mod
+from radit_fast.distributed import shard_range
 from radit_fast.io import RaditError
 from radit_fast.retrieval.corpus import Passage, chunk_words, doc_id, iter_corpus
-from radit_fast.retrieval.distributed import shard_range
-from radit_fast.retrieval.metrics import provenance_doc_ids, recall_at_k, retrieval_metrics
+from radit_fast.retrieval.metrics import mean_recall_at_k, provenance_doc_ids, retrieval_metrics
 from radit_fast.retrieval.store import PassageStore, PassageStoreWriter
 
 
@@ -169,5 +169,5 @@ def test_recall_is_document_level_and_skips_queries_without_provenance():
     m = retrieval_metrics(ranked, gold, ks=(1, 2, 3))
     assert m == {"recall@1": 0.0, "hit@1": 0.0, "recall@2": 0.5, "hit@2": 1.0, "recall@3": 1.0, "hit@3": 1.0,
                  "queries": 1}
-    assert recall_at_k(ranked, gold, 2) == 0.5
-    assert np.isnan(recall_at_k([["1"]], [set()], 1))
+    assert mean_recall_at_k(ranked, gold, 2) == 0.5
+    assert np.isnan(mean_recall_at_k([["1"]], [set()], 1))

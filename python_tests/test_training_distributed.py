@@ -21,7 +21,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _cfgs(setup: Path, out_lm: Path, out_r: Path, fsdp: bool = False):
-    from radit_fast.training import RaItConfig, RetrieverConfig
+    from radit_fast.config.stages import RaItConfig, RetrieverConfig
 
     common = dict(train=str(setup / "train.jsonl"), index=str(setup / "index"), lm=str(setup / "lm"),
                   batch_size=4, warmup_steps=1, save_every=2, progress=False, max_length=64, threads=1)

@@ -132,7 +132,7 @@ def cached_setup(root: Path) -> dict[str, Path]:
 
 def lm_config(p: dict[str, Path], out: Path, **kw):
     """A small, fast RaItConfig over a :func:`tiny_setup` (``kw`` overrides any field)."""
-    from radit_fast.training import RaItConfig
+    from radit_fast.config.stages import RaItConfig
 
     base = dict(train=str(p["train"]), index=str(p["index"]), lm=str(p["lm"]), out=str(out), max_steps=3,
                 batch_size=4, lr=5e-3, warmup_steps=1, save_every=0, progress=False, max_length=64, threads=1)
@@ -141,7 +141,7 @@ def lm_config(p: dict[str, Path], out: Path, **kw):
 
 def retriever_config(p: dict[str, Path], out: Path, **kw):
     """A small, fast RetrieverConfig over a :func:`tiny_setup` (``kw`` overrides any field)."""
-    from radit_fast.training import RetrieverConfig
+    from radit_fast.config.stages import RetrieverConfig
 
     base = dict(train=str(p["train"]), index=str(p["index"]), lm=str(p["lm"]), out=str(out), max_steps=2,
                 batch_size=4, k=4, lr=1e-2, warmup_steps=0, save_every=0, progress=False, max_length=64,

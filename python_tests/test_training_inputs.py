@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from radit_fast.io import RaditError
-from radit_fast.training import RaItConfig, identity, sources, train_lm, train_retriever
-from radit_fast.training.distributed import DistEnv
+from radit_fast.config.stages import RaItConfig
+from radit_fast.distributed import DistEnv
+from radit_fast.training import identity, sources, train_lm, train_retriever
 from test_training_fixtures import cached_setup, corpus_rows, lm_config, retriever_config, tiny_lm, write_jsonl
 
 torch.set_num_threads(1)
@@ -210,10 +211,10 @@ def test_lora_initialisation_follows_the_seed(tiny):
 
 def test_flat_retriever_temperature_warns(tiny, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="radit_fast.training.retriever"):
-        train_retriever(_r_cfg(tiny, tmp_path / "r"))
+        train_retriever(_r_cfg(tiny, tmp_path / "r", retriever_temperature=1.0))
     assert sum("nearly uniform" in r.message for r in caplog.records) == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="radit_fast.training.retriever"):
-        train_retriever(_r_cfg(tiny, tmp_path / "r2", retriever_temperature=0.1))
+        train_retriever(_r_cfg(tiny, tmp_path / "r2"))  # the default (0.1)
     assert not any("nearly uniform" in r.message for r in caplog.records)
     assert np.isfinite(json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])["loss"])

@@ -17,10 +17,10 @@ from torch import nn
 from radit_fast.io import RaditError
 from radit_fast.training import checkpoint as ckpt
 from radit_fast.training import schedule
-from radit_fast.training.config import (RaItConfig, RetrieverConfig, TrainConfig, add_config_arguments,
-                                        config_from_args, config_from_dict, load_config_file,
-                                        read_resolved_config, write_resolved_config)
-from radit_fast.training.distributed import DistEnv
+from radit_fast.config.fields import load_config_file
+from radit_fast.config.stages import (RaItConfig, RetrieverConfig, TrainConfig, add_config_arguments, config_from_args,
+                                      config_from_dict, read_resolved_config, write_resolved_config)
+from radit_fast.distributed import DistEnv
 from radit_fast.training.loop import Trainer
 from radit_fast.training.plan import DataPlan
 

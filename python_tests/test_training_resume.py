@@ -24,7 +24,7 @@ STEPS = 6
 
 
 def _lm_cfg(p, out, **kw):
-    from radit_fast.training import RaItConfig
+    from radit_fast.config.stages import RaItConfig
 
     base = dict(train=str(p["train"]), index=str(p["index"]), lm=str(p["lm"]), out=str(out), max_steps=STEPS,
                 batch_size=4, lr=5e-3, warmup_steps=2, save_every=1, keep_checkpoints=2, progress=False,
@@ -83,7 +83,8 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_retriever_resume_after_crash(tmp_path):
-    from radit_fast.training import RetrieverConfig, train_retriever
+    from radit_fast.config.stages import RetrieverConfig
+    from radit_fast.training import train_retriever
 
     p = cached_setup(tmp_path / "tiny")
 

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 def test_both_stages_one_step_on_smollm2(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from radit_fast.training import RaItConfig, RetrieverConfig, train_lm, train_retriever
+    from radit_fast.config.stages import RaItConfig, RetrieverConfig
+    from radit_fast.training import train_lm, train_retriever
 
     p = cached_setup(tmp_path / "tiny")
     common = dict(train=str(p["train"]), index=str(p["index"]), lm=None, max_steps=1, batch_size=2,

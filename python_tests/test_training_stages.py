@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from radit_fast.io import RaditError
-from radit_fast.training import RaItConfig, train_lm, train_retriever
+from radit_fast.config.stages import RaItConfig
+from radit_fast.training import train_lm, train_retriever
 from test_training_fixtures import cached_setup, lm_config, retriever_config, task_rows, tiny_encoder, write_jsonl
 
 torch.set_num_threads(1)
@@ -246,7 +247,7 @@ def test_fsdp_keeps_the_lm_on_the_cpu_until_it_is_sharded(tmp_path, monkeypatch)
     from transformers import AutoModelForCausalLM
 
     import radit_fast.models as models
-    from radit_fast.training.distributed import DistEnv
+    from radit_fast.distributed import DistEnv
     from radit_fast.training.ra_it import prepare_lm
     from test_training_fixtures import tiny_lm
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from radit_fast.cli.main import main
 from radit_fast.io import RaditError
-from radit_fast.training.config import TrainConfig
-from radit_fast.training.distributed import DistEnv
+from radit_fast.config.stages import TrainConfig
+from radit_fast.distributed import DistEnv
 from radit_fast.training.loop import Trainer, prepare_out
 from radit_fast.training.metrics import MetricsWriter, read_metrics, scalar_rows
 from radit_fast.training.plan import DataPlan
@@ -141,11 +141,11 @@ def test_metrics_writer_plots_numbers_only(tmp_path):
     w = MetricsWriter(tmp_path / "metrics.jsonl", report_to="tensorboard")
     w.log({"step": 1, "loss": 2.5, "lr": 1e-3, "note": "text", "flag": True})
     w.log({"step": 1, "event": "checkpoint", "path": "x"})
-    w.log({"step": 2, "event": "eval", "eval_recall@4": 0.5})
+    w.log({"step": 2, "event": "eval", "eval_hit@4": 0.5})
     w.close()
     events = read_events(tmp_path / "tensorboard")
     assert events == {"train/loss": [(1, 2.5)], "train/lr": [(1, pytest.approx(1e-3))],
-                      "eval/eval_recall@4": [(2, 0.5)]}
+                      "eval/eval_hit@4": [(2, 0.5)]}
 
 
 @pytest.mark.slow
@@ -165,7 +165,7 @@ def test_train_retriever_cli_writes_tensorboard(tmp_path):
 def test_radit_run_passes_report_to_both_stages(tmp_path):
     from radit_fast.cli.main import build_parser
     from radit_fast.cli.run import _overrides
-    from radit_fast.pipeline.config import make_config
+    from radit_fast.config.run import make_config
 
     args = build_parser().parse_args(["run", "--corpus", "c", "--train", "t", "--dev", "d", "--test", "e",
                                       "--out", str(tmp_path / "run"), "--report-to", "tensorboard"])

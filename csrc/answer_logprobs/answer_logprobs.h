@@ -65,6 +65,12 @@ void bwd_block_cpu(const TensorArg& z, std::int64_t col0, std::int64_t vocab, co
                    const TensorArg& targets, std::int64_t ignore_index, const TensorArg& lse, const TensorArg& grad_tok,
                    const TensorArg& grad_bias, const TensorArg& out, int num_threads);
 
+// The logits GEMM for bfloat16 inputs on CPUs with AVX512-BF16 (mm_bf16_cpu.cpp): c = a @ b^T with a [M, K] and
+// b [N, K] bfloat16 (stride(1) == 1), c [M, N] float32 (stride(1) == 1), float32 accumulation; the result does not
+// depend on num_threads. mm_bf16_f32_cpu raises when mm_bf16_f32_supported() is false.
+bool mm_bf16_f32_supported();
+void mm_bf16_f32_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, int num_threads);
+
 // ---- CUDA (on `stream`, a raw cudaStream_t of z's device; under a device guard; no host synchronisation) ----
 
 // Rows of the float32 grad_bias workspace bwd_block_cuda needs (workspace: [bwd_workspace_rows(rows), cols]).

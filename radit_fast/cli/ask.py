@@ -16,12 +16,15 @@ import json
 import sys
 from pathlib import Path
 
+from radit_fast.config.evaluation import EvalSettings
+from radit_fast.config.fields import add_arguments
+from radit_fast.config.run import RunOptions
 from radit_fast.io import RaditError
+
+_RUN_DEFAULT = ("k", "decode", "max_new_tokens", "retriever_temperature")  # the run's settings, else EvalSettings'
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from radit_fast.cli.eval import _nonneg, _pos_float, _positive
-
     p = subparsers.add_parser("ask", help="answer questions with a (tuned) retrieval-augmented LM",
                               description="Answer questions with the LM, retriever and index of a `radit run` "
                                           "folder (or given one by one) and print the cited passages.")
@@ -36,14 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--query-encoder", help="query encoder folder (default: the index's)")
     p.add_argument("--choices", help="multiple choice: the options, separated by '|' (same for every question)")
     p.add_argument("--json", action="store_true", help="one JSON object per question (JSON lines)")
-    p.add_argument("--k", type=_nonneg, help="retrieved chunks per question (default: the run's, else 10; "
-                                             "0 without --index)")
-    p.add_argument("--decode", choices=["mixture", "rescore"], help="decoding (default: the run's, else mixture)")
-    p.add_argument("--max-new-tokens", type=_positive, help="generation budget (default: the run's, else 32)")
-    p.add_argument("--retriever-temperature", type=_pos_float, help="tau_R (default: the run's, else 1.0)")
+    shown = {name: f"the run's, else {getattr(EvalSettings, name)}" for name in _RUN_DEFAULT}
+    shown["k"] += "; 0 without --index"
+    add_arguments(p, EvalSettings, only=_RUN_DEFAULT, shown=shown)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="LM weights (default auto: bf16 where the device computes it natively)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda when available")
+    add_arguments(p, RunOptions, only=("device",))
     p.set_defaults(func=cmd_ask)
 
 
@@ -63,7 +64,6 @@ def read_questions(args: argparse.Namespace, stdin=None) -> list[str]:
 
 
 def load_system(args: argparse.Namespace):
-    from radit_fast.evaluation.scoring import EvalSettings
     from radit_fast.inference import RaditSystem
 
     if args.run is not None:

@@ -20,97 +20,42 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from radit_fast.config.evaluation import EvalSettings, LMEvalSettings
+from radit_fast.config.fields import add_arguments, arg_type, from_dict
+from radit_fast.config.run import RunOptions
 from radit_fast.io import RaditError
 
 logger = logging.getLogger("radit_fast.cli.eval")
 
+_positive = arg_type(int, {"ge": 1})
 
-def _nonneg(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
+#: ``EvalSettings`` fields that are inference flags of ``radit eval``, ``radit run`` and ``radit demo``.
+EVAL_FLAGS = ("k", "shots", "decode", "reweight", "max_new_tokens", "max_length", "retriever_temperature",
+              "choice_score", "show_choices", "batch_size", "impl", "seed")
+_EVAL_DESTS = {"batch_size": "eval_batch_size"}
 
 
-def _positive(value: str) -> int:
-    n = _nonneg(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
-def _pos_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return x
-
-
-def add_eval_options(p: argparse.ArgumentParser, *, k_default: int | None = 10,
+def add_eval_options(p: argparse.ArgumentParser, *, defaults: bool = True,
                      shown: Mapping[str, str] | None = None) -> None:
-    """Inference options shared by ``radit eval`` and ``radit run`` (fields of ``EvalSettings``).
+    """Inference options shared by ``radit eval``, ``radit run`` and ``radit demo``: the :data:`EVAL_FLAGS` of
+    ``EvalSettings``, and ``--dtype``/``--device`` of ``RunOptions``.
 
-    ``shown`` (by option dest) replaces the default a help text states, for commands whose defaults come
-    from elsewhere (``radit demo``: demo.yaml)."""
-    shown = dict(shown or {})
-
-    def default(dest: str, value: object) -> str:
-        return f"default {shown.get(dest, value)}"
-
-    def flag(dest: str) -> str:  # store_true options state a default only where something else sets them
-        return f" ({default(dest, '')})" if dest in shown else ""
-
+    ``defaults=False``: unset flags are None (a run file decides). ``shown`` (by option dest) replaces the
+    default a help text states, for commands whose defaults come from elsewhere (``radit demo``: demo.yaml)."""
     g = p.add_argument_group("inference")
-    g.add_argument("--k", type=_nonneg, default=k_default,
-                   help="retrieved chunks per example, each prepended separately (0: no retrieval; "
-                        f"{default('k', k_default if k_default is not None else 'from the run file')})")
-    g.add_argument("--shots", type=_nonneg, default=0,
-                   help=f"demonstrations per task kind from the train file ({default('shots', 0)})")
-    g.add_argument("--decode", choices=["mixture", "rescore"], default="mixture",
-                   help="generation: token-level mixture of the k prompts, or decode each prompt and rescore the "
-                        f"candidates with the ensemble ({default('decode', 'mixture')})")
-    g.add_argument("--reweight", action="store_true",
-                   help="mixture decoding: re-weight chunks by their running likelihood of the answer so far"
-                        + flag("reweight"))
-    g.add_argument("--max-new-tokens", type=_positive, default=32,
-                   help=f"generation budget ({default('max_new_tokens', 32)})")
-    g.add_argument("--max-length", type=_positive, default=512,
-                   help="tokens per augmented prompt including the answer; only the chunk is truncated "
-                        f"({default('max_length', 512)})")
-    g.add_argument("--retriever-temperature", type=_pos_float, default=1.0,
-                   help="tau_R of the ensemble weights softmax(score / tau_R) "
-                        f"({default('retriever_temperature', 1.0)})")
-    g.add_argument("--choice-score", choices=["sum", "mean"], default="sum",
-                   help="multiple choice: sum or mean log-prob of an option's tokens "
-                        f"({default('choice_score', 'sum')})")
-    g.add_argument("--show-choices", action="store_true",
-                   help="list the options under the question" + flag("show_choices"))
-    g.add_argument("--eval-batch-size", type=_positive, default=16,
-                   help=f"augmented prompts per forward pass ({default('eval_batch_size', 16)})")
-    g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="LM weights for evaluation (bf16 is about 3x faster on CPUs with AVX-512 BF16; "
-                        f"{default('dtype', 'fp32')})")
-    g.add_argument("--impl", choices=["auto", "cpu", "cuda", "triton", "torch"], default="auto",
-                   help=f"backend of the fused ops ({default('impl', 'auto')})")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help=default("device", "cuda when available"))
-    g.add_argument("--seed", type=int, default=0, help=f"choice of demonstrations ({default('seed', 0)})")
+    add_arguments(g, EvalSettings, only=EVAL_FLAGS, defaults=defaults, shown=shown, dests=_EVAL_DESTS)
+    add_arguments(g, RunOptions, only=("eval_dtype", "device"), defaults=defaults, shown=shown,
+                  dests={"eval_dtype": "dtype"})
 
 
-def settings_from_args(args: argparse.Namespace):
-    from radit_fast.evaluation.scoring import EvalSettings
+def eval_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The :data:`EVAL_FLAGS` values of parsed arguments, by ``EvalSettings`` field (None: not given)."""
+    return {name: getattr(args, _EVAL_DESTS.get(name, name)) for name in EVAL_FLAGS}
 
-    s = EvalSettings(k=args.k, shots=args.shots, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
-                     retriever_temperature=args.retriever_temperature, decode=args.decode, reweight=args.reweight,
-                     choice_score=args.choice_score, show_choices=args.show_choices,
-                     batch_size=args.eval_batch_size, impl=args.impl, seed=args.seed,
-                     template=getattr(args, "template", "auto"))
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    values = {**eval_values(args), "template": getattr(args, "template", "auto")}
+    s = from_dict(EvalSettings, values, source="command line")
     s.validate()
     return s
 
@@ -138,13 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="--task paper: generation budget for ELI5 (default 128)")
     p.add_argument("--format", choices=["auto", "radit", "kilt", "mmlu"], default="auto",
                    help="task file format (default auto: MMLU for a folder or .csv, KILT for its released files)")
-    p.add_argument("--template", default="auto",
-                   help="prompt template: auto (by each example's task), a name (qa, fact_checking, slot_filling, "
-                        "multiple_choice, long_form, dialogue, entity_linking), a task name (nq, fever, mmlu, ...) "
-                        "or a template string with {Q} {question} {A} (default auto)")
-    p.add_argument("--stride", type=_positive, default=128, help="--task lm: tokens scored per window (default 128)")
-    p.add_argument("--context", type=_nonneg, default=256,
-                   help="--task lm: tokens of preceding text per window (default 256)")
+    add_arguments(p, EvalSettings, only=("template",), defaults=True)
+    add_arguments(p, LMEvalSettings, only=("stride", "context"), defaults=True)
     p.add_argument("--out", required=True, type=Path, help="output folder (predictions.jsonl, metrics.json)")
     p.add_argument("--index", type=Path, help="index folder from `radit index build` (needed when --k > 0)")
     p.add_argument("--query-encoder", help="query encoder folder (default: the index's; e.g. a tuned one)")
@@ -253,7 +193,7 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
     """``radit eval --task lm``: perplexity and bits per byte of ``--test`` (a UTF-8 text file)."""
     import torch
 
-    from radit_fast.evaluation.perplexity import LMEvalSettings, evaluate_lm
+    from radit_fast.evaluation.perplexity import evaluate_lm
     from radit_fast.io import claimed_dir, write_json
     from radit_fast.pipeline.checks import check_encoder, check_lm_reference
 
@@ -314,7 +254,7 @@ def _named_paths(items: list[str], option: str) -> dict[str, Path]:
 
 def cmd_eval_paper(args: argparse.Namespace) -> int:
     """``radit eval --task paper``: the paper's Table 2 layout from a finished ``radit run``."""
-    from radit_fast.evaluation.paper import paper_table, render_paper_table
+    from radit_fast.pipeline.paper import paper_table, render_paper_table
 
     if args.run is None:
         raise RaditError("--task paper needs --run (a finished radit run folder)")

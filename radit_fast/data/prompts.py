@@ -1,6 +1,6 @@
 """The RA-DIT prompt template, its tokenisation for answer scoring, and the batch collators.
 
-Template (DESIGN.md section 1)::
+Template (docs/method.md, "Prompt template")::
 
     Background: {chunk}\\n\\n[{demo question/answer}\\n\\n ...]Q: {question}\\nA: {answer}
 

@@ -21,28 +21,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.tasks import Example
 from radit_fast.evaluation import metrics as M
 from radit_fast.evaluation.engine import LMEngine
 from radit_fast.evaluation.generation import generate_answers
 from radit_fast.evaluation.kilt import kilt_metrics
-from radit_fast.evaluation.scoring import (Augmentation, EvalSettings, augmentation_for, pick_demonstrations,
-                                           score_candidates, score_multiple_choice)
+from radit_fast.evaluation.scoring import (Augmentation, augmentation_for, pick_demonstrations, score_candidates,
+                                           score_multiple_choice)
+from radit_fast.retrieval.corpus import passage_text
 from radit_fast.retrieval.index import check_k
+from radit_fast.retrieval.metrics import recall_at_k
 
 log = logging.getLogger(__name__)
 
 RECALL_AT = (1, 10)
-KILT_AT = (5,)  # KILT's recall@k / success@k (its leaderboard reports R-precision and recall@5)
+KILT_AT = (5,)  # KILT's kilt_recall@k / success@k (its leaderboard reports R-precision and recall@5)
 Retrieved = list[tuple[str, str, float]]  # (passage id, background text, retriever score), best first
-
-
-def background_text(title: str, text: str) -> str:
-    """The background an LM sees for a passage: the ``title text`` string the encoder saw, exactly as the
-    tuning stages show it (:func:`radit_fast.training.sources.passage_text`)."""
-    from radit_fast.retrieval.corpus import encoder_text
-
-    return encoder_text(title, text)
 
 
 def retrieve(retriever: Any, examples: Sequence[Example], k: int, *, batch_size: int = 256,
@@ -61,7 +56,7 @@ def retrieve(retriever: Any, examples: Sequence[Example], k: int, *, batch_size:
             res = retriever.retrieve([ex.input for ex in part], depth)
             scores = res.scores.detach().float().cpu().tolist()
             for b in range(len(part)):
-                out.append([(p.id, background_text(p.title, p.text), sc)
+                out.append([(p.id, passage_text(p.title, p.text), sc)
                             for p, sc in zip(res.passages[b], scores[b]) if p is not None])
             bar.update(len(part))
     return out
@@ -78,7 +73,7 @@ def example_metrics(ex: Example, prediction: str, retrieved_ids: Sequence[str] |
     if retrieved_ids is not None and ex.provenance:
         for at in sorted({*RECALL_AT, k} - {0}):
             if at <= len(retrieved_ids) or at in RECALL_AT:
-                out[f"recall@{at}"] = M.recall_at_k(retrieved_ids, ex.provenance, at)
+                out[f"recall@{at}"] = recall_at_k(retrieved_ids, ex.provenance, at)
     out.update(kilt_metrics(ex, prediction, retrieved_ids, KILT_AT))
     return out
 

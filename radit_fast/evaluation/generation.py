@@ -1,6 +1,6 @@
 """Greedy answer generation with parallel retrieval augmentation.
 
-Two decoders (DESIGN.md section 1):
+Two decoders (docs/method.md, "Parallel retrieval augmentation"):
 
 * ``"mixture"`` (default): decode token by token from the token-level ensemble of the k augmented prompts,
   ``p(y_t | x, y_<t) = sum_i w_i p_LM(y_t | c_i o x, y_<t)`` with ``w = softmax(s / tau_R)`` (optionally
@@ -21,9 +21,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.tasks import Example
 from radit_fast.evaluation.engine import LMEngine
-from radit_fast.evaluation.scoring import Augmentation, EvalSettings, prompt_ids, score_candidates, shots_for
+from radit_fast.evaluation.scoring import Augmentation, prompt_ids, score_candidates, shots_for
 
 log = logging.getLogger(__name__)
 

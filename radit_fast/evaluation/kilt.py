@@ -11,7 +11,8 @@ Definitions follow the KILT evaluation scripts (Petroni et al., 2021, ``kilt/eva
   example is its retrieved keys in rank order with repeats dropped (two chunks of one page are one guess).
 * **R-precision.** For an evidence set E of size R: ``|top-R guesses ∩ E| / R``; an example's R-precision is
   the maximum over its evidence sets (0 without guesses).
-* **recall@k / success@k.** Each evidence set is one point of the ranking, placed where its last key is
+* **recall@k / success@k** (keys ``kilt_recall@k``, ``success@k``; functions :func:`kilt_recall_at_k`,
+  :func:`success_at_k`). Each evidence set is one point of the ranking, placed where its last key is
   found; ``recall@k`` = complete sets within the first k points / number of sets, ``success@k`` = 1 when
   one set is complete within them.
 * **Downstream.** ``em``/``f1`` with SQuAD normalisation (max over gold answers), ``accuracy`` as the
@@ -24,7 +25,7 @@ than ``a-z0-9`` split tokens, no stemming) and is tested against that package; K
 
 >>> r_precision(["7", "3", "9"], [{"7", "9"}]), r_precision(["7", "9"], [{"7", "9"}, {"3"}])
 (0.5, 1.0)
->>> recall_at_k(["1", "7", "9"], [{"7", "9"}, {"4"}], 1), recall_at_k(["1", "7", "9"], [{"7", "9"}, {"4"}], 2)
+>>> kilt_recall_at_k(["1", "7", "9"], [{"7", "9"}, {"4"}], 1), kilt_recall_at_k(["1", "7", "9"], [{"7", "9"}, {"4"}], 2)
 (0.0, 0.5)
 >>> round(rouge_l("the cat sat on the mat", "the cat is on the mat"), 4)
 0.8333
@@ -135,7 +136,7 @@ def kilt_rank(guesses: Sequence[str], sets: Sequence[Iterable[str]]) -> list[boo
     return [p is True for p in points]
 
 
-def recall_at_k(guesses: Sequence[str], sets: Sequence[Iterable[str]], k: int) -> float:
+def kilt_recall_at_k(guesses: Sequence[str], sets: Sequence[Iterable[str]], k: int) -> float:
     """Complete evidence sets among the first k points of :func:`kilt_rank`, over the number of sets."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -212,7 +213,7 @@ def kilt_metrics(example: Any, prediction: str, passage_ids: Sequence[str | None
     rp = r_precision(guesses, sets)
     out["r_precision"] = rp
     for k in ks:
-        out[f"kilt_recall@{k}"] = recall_at_k(guesses, sets, k)
+        out[f"kilt_recall@{k}"] = kilt_recall_at_k(guesses, sets, k)
         out[f"success@{k}"] = success_at_k(guesses, sets, k)
     para_sets = evidence_sets(example, "paragraph")
     para_guesses = ranked_keys(passage_ids, "paragraph")

@@ -1,12 +1,12 @@
-"""Task metrics: exact match and token F1 with SQuAD answer normalisation, accuracy, document-level recall@k.
+"""Task metrics: exact match and token F1 with SQuAD answer normalisation, accuracy, their aggregation.
 
 Conventions (those of the SQuAD v1.1 evaluation script and KILT):
 
 * ``normalize_answer``: lower-case, drop punctuation, drop the articles "a", "an", "the", collapse spaces.
 * ``exact_match`` / ``token_f1`` of one prediction take the maximum over the gold answers.
-* ``recall_at_k``: the fraction of an example's provenance documents found among its top-k retrieved
-  passages (document level, KILT); examples without provenance are left out of the mean; when no example
-  has provenance the metric is absent (``None``).
+* Retrieval metrics (document-level ``recall@k``, ``hit@k``) are :mod:`radit_fast.retrieval.metrics`;
+  KILT's evidence-set metrics are :mod:`radit_fast.evaluation.kilt`. A per-example metric that does not
+  apply is ``None`` (an example without provenance has no ``recall@k``) and is left out of the mean.
 
 Every per-example function returns a float in [0, 1]; ``mean`` of an empty list is ``None``, not 0, so a
 missing metric is never mistaken for a zero score.
@@ -81,26 +81,6 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
 def accuracy(prediction: str, golds: Sequence[str]) -> float:
     """Multiple choice: 1.0 when the chosen option is one of the gold answers (normalised comparison)."""
     return exact_match(prediction, golds)
-
-
-def recall_at_k(retrieved_ids: Sequence[str | None], provenance_ids: Iterable[str], k: int) -> float | None:
-    """Document-level recall@k of one example: the fraction of its provenance documents among the documents
-    of its top-k passages; None without provenance.
-
-    Computed by :func:`radit_fast.retrieval.metrics.retrieval_metrics` (a passage id ``"doc#n"`` counts
-    as ``doc``, and so does a provenance id), so evaluation and retrieval report the same number.
-
-    >>> recall_at_k(["d1#0", "d2#3"], ["d2"], 1), recall_at_k(["d1#0", "d2#3"], ["d2"], 2)
-    (0.0, 1.0)
-    """
-    from radit_fast.retrieval.metrics import retrieval_metrics
-
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    gold = list(provenance_ids)
-    if not gold:
-        return None
-    return float(retrieval_metrics([list(retrieved_ids)], [gold], ks=(k,))[f"recall@{k}"])
 
 
 def mean(values: Iterable[float | None]) -> float | None:

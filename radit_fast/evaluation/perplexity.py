@@ -24,44 +24,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from radit_fast.config.evaluation import LMEvalSettings
 from radit_fast.data.prompts import special_prefix
 from radit_fast.evaluation.engine import LMEngine
-from radit_fast.evaluation.evaluate import background_text
 from radit_fast.evaluation.scoring import ensemble_logprobs
 from radit_fast.io import RaditError
+from radit_fast.retrieval.corpus import passage_text
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LMEvalSettings:
-    """Windows and retrieval of :func:`evaluate_lm`."""
-
-    stride: int = 128               # tokens scored per window
-    context: int = 256              # tokens of preceding text each window sees
-    query_tokens: int = 64          # last tokens of the context used as the retrieval query
-    k: int = 10                     # passages per window (0: no retrieval)
-    max_length: int = 1024          # tokens per augmented sequence (the passage is cut to fit)
-    retriever_temperature: float = 1.0
-    batch_size: int = 16
-    impl: str = "auto"
-
-    def validate(self) -> None:
-        for name in ("stride", "query_tokens", "max_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise RaditError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.context < 0 or self.k < 0:
-            raise RaditError("--context and --k must be >= 0")
-        if self.stride + self.context + 1 > self.max_length:
-            raise RaditError(f"--stride {self.stride} + --context {self.context} do not fit --max-length "
-                             f"{self.max_length}")
-        if not self.retriever_temperature > 0:
-            raise RaditError("--retriever-temperature must be > 0")
 
 
 def windows(ids: Sequence[int], stride: int, context: int, start_ids: Sequence[int]) -> list[tuple[list[int], list[int]]]:
@@ -115,7 +89,7 @@ def evaluate_lm(model: torch.nn.Module, tokenizer: Any, text: str, settings: LME
                 continue
             body = [] if w == 0 else ctx  # the first window has no text before it: the passage replaces BOS
             room = settings.max_length - len(body) - len(y) - len(sep)
-            chunk = list(tokenizer(background_text(p.title, p.text), add_special_tokens=False)["input_ids"])[:max(0, room)]
+            chunk = list(tokenizer(passage_text(p.title, p.text), add_special_tokens=False)["input_ids"])[:max(0, room)]
             prompts.append(chunk + sep + body if chunk else list(ctx))
             conts.append([y])
             owner.append(w)

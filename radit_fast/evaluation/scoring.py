@@ -1,4 +1,4 @@
-"""Parallel retrieval augmentation and the REPLUG ensemble for evaluation (DESIGN.md section 1).
+"""Parallel retrieval augmentation and the REPLUG ensemble for evaluation (docs/method.md).
 
 For an example x with retrieved chunks c_1..c_k (scores s_i), each chunk is prepended to x *separately*
 (``Background: c_i\\n\\n[demonstrations]Q: x\\nA:``); the k augmented prompts are scored by the LM and
@@ -24,49 +24,12 @@ from typing import Any
 
 import torch
 
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.prompts import LETTERS, build_prompt, lettered, question_text, resolve_template
 from radit_fast.data.tasks import Example
 from radit_fast.evaluation.engine import LMEngine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalSettings:
-    """How examples are augmented, scored and decoded (the paper's inference settings are the defaults)."""
-
-    k: int = 10                         # retrieved chunks per example (0: no retrieval)
-    shots: int = 0                      # demonstrations from the train file, prepended to each prompt
-    max_length: int = 512               # tokens per augmented prompt incl. the answer (chunk truncated)
-    max_new_tokens: int = 32            # generation budget
-    retriever_temperature: float = 1.0  # tau_R of p_R(c|x) = softmax(s / tau_R)
-    decode: str = "mixture"             # "mixture" (token-level ensemble) | "rescore" (per chunk + ensemble)
-    reweight: bool = False              # mixture: posterior re-weighting by each chunk's running likelihood
-    choice_score: str = "sum"           # "sum" | "mean" log-prob of an option's tokens
-    show_choices: bool = False          # list the options (A. ..., B. ...) under the question
-    batch_size: int = 16                # augmented prompts per forward pass
-    max_rows: int = 64                  # continuation rows per forward pass (multiple choice, rescoring)
-    impl: str = "auto"                  # backend of the fused ops
-    seed: int = 0                       # choice of demonstrations
-    template: str = "auto"              # prompt template: auto (by each example's meta task), a name, a string
-
-    def validate(self) -> None:
-        from radit_fast.io import RaditError
-
-        if self.k < 0:
-            raise RaditError(f"--k must be >= 0, got {self.k}")
-        if self.shots < 0:
-            raise RaditError(f"--shots must be >= 0, got {self.shots}")
-        for name in ("max_length", "max_new_tokens", "batch_size", "max_rows"):
-            if getattr(self, name) < 1:
-                raise RaditError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.retriever_temperature > 0:
-            raise RaditError(f"--retriever-temperature must be > 0, got {self.retriever_temperature}")
-        if self.decode not in ("mixture", "rescore"):
-            raise RaditError(f"--decode must be mixture or rescore, got {self.decode!r}")
-        if self.choice_score not in ("sum", "mean"):
-            raise RaditError(f"--choice-score must be sum or mean, got {self.choice_score!r}")
-        resolve_template(self.template)
 
 
 @dataclass

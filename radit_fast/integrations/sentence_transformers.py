@@ -9,7 +9,7 @@ through the same fused op::
     loss  = mean_b KL(p_LSR || p_R)  (default; ``direction="retriever_to_lsr"`` = KL(p_R || p_LSR))
             [+ e2e_weight * mean_b -log sum_i p_R,i p_LM(y | c_i o x)]
 
-with the same defaults as ``radit train-retriever`` (read from :class:`~radit_fast.training.config.RetrieverConfig`:
+with the same defaults as ``radit train-retriever`` (read from :class:`~radit_fast.config.stages.RetrieverConfig`:
 tau_R = 1, tau_LSR = 0.01, score kind "mean", KL(p_LSR || p_R)). As in RA-DIT only the query encoder is
 trained: the document side is a frozen copy of the initial model (or the ``document_model`` given), run
 without gradient, or precomputed document embeddings (e.g. the radit index's) looked up by row.
@@ -51,9 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from radit_fast.config.stages import RetrieverConfig
 from radit_fast.ops.lsr import lsr_loss, lsr_scores
 from radit_fast.ops.replug import replug_logprob
-from radit_fast.training.config import RetrieverConfig
 
 logger = logging.getLogger(__name__)
 

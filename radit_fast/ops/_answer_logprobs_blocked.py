@@ -14,10 +14,12 @@ shared in csrc/common/radit_math.h) does the rest:
   buffer; the same epilogues then write dz in place and grad_hidden[r] = dz @ W, grad_weight += dz^T @ H_r.
   3 GEMMs in all (instead of 4: no recomputation in the backward pass), nothing kept but the gradients.
 
-Block dtype. On CPU the block is in the input dtype (torch.mm on CPU has no bf16 x bf16 -> fp32 output: see
-the "Precision" section of radit_fast/ops/answer_logprobs.py). On CUDA, bfloat16 inputs write float32 blocks
-(``torch.mm(..., out_dtype=torch.float32)``, cuBLAS accumulates in fp32 anyway) when the running torch offers
-it, and the backward epilogue writes dz into a separate bfloat16 buffer for the two gradient GEMMs.
+Block dtype. bfloat16 inputs write float32 logit blocks wherever the device can: on CUDA through
+``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS accumulates in fp32 anyway) when the running torch offers it,
+on CPUs with AVX512-BF16 through the native kernel ``_C.answer_logprobs_mm_bf16_f32_cpu``
+(csrc/answer_logprobs/mm_bf16_cpu.cpp: torch.mm on CPU writes bf16 x bf16 products in bfloat16 only). Elsewhere
+the block is in the input dtype (see the "Precision" section of radit_fast/ops/answer_logprobs.py). With float32
+blocks the backward epilogue writes dz into a separate bfloat16 buffer for the two gradient GEMMs (torch.mm).
 
 Memory: one block buffer of at most ``BLOCK_BYTES[device]`` (+ a dz buffer on CUDA), the per-row state, the
 gradients, and for bfloat16 a float32 accumulator of grad_weight only when several row chunks add into it.
@@ -31,6 +33,8 @@ import math
 
 import torch
 
+from radit_fast import _native
+from radit_fast._native import tensor_arg
 from radit_fast.ops import _answer_logprobs_epilogue as epilogue
 from radit_fast.ops._dispatch import error_flag
 
@@ -63,7 +67,10 @@ def loss_rows(n: int, v: int, elt: int, device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _fp32_out_ok(device_type: str) -> bool:
-    """True when torch.mm writes bf16 x bf16 products into float32 on this device type (out_dtype=)."""
+    """True when bf16 x bf16 products can be written into float32 blocks on this device type: torch.mm's
+    out_dtype= on CUDA, the native AVX512-BF16 kernel on CPU (torch.mm on CPU has no bf16 -> f32 product)."""
+    if device_type == "cpu":
+        return _native._C is not None and bool(_native._C.answer_logprobs_mm_bf16_f32_supported())
     if device_type != "cuda":
         return False
     try:
@@ -82,8 +89,14 @@ def block_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b, out in a's dtype or (bfloat16 a, b) in float32 (block_dtype)."""
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
+    elif out.device.type == "cpu":
+        bt = b.T if b.T.stride(-1) == 1 else b.T.contiguous()
+        _native._C.answer_logprobs_mm_bf16_f32_cpu(tensor_arg(a if a.stride(-1) == 1 else a.contiguous(), "a"),
+                                                   tensor_arg(bt, "b"), tensor_arg(out, "out"),
+                                                   torch.get_num_threads())
     else:
         torch.mm(a, b, out_dtype=out.dtype, out=out)
 

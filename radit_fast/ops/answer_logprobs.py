@@ -22,18 +22,15 @@ Backends. "cpu" and "cuda" are one blocked driver (radit_fast/ops/_answer_logpro
 out-of-range targets give NaN and set a device flag, raised as ValueError only under RADIT_DEBUG_CHECKS=1.
 
 Precision with bfloat16 inputs (accumulation is float32 everywhere). The triton backend keeps each logit tile
-in float32 registers and the cuda backend writes float32 blocks (torch.mm out_dtype); impl="torch" multiplies
-float32 upcasts. impl="cpu" stores each logit block
-in bfloat16 before its float32 logsumexp epilogue, because torch.mm on CPU writes its output in the input
-dtype: bfloat16 x bfloat16 into a float32 ``out`` raises, ``out_dtype=`` (aten::mm.dtype / addmm.dtype) has
-no CPU kernel in torch 2.13, and no torch CPU op exposes oneDNN's bf16 -> f32 matmul
-(mkldnn._linear_pointwise returns bf16; the onednn ops are quantised or fp16). Every logit then carries a
-relative rounding error of up to 2^-9, i.e. an absolute error of up to |z| 2^-9 in tok and lse (measured:
-1.6e-2 max at N=1024, d=576, V=49152 with random logits of standard deviation 2, against 1.8e-6 for
-impl="torch"; the naive bfloat16 expression, which also rounds the log-softmax, is 2-6x worse than
-impl="cpu"). Upcasting the blocks to float32 would make the CPU GEMMs ~3.5x slower (bf16 on AMX 770 vs
-fp32 217 GFLOP/s at 1024 x 576 x 4096 on 2 cores) and is not done; for float32-accurate results from
-bfloat16 weights use impl="torch" (5.6x slower than impl="cpu" at that shape) or float32 inputs.
+in float32 registers, the cuda backend writes float32 blocks (torch.mm out_dtype), impl="torch" multiplies
+float32 upcasts, and impl="cpu" writes float32 blocks on CPUs with AVX512-BF16 through its own bf16 x bf16 ->
+f32 kernel (csrc/answer_logprobs/mm_bf16_cpu.cpp; torch.mm on CPU writes bf16 products in bfloat16 only:
+aten::mm.dtype has no CPU kernel in torch 2.13): all four are float32-accurate (measured at N=300, d=576,
+V=5000: 1.7e-6 max tok error against float64, against 7.8e-3 with bfloat16 blocks). On CPUs without
+AVX512-BF16, impl="cpu" stores each logit block in bfloat16 before its float32 epilogue, so every logit
+carries a relative rounding error of up to 2^-9, i.e. an absolute error of up to |z| 2^-9 in tok and lse (the
+naive bfloat16 expression, which also rounds the log-softmax, is 2-6x worse); for float32-accurate results
+there use impl="torch" or float32 inputs.
 
 Layers (STYLE section 2): launchers ``_fwd_launch``/``_bwd_launch``/``_loss_launch`` (no autograd) -> custom
 ops ``torch.ops.radit.answer_logprobs_fwd``/``_bwd``/``_loss`` (so torch.compile sees opaque nodes with fake

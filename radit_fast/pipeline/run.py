@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from radit_fast.config.run import RunConfig
 from radit_fast.evaluation.report import task_average, write_report
 from radit_fast.io import RaditError, claimed_dir, write_json, write_jsonl
-from radit_fast.pipeline.config import RunConfig
 from radit_fast.pipeline.steps import StepRunner, file_fingerprint
 from radit_fast.records import read_jsonl
 from radit_fast.retrieval.build import check_corpus

@@ -3,7 +3,7 @@
 The build runs inside :func:`radit_fast.io.atomic_dir`: the folder appears only when everything succeeded;
 an interrupted or failed build leaves nothing behind. Under ``torchrun --nproc_per_node N`` every rank
 encodes a slice of the rows into a float16 shard; rank 0 writes the store first and assembles the index
-from the shards (see :mod:`radit_fast.retrieval.distributed`).
+from the shards (see :mod:`radit_fast.distributed`).
 
 >>> build_index("corpus.jsonl", "runs/idx", IndexBuildConfig(index_factory="IVF256,Flat"))  # doctest: +SKIP
 """
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from radit_fast.distributed import INDEX_BUILD_TIMEOUT_S, DistEnv, init_distributed, run_step, shard_range
 from radit_fast.io import RaditError, atomic_dir, open_npy, write_errno, write_failure
 from radit_fast.records import iter_records, record_source
-from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, doc_id, encoder_text, iter_corpus
-from radit_fast.retrieval.distributed import DEFAULT_TIMEOUT_S, DistContext, run_step, shard_range
+from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, doc_id, iter_corpus, passage_text
 from radit_fast.retrieval.encoder import TextEncoder, check_device
 from radit_fast.retrieval.index import (
     EMBEDDINGS_FILE, FAISS_FILE, build_on_device, make_faiss_index, set_search_params,
@@ -57,7 +57,7 @@ class IndexBuildConfig:
     device: str = "cpu"
     precision: str = "auto"
     trust_remote_code: bool = False
-    dist_timeout_s: float = DEFAULT_TIMEOUT_S  # gloo timeout under torchrun (rank 0 works alone for hours)
+    dist_timeout_s: float = INDEX_BUILD_TIMEOUT_S  # gloo timeout under torchrun (rank 0 works alone for hours)
 
     def check(self) -> None:
         if self.chunk_words < 1:
@@ -124,7 +124,7 @@ def encode_rows(store: PassageStore, encoder: TextEncoder, lo: int, hi: int, pat
     with tqdm(total=hi - lo, desc="encoding passages", unit=" passages", disable=None if progress else True) as bar:
         for s in range(lo, hi, block):
             e = min(hi, s + block)
-            texts = [encoder_text(p.title, p.text) for p in store.get(range(s, e))]
+            texts = [passage_text(p.title, p.text) for p in store.get(range(s, e))]
             emb = encoder.encode(texts, batch_size=batch_size, precision=precision, progress=bar)
             emb16 = emb.cpu().numpy().astype(np.float16)
             if not np.isfinite(emb16).all():
@@ -190,17 +190,17 @@ def build_index(corpus: str | os.PathLike, out: str | os.PathLike, config: Index
     if out.exists() and not out.is_dir():
         raise RaditError(f"{out}: exists and is not a folder")
     record_source(corpus, "--corpus")  # RaditError when missing or unreadable (JSON lines, Parquet, datasets folder)
-    with DistContext.from_env(timeout_s=cfg.dist_timeout_s) as ctx:
-        if ctx.is_main:
+    with init_distributed("cpu", timeout_s=cfg.dist_timeout_s) as env:  # gloo: rank 0 works alone for hours
+        if env.is_main:
             with atomic_dir(out, overwrite=overwrite) as tmp:
-                _build_steps(ctx, corpus, tmp, cfg)
+                _build_steps(env, corpus, tmp, cfg)
         else:
-            _build_steps(ctx, corpus, None, cfg)
+            _build_steps(env, corpus, None, cfg)
     return out
 
 
-def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBuildConfig) -> None:
-    device = f"cuda:{ctx.local_rank}" if cfg.device == "cuda" else "cpu"
+def _build_steps(env: DistEnv, corpus: Path, tmp: Path | None, cfg: IndexBuildConfig) -> None:
+    device = f"cuda:{env.local_rank}" if cfg.device == "cuda" else "cpu"
     enc_kw = dict(pooling=cfg.pooling, normalize=cfg.normalize, max_length=cfg.max_length,
                   trust_remote_code=cfg.trust_remote_code)
     local: dict[str, Any] = {}
@@ -208,7 +208,7 @@ def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBui
     def load_and_store() -> dict[str, Any] | None:
         check_device(device)  # cuda:LOCAL_RANK exists on this node
         local["enc"] = TextEncoder.from_pretrained(cfg.doc_encoder or cfg.encoder, device=device, **enc_kw)
-        if not ctx.is_main:
+        if not env.is_main:
             return None
         doc_id = local["enc"].identity()
         local["q_id"] = doc_id
@@ -222,26 +222,26 @@ def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBui
         make_faiss_index(cfg.index_factory, local["enc"].dim)  # a bad factory string fails before encoding
         return {"folder": str(tmp), "n": n}
 
-    info = run_step(ctx, "loading the encoder and writing the passage store", load_and_store)[0]
+    info = run_step(env, "loading the encoder and writing the passage store", load_and_store)[0]
     folder, n = Path(info["folder"]), info["n"]
     enc: TextEncoder = local["enc"]
 
     def encode_shard() -> None:
-        lo, hi = shard_range(n, ctx.rank, ctx.world_size)
-        path = folder / (EMBEDDINGS_FILE if ctx.world_size == 1 else f"shards/emb-{ctx.rank:05d}.npy")
-        logger.info("rank %d encodes rows %d..%d", ctx.rank, lo, hi - 1)
+        lo, hi = shard_range(n, env.rank, env.world_size)
+        path = folder / (EMBEDDINGS_FILE if env.world_size == 1 else f"shards/emb-{env.rank:05d}.npy")
+        logger.info("rank %d encodes rows %d..%d", env.rank, lo, hi - 1)
         encode_rows(PassageStore(folder), enc, lo, hi, path, batch_size=cfg.batch_size,
-                    precision=cfg.precision, progress=ctx.is_main)
+                    precision=cfg.precision, progress=env.is_main)
 
-    run_step(ctx, "encoding", encode_shard)
+    run_step(env, "encoding", encode_shard)
 
     def assemble() -> None:
-        if not ctx.is_main:
+        if not env.is_main:
             return
-        if ctx.world_size > 1:
+        if env.world_size > 1:
             out = open_npy(folder / EMBEDDINGS_FILE, np.float16, (n, enc.dim))
-            for r in range(ctx.world_size):
-                lo, hi = shard_range(n, r, ctx.world_size)
+            for r in range(env.world_size):
+                lo, hi = shard_range(n, r, env.world_size)
                 out[lo:hi] = np.load(folder / f"shards/emb-{r:05d}.npy", mmap_mode="r")
             out.flush()
             del out
@@ -249,9 +249,9 @@ def _build_steps(ctx: DistContext, corpus: Path, tmp: Path | None, cfg: IndexBui
         _finish(folder, doc_identity=enc.identity(), query_identity=local["q_id"], index_factory=cfg.index_factory,
                 search_params=cfg.search_params, train_size=cfg.train_size, device=cfg.device,
                 extra={"chunk_words": cfg.chunk_words, "corpus": str(corpus.resolve()),
-                       "precision": enc.resolve_precision(cfg.precision), "world_size": ctx.world_size, "build_config": asdict(cfg)})
+                       "precision": enc.resolve_precision(cfg.precision), "world_size": env.world_size, "build_config": asdict(cfg)})
 
-    run_step(ctx, "assembling the index", assemble)
+    run_step(env, "assembling the index", assemble)
 
 
 def precomputed_identity(name: str, dim: int, *, pooling: str = "mean", normalize: bool = True,

@@ -49,8 +49,10 @@ def doc_id(passage_id: str) -> str:
     return head if sep and tail.isascii() and tail.isdigit() else str(passage_id)
 
 
-def encoder_text(title: str, text: str) -> str:
-    """The string the document encoder sees for a passage (Atlas style: ``title + " " + text``)."""
+def passage_text(title: str, text: str) -> str:
+    """A passage as the models read it (Atlas style: ``title + " " + text``, the text alone without a title):
+    the string the document encoder embeds, and the ``{chunk}`` of the LM's ``Background:`` line in
+    training, LSR scoring and evaluation (:mod:`radit_fast.data.prompts`)."""
     return f"{title} {text}" if title else text
 
 

@@ -4,14 +4,19 @@ A passage id ``"{doc}#{n}"`` counts as its document ``doc`` (:func:`radit_fast.r
 without the chunk suffix, the last ``'#'`` followed by digits), and so does a gold provenance id. For a
 query with gold documents G and top-k passages P_k (in rank order):
 
-    recall@k = |G ∩ doc(P_k)| / |G|          hit@k (KILT success@k, DPR top-k accuracy) = [G ∩ doc(P_k) ≠ ∅]
+    recall@k = |G ∩ doc(P_k)| / |G|          hit@k = [G ∩ doc(P_k) ≠ ∅]
 
-both averaged over the queries that have provenance (queries without any are skipped and counted).
+hit@k is DPR's top-k accuracy, and KILT's success@k when every evidence set is one page (KILT's own
+evidence-set definitions are :mod:`radit_fast.evaluation.kilt`). :func:`recall_at_k` and :func:`hit_at_k`
+score one query (None without gold documents); :func:`retrieval_metrics` averages both over the queries
+that have gold documents (queries without any are skipped and counted).
 
 >>> gold = [{"7"}, {"1", "2"}, set()]
 >>> ranked = [["7#0", "3"], ["2#1", "9"], ["5"]]
 >>> retrieval_metrics(ranked, gold, ks=(1, 2))
 {'recall@1': 0.75, 'hit@1': 1.0, 'recall@2': 0.75, 'hit@2': 1.0, 'queries': 2}
+>>> recall_at_k(["d1#0", "d2#3"], ["d2", "d3"], 2), hit_at_k(["d1#0", "d2#3"], ["d2", "d3"], 2)
+(0.5, 1.0)
 """
 from __future__ import annotations
 
@@ -38,27 +43,61 @@ def provenance_doc_ids(example: dict[str, Any]) -> set[str]:
     return out
 
 
-def recall_at_k(ranked_ids: Sequence[Sequence[str | None]], gold: Sequence[Collection[str]], k: int) -> float:
-    """Mean document-level recall@k over queries with gold ids (nan when none has any)."""
+def _gold_docs(gold: Iterable[str]) -> set[str]:
+    return {doc_id(str(x)) for x in gold}
+
+
+def _found(ranked_ids: Sequence[str | None], gold_docs: set[str], k: int) -> set[str]:
+    """The gold documents among the documents of the top-k passages."""
+    return gold_docs.intersection(doc_id(p) if p is not None else None for p in ranked_ids[:k])
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+def recall_at_k(retrieved_ids: Sequence[str | None], gold: Iterable[str], k: int) -> float | None:
+    """Document-level recall@k of one query: the fraction of its gold documents among the documents of its
+    top-k passages; None when it has no gold document.
+
+    >>> recall_at_k(["d1#0", "d2#3"], ["d2"], 1), recall_at_k(["d1#0", "d2#3"], ["d2"], 2)
+    (0.0, 1.0)
+    """
+    _check_k(k)
+    g = _gold_docs(gold)
+    return len(_found(list(retrieved_ids), g, k)) / len(g) if g else None
+
+
+def hit_at_k(retrieved_ids: Sequence[str | None], gold: Iterable[str], k: int) -> float | None:
+    """Document-level hit@k of one query: 1.0 when any gold document is among the documents of its top-k
+    passages; None when it has no gold document."""
+    _check_k(k)
+    g = _gold_docs(gold)
+    return (1.0 if _found(list(retrieved_ids), g, k) else 0.0) if g else None
+
+
+def mean_recall_at_k(ranked_ids: Sequence[Sequence[str | None]], gold: Sequence[Collection[str]], k: int) -> float:
+    """:func:`recall_at_k` averaged over the queries with gold ids (nan when none has any)."""
     return retrieval_metrics(ranked_ids, gold, ks=(k,))[f"recall@{k}"]
 
 
 def retrieval_metrics(ranked_ids: Sequence[Sequence[str | None]], gold: Sequence[Collection[str]],
                       ks: Iterable[int] = (1, 5, 10, 20, 100)) -> dict[str, float | int]:
-    """``{"recall@k", "hit@k" for each k, "queries": number of queries with gold ids}``."""
+    """``{"recall@k", "hit@k" for each k, "queries": number of queries with gold ids}``: the means of
+    :func:`recall_at_k` and :func:`hit_at_k` over the queries with gold ids (nan when none has any)."""
     if len(ranked_ids) != len(gold):
         raise ValueError(f"{len(ranked_ids)} rankings but {len(gold)} gold sets")
     ks = sorted(set(int(k) for k in ks))
     sums = {k: [0.0, 0.0] for k in ks}
     n = 0
     for ranked, g in zip(ranked_ids, gold):
-        g = {doc_id(str(x)) for x in g}
+        g = _gold_docs(g)
         if not g:
             continue
         n += 1
-        docs = [doc_id(p) if p is not None else None for p in ranked]
         for k in ks:
-            found = g.intersection(docs[:k])
+            found = _found(list(ranked), g, k)
             sums[k][0] += len(found) / len(g)
             sums[k][1] += 1.0 if found else 0.0
     out: dict[str, float | int] = {}

@@ -1,14 +1,15 @@
 """The two RA-DIT tuning stages. The training layer holds no math: it calls ``radit_fast.ops`` and
 ``radit_fast.retrieval``.
 
-* :func:`train_lm` (stage 1, RA-IT) with :class:`RaItConfig`
-* :func:`train_retriever` (stage 2, R-IT with LM-supervised retrieval) with :class:`RetrieverConfig`
+* :func:`train_lm` (stage 1, RA-IT) with :class:`~radit_fast.config.stages.RaItConfig`
+* :func:`train_retriever` (stage 2, R-IT with LM-supervised retrieval) with
+  :class:`~radit_fast.config.stages.RetrieverConfig`
 """
 from __future__ import annotations
 
-from radit_fast.training.config import RaItConfig, RetrieverConfig, TrainConfig
+from radit_fast.config.stages import RaItConfig, RetrieverConfig
 
-__all__ = ["RaItConfig", "RetrieverConfig", "TrainConfig", "train_lm", "train_retriever"]
+__all__ = ["train_lm", "train_retriever"]
 
 
 def train_lm(config: RaItConfig, **kwargs):  # noqa: ANN201 - lazy import keeps `import radit_fast` light

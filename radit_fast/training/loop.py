@@ -20,11 +20,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from radit_fast.config.stages import TrainConfig, resolved_config, write_resolved_config
+from radit_fast.distributed import DistEnv
 from radit_fast.io import RaditError, claimed_dir, write_json
 from radit_fast.training import checkpoint as ckpt
-from radit_fast.training.config import TrainConfig, resolved_config, write_resolved_config
-from radit_fast.training.distributed import (DistEnv, all_reduce_sum, any_process, barrier, full_state_dict,
-                                             load_params, no_sync, wrap_model)
+from radit_fast.training.parallel import full_state_dict, load_params, no_sync, wrap_model
 from radit_fast.training.metrics import MetricsWriter
 from radit_fast.training.schedule import lr_at, set_lr, step_seed
 
@@ -80,7 +80,7 @@ def prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
         for partial in [*out.glob(".final.*.partial"), *(out / CHECKPOINTS).glob(".*.partial")]:
             log.info("removing %s, left by an interrupted run", partial)
             shutil.rmtree(partial, ignore_errors=True)
-    barrier(env)
+    env.barrier()
     return out
 
 
@@ -178,7 +178,7 @@ class Trainer:
             self.metrics.truncate_after(start)
             if resume is not None:
                 self.metrics.log({"event": "resume", "step": start})
-        barrier(env)
+        env.barrier()
 
         try:
             final_loss = self._loop(wrapped, module, optimizer, start)
@@ -191,7 +191,7 @@ class Trainer:
                 stage.save_final(tmp, gathered)
             write_json(done, {"completed": True, "steps": cfg.max_steps, "final_loss": final_loss,
                               "config": resolved_config(cfg)})
-        barrier(env)
+        env.barrier()
         self.metrics.close()
         return TrainResult(self.out, cfg.max_steps, final_loss, start if resume is not None else None)
 
@@ -232,7 +232,7 @@ class Trainer:
                 for k, v in out.items():
                     if k != "loss":
                         counters[k] = counters.get(k, 0.0) + float(v)
-            if any_process(failed, env):
+            if env.any(failed):
                 raise RaditError(f"step {step}: the loss is not finite (lower --lr, or check the data)")
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                 else float("inf"))
@@ -241,7 +241,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
 
             keys = sorted(counters)
-            totals = dict(zip(keys, all_reduce_sum([counters[k] for k in keys], env)))
+            totals = dict(zip(keys, env.all_reduce_sum([counters[k] for k in keys])))
             dt = time.perf_counter() - t0
             if step == start and env.is_main and cfg.max_steps - start > 1:  # the plan's estimate, timed
                 left = dt * (cfg.max_steps - start - 1)
@@ -298,7 +298,7 @@ class Trainer:
             self.metrics.log({"step": step, "event": "checkpoint", "path": str(path)})
             for cb in self.callbacks:
                 cb("checkpoint", step, {"path": str(path)})
-        barrier(env)
+        env.barrier()
 
 
 class _Window:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from radit_fast._util import cache_root, sha256_file
+from radit_fast.distributed import DistEnv, shard_range
 from radit_fast.io import atomic_dir, write_json
 from radit_fast.models import lm_head_weight
 from radit_fast.packing import pack_forward
@@ -176,16 +177,12 @@ def score_instances(lm: nn.Module, instances: list[Any], pad_id: int, **kwargs: 
 
 
 def score_items(lm_loader: Any, tokenizer: Any, items: list[Any], texts: list[list[str]], cfg: Any,
-                env: Any) -> tuple[np.ndarray, np.ndarray]:
+                env: DistEnv) -> tuple[np.ndarray, np.ndarray]:
     """``(lm_logprobs [n, k] float32, lengths [n, k] int64)`` for every item and retrieved chunk.
 
     Each process scores a contiguous slice of the items; the slices are gathered on every process.
     ``lm_loader()`` is called only after every instance was built (input errors come first).
     """
-    import torch.distributed as dist
-
-    from radit_fast.retrieval.distributed import shard_range
-
     n, k = len(items), max((len(t) for t in texts), default=0)
     k = max(k, cfg.k if len(items) else 0)
     lo, hi = shard_range(n, env.rank, env.world_size)
@@ -206,9 +203,8 @@ def score_items(lm_loader: Any, tokenizer: Any, items: list[Any], texts: list[li
         if bar is not None:
             bar.close()
     lp = np.where(ln > 0, lp, -np.inf).astype(np.float32)
-    if env.world_size > 1:
-        parts: list[Any] = [None] * env.world_size
-        dist.all_gather_object(parts, (lp, ln))
+    if env.distributed:
+        parts = env.all_gather((lp, ln))
         lp = np.concatenate([p[0] for p in parts])
         ln = np.concatenate([p[1] for p in parts])
     log.info("scored %d augmented sequences with the frozen LM", int((ln > 0).sum()))

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from radit_fast.config.stages import RaItConfig
+from radit_fast.distributed import DistEnv, init_distributed, main_then_broadcast
 from radit_fast.io import RaditError, require_extra
 from radit_fast.training import sources
-from radit_fast.training.config import RaItConfig
-from radit_fast.training.distributed import DistEnv, cleanup, init_distributed, main_then_broadcast
 from radit_fast.training.loop import Callback, Trainer, prepare_out
 from radit_fast.training.plan import DataPlan, check_items
 
@@ -201,9 +201,7 @@ class RaItStage:
                           "instances": len(group)})
             total += float(out["loss_sum"])
             count += float(out["loss_norm"])
-        from radit_fast.training.distributed import all_reduce_sum
-
-        total, count = all_reduce_sum([total, count], self.env)
+        total, count = self.env.all_reduce_sum([total, count])
         return {"eval_loss": total / max(count, 1.0), "eval_answer_tokens": count}
 
     def save_final(self, out: Path, gathered: dict[str, torch.Tensor] | None) -> None:
@@ -236,7 +234,7 @@ def prepare_lm(cfg: RaItConfig, env: DistEnv, lm: nn.Module | None = None, token
     """Load the LM (or take the given one), make it trainable, apply LoRA and gradient checkpointing.
 
     Under FSDP (``fsdp`` with several processes) the LM is loaded and kept on the CPU: ``fully_shard``
-    (:func:`radit_fast.training.distributed.wrap_model`) moves one decoder layer at a time to the device
+    (:func:`radit_fast.training.parallel.wrap_model`) moves one decoder layer at a time to the device
     and keeps only this process's shard there, so an LM larger than one device's memory can be trained.
     """
     sharded = cfg.fsdp and env.distributed
@@ -283,5 +281,5 @@ def train_lm(config: RaItConfig, *, callbacks: list[Callback] | None = None, lm:
         stage = RaItStage(config, env, lm, tokenizer, data, fingerprint)
         Trainer(config, stage, env, callbacks=callbacks).fit()
     finally:
-        cleanup(env)
+        env.barrier()  # the process group lives until the process exits
     return Path(config.out)

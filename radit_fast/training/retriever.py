@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from radit_fast.config.stages import RetrieverConfig
+from radit_fast.distributed import DistEnv, init_distributed, main_then_broadcast
 from radit_fast.io import RaditError
+from radit_fast.retrieval.metrics import hit_at_k
 from radit_fast.training import lsr_cache, sources
-from radit_fast.training.config import RetrieverConfig
-from radit_fast.training.distributed import (DistEnv, all_reduce_sum, cleanup, init_distributed,
-                                             main_then_broadcast)
 from radit_fast.training.loop import Callback, Trainer, prepare_out
 from radit_fast.training.plan import DataPlan, check_items
 
@@ -192,27 +192,24 @@ class RetrieverStage:
         return out
 
     def evaluate(self, module: nn.Module) -> dict[str, float] | None:
-        """Recall@k of the evaluation examples' provenance (passage or document ids) with the current encoder."""
+        """``eval_hit@k``: the share of evaluation examples with a gold document among the documents of their
+        top-k passages with the current encoder (:func:`radit_fast.retrieval.metrics.hit_at_k`)."""
         d = self.data
         if not d.eval_queries:
             return None
-        from radit_fast.retrieval.corpus import doc_id
-
         mine = range(self.env.rank, len(d.eval_queries), self.env.world_size)
         hits = total = 0.0
         q = self.encoder.encode([d.eval_queries[i] for i in mine]) if len(mine) else None
         if q is not None:
             _, rows = self.index.index.search(q, self.cfg.k)
             for i, row in zip(mine, rows):
-                gold = set(d.eval_gold[i]) | {doc_id(g) for g in d.eval_gold[i]}
-                if not gold:
-                    continue
-                got = {p.id for p in self.index.store.get(r for r in row if r >= 0)}
-                got |= {doc_id(g) for g in got}
-                hits += float(bool(gold & got))
-                total += 1.0
-        hits, total = all_reduce_sum([hits, total], self.env)
-        return {f"eval_recall@{self.cfg.k}": hits / total if total else float("nan"), "eval_examples": total}
+                hit = hit_at_k([p.id for p in self.index.store.get(r for r in row if r >= 0)], d.eval_gold[i],
+                               self.cfg.k)
+                if hit is not None:
+                    hits += hit
+                    total += 1.0
+        hits, total = self.env.all_reduce_sum([hits, total])
+        return {f"eval_hit@{self.cfg.k}": hits / total if total else float("nan"), "eval_examples": total}
 
     def save_final(self, out: Path, gathered: dict[str, torch.Tensor] | None) -> None:
         self.encoder.save_pretrained(out)
@@ -271,5 +268,5 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
         stage = RetrieverStage(config, env, index, data, fingerprint)
         Trainer(config, stage, env, callbacks=callbacks).fit()
     finally:
-        cleanup(env)
+        env.barrier()  # the process group lives until the process exits
     return Path(config.out)

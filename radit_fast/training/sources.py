@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from radit_fast.io import RaditError
+from radit_fast.retrieval.corpus import passage_text
 from radit_fast.retrieval.index import check_k
 from radit_fast.training.identity import cache_key, fingerprint, model_identity  # noqa: F401
 
@@ -55,13 +56,6 @@ def check_fit(tokenizer: Any, examples: list[Any], max_length: int, *, append_eo
     for ex in examples:
         build_instance(tokenizer, None, ex.input, ex.answers[0], max_length=max_length, example_id=ex.id,
                        append_eos=append_eos)
-
-
-def passage_text(passage: Any) -> str:
-    """How a passage reads as the LM's background: the same ``title text`` string the encoder saw."""
-    from radit_fast.retrieval.corpus import encoder_text
-
-    return encoder_text(passage.title, passage.text)
 
 
 class IndexSource:
@@ -107,7 +101,7 @@ class IndexSource:
 
     def texts(self, rows: np.ndarray) -> list[list[str]]:
         """Background texts of a ``[n, k]`` row matrix (missing rows left out)."""
-        return [[passage_text(p) for p in self.store.get(r for r in row if r >= 0)] for row in rows]
+        return [[passage_text(p.title, p.text) for p in self.store.get(r for r in row if r >= 0)] for row in rows]
 
     def retrieve_texts(self, queries: list[str], k: int, *,
                        exclude: Sequence[Iterable[int]] | None = None) -> list[list[str]]:

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.readers import load_examples
 from radit_fast.evaluation import evaluate as E
-from radit_fast.evaluation.scoring import EvalSettings, check_prompts_fit
+from radit_fast.evaluation.scoring import check_prompts_fit
 from radit_fast.inference import run_parts
 from radit_fast.io import RaditError, atomic_file, write_json, write_jsonl
 from radit_fast.models import load_lm, load_tokenizer
