@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radit_fast._native import HAS_NATIVE
-from radit_fast.ops import _answer_logprobs_blocked as blocked
 from radit_fast.ops import answer_logprobs, answer_logprobs_per_sequence
 from radit_fast.ops.answer_logprobs import naive_answer_logprobs
 

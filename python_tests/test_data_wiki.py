@@ -9,7 +9,8 @@ import pytest
 
 from radit_fast.data import wiki_demo
 from radit_fast.data.tasks import check_disjoint, load_tasks
-from radit_fast.io import RaditError, read_jsonl
+from radit_fast.io import RaditError
+from radit_fast.records import read_jsonl
 
 
 @functools.lru_cache(maxsize=None)

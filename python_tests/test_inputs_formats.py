@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
+from radit_fast._util import sha256_file
 from radit_fast.cli.main import main
 from radit_fast.data.tasks import load_tasks
-from radit_fast.io import RaditError, iter_records, record_source, records_sha256, write_jsonl
+from radit_fast.io import RaditError, write_jsonl
+from radit_fast.records import iter_records, record_source, records_sha256
 from radit_fast.retrieval.corpus import iter_corpus
-from radit_fast.training.checkpoint import sha256_file
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -183,7 +184,7 @@ def test_train_retriever_reads_a_dataset_dict_split(tmp_path):
     """Stage 2 end to end with --train FOLDER:SPLIT: the examples, the resume fingerprint and the run."""
     from test_training_fixtures import cached_setup, retriever_config
 
-    from radit_fast.io import read_jsonl
+    from radit_fast.records import read_jsonl
     from radit_fast.training import train_retriever
 
     p = cached_setup(tmp_path / "setup")

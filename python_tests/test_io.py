@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from radit_fast import io
-from radit_fast.io import RaditError, atomic_dir, iter_jsonl, remove_stale_partials
+from radit_fast.io import RaditError, atomic_dir, remove_stale_partials
+from radit_fast.records import iter_jsonl
 
 
 def test_iter_jsonl_reports_the_line_of_bad_utf8_and_skips_a_bom(tmp_path):

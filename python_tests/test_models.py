@@ -1,4 +1,5 @@
-"""Model loading and the body | head split, on tiny random causal LMs (plus one slow test on the default).
+"""Model loading, the body | head split and packed rows (radit_fast.models, radit_fast.packing), on tiny
+random causal LMs (plus one slow test on the default LM, radit_fast.default_lm).
 
 The reference is the model's own ``model(input_ids).logits`` run per instance, unpadded, in float64
 log-softmax; the split path (hidden states of the body at answer positions, ``h @ W.T + b``) must match
@@ -13,7 +14,7 @@ import pytest
 import torch
 from _fixtures import smollm2_tokenizer, tiny_model_dir
 
-from radit_fast import models
+from radit_fast import _util, default_lm, models, packing
 from radit_fast.data.prompts import build_instance, collate_packed, collate_padded
 from radit_fast.io import RaditError
 
@@ -41,7 +42,7 @@ def _reference(model, insts):
 
 def _split_logprobs(model, batch, **kw):
     with torch.no_grad():
-        hidden = models.pack_forward(model, batch, **kw)
+        hidden = packing.pack_forward(model, batch, **kw)
         weight, bias = models.lm_head_weight(model)
         logits = torch.nn.functional.linear(hidden.double(), weight.double(),
                                             None if bias is None else bias.double())
@@ -69,7 +70,7 @@ def test_split_matches_full_model(tok, kind, attn):
         got = _split_logprobs(model, batch, **kw)
         err = (got - ref).abs().max().item()
         assert err < 1e-5, f"{kind}/{attn}/{name}: max |diff| {err:.2e}"
-    assert models.answer_logprobs_reference(model, batches["padded"][0]).allclose(ref.float(), atol=1e-5)
+    assert packing.answer_logprobs_reference(model, batches["padded"][0]).allclose(ref.float(), atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -130,7 +131,7 @@ def test_modified_logits_are_refused():
 
 def test_packed_attention_mask():
     seq = torch.tensor([[0, 0, 1, 1, 1, -1]])
-    allowed = models.packed_attention_mask(seq, torch.float32)[0, 0] == 0
+    allowed = packing.packed_attention_mask(seq, torch.float32)[0, 0] == 0
     expect = torch.tensor([[1, 0, 0, 0, 0, 0],
                            [1, 1, 0, 0, 0, 0],
                            [0, 0, 1, 0, 0, 0],
@@ -138,8 +139,8 @@ def test_packed_attention_mask():
                            [0, 0, 1, 1, 1, 0],
                            [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(allowed, expect)
-    assert torch.equal(models.packed_attention_mask(seq, torch.bool)[0, 0], expect)
-    assert models.packed_attention_mask(seq, torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(packing.packed_attention_mask(seq, torch.bool)[0, 0], expect)
+    assert packing.packed_attention_mask(seq, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_load_errors(tmp_path):
@@ -163,10 +164,10 @@ def test_damaged_default_cache(monkeypatch, tmp_path):
 
 def test_cache_location(monkeypatch, tmp_path):
     monkeypatch.setenv("RADIT_CACHE", str(tmp_path))
-    assert models.default_lm_dir() == tmp_path / "smollm2-135m-instruct"
+    assert default_lm.default_lm_dir() == tmp_path / "smollm2-135m-instruct"
     monkeypatch.delenv("RADIT_CACHE")
-    assert models.cache_root().name == "radit_fast"
-    assert models.default_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert _util.cache_root().name == "radit_fast"
+    assert default_lm.default_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.slow
@@ -195,6 +196,6 @@ def test_default_lm_convert_and_reload(tmp_path, monkeypatch, tok):
                           max_length=64)
     batch = collate_padded([inst], mtok.pad_token_id)
     with torch.no_grad():
-        hidden = models.pack_forward(again, batch)
+        hidden = packing.pack_forward(again, batch)
         logits = hidden @ models.lm_head_weight(again)[0].T
     assert logits[0].argmax().item() == batch["answer_targets"][0].item()

@@ -296,7 +296,7 @@ def test_file_fingerprint_follows_content(tmp_path):
 
 def test_demo_data_merged_splits_and_corpus_subset(tmp_path):
     from radit_fast.data.tasks import check_disjoint, load_tasks
-    from radit_fast.io import read_jsonl
+    from radit_fast.records import read_jsonl
     from radit_fast.pipeline.demo import prepare_demo_data
 
     settings = {"n_train": 5, "n_dev": 3, "n_test": 4, "corpus_articles": 60}

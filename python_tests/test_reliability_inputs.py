@@ -67,7 +67,7 @@ def test_a_folder_given_as_an_input_file_says_so(tiny, tmp_path, capsys):
     folder = tmp_path / "dir.jsonl"
     folder.mkdir()
     line = one_line(capsys, "index", "build", "--corpus", folder, "--out", tmp_path / "idx")
-    # a folder is a valid input when it is a datasets or Parquet folder (radit_fast.io.record_source)
+    # a folder is a valid input when it is a datasets or Parquet folder (radit_fast.records.record_source)
     assert f"{folder}: is a folder, not a file" in line and line.endswith("(--corpus)")
     line = one_line(capsys, "retrieve", "--index", tiny["index"], "--queries", folder, "--out", tmp_path / "r.jsonl")
     assert f"{folder}: is a folder, not a file" in line

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from radit_fast._util import file_lock
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CITIES = [("Paris", "France"), ("Berlin", "Germany"), ("Rome", "Italy"), ("Madrid", "Spain"),
@@ -118,12 +120,8 @@ def tiny_setup(root: Path, *, n_tasks: int = 12, context_every: int = 0) -> dict
 def cached_setup(root: Path) -> dict[str, Path]:
     """:func:`tiny_setup` copied from a per-machine cache (built once, under a lock). The index records its
     encoder by path, so the cache is built in place and the copies keep pointing at its encoder."""
-    import fcntl
-
     cache = Path(os.environ.get("RADIT_TEST_TINY", "/tmp/radit-training-tiny-v2"))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(cache) + ".lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    with file_lock(Path(str(cache) + ".lock")):
         if not (cache / "index" / "manifest.json").is_file():
             shutil.rmtree(cache, ignore_errors=True)
             tiny_setup(cache)

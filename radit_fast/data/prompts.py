@@ -24,7 +24,7 @@ Collation: position ``t - 1`` predicts token ``t``, so an answer occupying token
 ``[answer_start, length)`` is scored from the hidden states at ``[answer_start - 1, length - 1)``.
 Both collators return ``answer_positions`` (flat indices into the ``R x L`` token grid),
 ``answer_targets`` (the token each position must predict) and ``segment_ids`` (the index of the instance
-in the input list, non-decreasing), ready for :func:`radit_fast.models.pack_forward` and the fused op.
+in the input list, non-decreasing), ready for :func:`radit_fast.packing.pack_forward` and the fused op.
 """
 from __future__ import annotations
 

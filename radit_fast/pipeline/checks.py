@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from radit_fast._util import hub_offline
 from radit_fast.io import RaditError
 
 
@@ -35,7 +36,7 @@ def check_encoder(name_or_path: str | os.PathLike | None, option: str = "--encod
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    from radit_fast.models import _not_found, _offline, check_model_kind
+    from radit_fast.models import _not_found, check_model_kind
     from radit_fast.retrieval.encoder import resolve_encoder
 
     try:
@@ -45,7 +46,7 @@ def check_encoder(name_or_path: str | os.PathLike | None, option: str = "--encod
 
     def load(cls: Any) -> Any:
         try:
-            return cls.from_pretrained(location, local_files_only=_offline(), trust_remote_code=trust_remote_code)
+            return cls.from_pretrained(location, local_files_only=hub_offline(), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as e:  # transformers reports unusable folders as ValueError
             raise RaditError(f"{option} {_not_found(location, e)}") from None
 

@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from radit_fast.io import RaditError, atomic_dir
+from radit_fast.io import RaditError, atomic_dir, write_jsonl
+from radit_fast.records import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def _write_corpus(src: Path, dst: Path, folder: Path, n_articles: int | None, se
     """The corpus, or a seeded subset of ``n_articles`` articles that keeps every article named in the
     provenance of any split (so each example's evidence stays retrievable; the rest are distractors)."""
     import random
-
-    from radit_fast.io import read_jsonl, write_jsonl
 
     rows = read_jsonl(src)
     if n_articles is None or n_articles >= len(rows):

@@ -36,13 +36,14 @@ import torch
 
 from radit_fast.config.run import RunConfig
 from radit_fast.evaluation.evaluate import evaluate_examples, retrieve
-from radit_fast.io import RaditError, claimed_dir, read_jsonl, write_json, write_jsonl
+from radit_fast.io import RaditError, claimed_dir, write_json, write_jsonl
 from radit_fast.pipeline.inputs import load_splits, retriever_train_subset
 from radit_fast.pipeline.lm_models import RunModels
 from radit_fast.pipeline.paper import ROWS
 from radit_fast.pipeline.report import write_run_report
 from radit_fast.pipeline.steps import StepResult, StepRunner, file_fingerprint
 from radit_fast.pipeline.tuning import stage_key, tune_lm, tune_retriever
+from radit_fast.records import read_jsonl
 from radit_fast.retrieval import build
 from radit_fast.retrieval.index import check_k
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radit_fast.io import RaditError, atomic_dir, record_source, records_sha256, write_json
+from radit_fast.io import RaditError, atomic_dir, write_json
+from radit_fast.records import record_source, records_sha256
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def fingerprint(obj: Any) -> str:
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """Identity of an input for cache keys: its size and the sha256 of its content (not its path, so a
     copied or moved input still matches; hashing runs at about 1 GB/s). A Parquet or datasets folder
-    (:func:`radit_fast.io.records_sha256`) counts the bytes of all its files."""
+    (:func:`radit_fast.records.records_sha256`) counts the bytes of all its files."""
     src = record_source(path)
     size = src.path.stat().st_size if src.path.is_file() else sum(
         f.stat().st_size for f in src.path.rglob("*") if f.is_file())

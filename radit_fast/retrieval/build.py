@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from radit_fast.distributed import INDEX_BUILD_TIMEOUT_S, DistEnv, init_distributed, run_step, shard_range
-from radit_fast.io import RaditError, atomic_dir, iter_records, open_npy, record_source, write_errno, write_failure
+from radit_fast.io import RaditError, atomic_dir, open_npy, write_errno, write_failure
+from radit_fast.records import iter_records, record_source
 from radit_fast.retrieval.corpus import DEFAULT_CHUNK_WORDS, Passage, doc_id, iter_corpus, passage_text
 from radit_fast.retrieval.encoder import TextEncoder, check_device
 from radit_fast.retrieval.index import (

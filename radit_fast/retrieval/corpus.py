@@ -20,7 +20,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from radit_fast.io import RaditError, iter_records
+from radit_fast.io import RaditError
+from radit_fast.records import iter_records
 
 DEFAULT_CHUNK_WORDS = 200
 
@@ -90,7 +91,7 @@ def iter_corpus(
 ) -> Iterator[tuple[int, Passage]]:
     """Yield ``(line_number, passage)`` for every passage of a corpus, chunking long documents.
 
-    The corpus is JSON lines, Parquet or a Hugging Face ``datasets`` folder (:func:`radit_fast.io.iter_records`;
+    The corpus is JSON lines, Parquet or a Hugging Face ``datasets`` folder (:func:`radit_fast.records.iter_records`;
     for those two the number is the 1-based row).
 
     Each line needs ``id`` (string or integer, not ending with ``'#'`` and digits) and a non-empty ``text``;

@@ -7,13 +7,13 @@ whose size or checksum changed, with one-line :class:`RaditError` messages.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from radit_fast._util import sha256_file
 from radit_fast.io import RaditError, write_json
 from radit_fast.retrieval.store import STORE_FILES
 
@@ -22,14 +22,6 @@ FORMAT = "radit-index/1"
 VERIFY_MODES = ("sha256", "size", "none")
 #: Files every index folder has (index.faiss, embeddings.f16.npy and the passage store).
 REQUIRED_FILES = ("index.faiss", "embeddings.f16.npy", *STORE_FILES)
-
-
-def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

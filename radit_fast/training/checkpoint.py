@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from radit_fast._util import sha256_file
 from radit_fast.io import RaditError, atomic_dir, write_json
-from radit_fast.retrieval.manifest import check_file_records, sha256_file
+from radit_fast.retrieval.manifest import check_file_records
 
 log = logging.getLogger(__name__)
 

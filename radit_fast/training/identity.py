@@ -21,8 +21,10 @@ from typing import Any
 
 from torch import nn
 
-from radit_fast.io import RaditError, records_sha256, write_json
-from radit_fast.training.checkpoint import sha256_file
+from radit_fast._util import cache_root, sha256_file
+from radit_fast.default_lm import default_gguf_path, default_lm_dir, is_default
+from radit_fast.io import RaditError, write_json
+from radit_fast.records import records_sha256
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     stamp = _stamp(p)
     if stamp["size"] < MEMO_MIN_BYTES:
         return sha256_file(p)
-    from radit_fast.models import cache_root
-
     memo = cache_root() / MEMO_DIR / (hashlib.sha256(str(p).encode()).hexdigest()[:32] + ".json")
     try:
         got = json.loads(memo.read_text(encoding="utf-8"))
@@ -71,9 +71,7 @@ def _is_model_file(name: str) -> bool:
 def model_identity(name_or_path: str | None) -> dict[str, Any]:
     """Content identity of a model folder or file (the default LM: its GGUF file); a name that is neither
     (a model in the Hugging Face cache) is identified by the name alone."""
-    from radit_fast.models import _is_default, default_gguf_path, default_lm_dir
-
-    if _is_default(name_or_path):
+    if is_default(name_or_path):
         try:
             p = default_gguf_path()
         except RaditError:  # package missing: the converted folder, when there is one

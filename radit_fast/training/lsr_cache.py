@@ -26,8 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from radit_fast._util import cache_root, sha256_file
 from radit_fast.distributed import DistEnv, shard_range
 from radit_fast.io import atomic_dir, write_json
+from radit_fast.models import lm_head_weight
+from radit_fast.packing import pack_forward
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ def default_dir(cfg: Any) -> Path:
     """``cfg.cache_dir`` or ``$RADIT_CACHE/lsr`` (shared by all runs of this user)."""
     if getattr(cfg, "cache_dir", None):
         return Path(cfg.cache_dir)
-    from radit_fast.models import cache_root
-
     return cache_root() / "lsr"
 
 
@@ -64,7 +65,7 @@ def key_for(cfg: Any, index: Any, items: list[Any], rows: np.ndarray, lm_ident: 
         h.update(json.dumps([it.id, it.input, it.answers[0]]).encode())
     h.update(np.ascontiguousarray(rows).tobytes())
     parts = {"lm": lm_ident, "items": h.hexdigest(), "max_length": cfg.max_length,
-             "index": sources.sha256_file(Path(cfg.index) / "manifest.json"), "template": TEMPLATE_VERSION}
+             "index": sha256_file(Path(cfg.index) / "manifest.json"), "template": TEMPLATE_VERSION}
     return sources.cache_key(parts)
 
 
@@ -75,8 +76,6 @@ def entry(cache_dir: Path, key: str) -> Path:
 def load(cache_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(lm_logprobs [n, k] float32, lengths [n, k] int64)`` of a cache entry, or None."""
     from safetensors.numpy import load_file
-
-    from radit_fast.training.checkpoint import sha256_file
 
     folder = entry(cache_dir, key)
     if not (folder / META).is_file():
@@ -95,8 +94,6 @@ def load(cache_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
 def save(cache_dir: Path, key: str, *, rows: np.ndarray, lm_logprobs: np.ndarray, lengths: np.ndarray,
          meta: dict[str, Any]) -> Path:
     from safetensors.numpy import save_file
-
-    from radit_fast.training.checkpoint import sha256_file
 
     folder = entry(cache_dir, key)
     with atomic_dir(folder, overwrite=True) as tmp:
@@ -137,7 +134,6 @@ def score_grid(lm: nn.Module, instances: list[Any], slots: list[int], grid: tupl
     (:func:`radit_fast.ops.scorer.chunk_logprobs`, no logits).
     """
     from radit_fast.data.prompts import collate_packed, collate_padded
-    from radit_fast.models import lm_head_weight, pack_forward
     from radit_fast.ops.scorer import chunk_logprobs
 
     B, k = grid

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from radit_fast.io import RaditError, read_jsonl, write_jsonl
+from radit_fast.io import RaditError, write_jsonl
+from radit_fast.records import read_jsonl
 
 TENSORBOARD_DIR = "tensorboard"
 _NOT_PLOTTED = ("step", "time", "event")

@@ -56,7 +56,8 @@ class AnswerNLL(nn.Module):
     def answer_logprob_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of the answer tokens' log-probs of a collated batch, their count). The fused op forms the
         gradients in its forward pass (reduction="sum": 3 GEMMs, no recomputation in the backward pass)."""
-        from radit_fast.models import lm_head_weight, pack_forward
+        from radit_fast.models import lm_head_weight
+        from radit_fast.packing import pack_forward
         from radit_fast.ops.answer_logprobs import answer_logprobs
 
         hidden = pack_forward(self.lm, batch)

@@ -17,7 +17,7 @@ from torch import nn
 
 from radit_fast.retrieval.corpus import passage_text
 from radit_fast.retrieval.index import check_k
-from radit_fast.training.identity import cache_key, fingerprint, model_identity, sha256_file  # noqa: F401
+from radit_fast.training.identity import cache_key, fingerprint, model_identity  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 :func:`load_examples` picks the reader from the path (``format="auto"``); radit's own task files go to
 :func:`radit_fast.data.tasks.load_tasks`. Hugging Face ``datasets`` folders (``save_to_disk``) are read by
-the project's one record reader (``radit_fast.io.iter_records``), whose records then go through
+the project's one record reader (``radit_fast.records.iter_records``), whose records then go through
 :func:`radit_fast.data.readers.kilt.parse_kilt` like a KILT line: that call is not wired here yet.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def detect_format(path: str | os.PathLike) -> str:
     p = Path(path)
     if p.suffix == ".csv" or (p.is_dir() and next(p.rglob("*.csv"), None) is not None):
         return "mmlu"
-    # other folders (a datasets folder, Parquet files) and FOLDER:SPLIT hold records: radit_fast.io.iter_records
+    # other folders (a datasets folder, Parquet files) and FOLDER:SPLIT hold records: radit_fast.records.iter_records
     return "kilt" if p.is_file() and looks_like_kilt(p) else "radit"
 
 

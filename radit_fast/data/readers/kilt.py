@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from radit_fast.data.tasks import Example, read_examples
-from radit_fast.io import RaditError, iter_jsonl
+from radit_fast.io import RaditError
+from radit_fast.records import iter_jsonl
 
 #: KILT file-name prefix -> task name (the keys of radit_fast.data.prompts.TASK_TEMPLATES).
 KILT_TASKS = {"nq": "nq", "triviaqa": "triviaqa", "hotpotqa": "hotpotqa", "fever": "fever",
