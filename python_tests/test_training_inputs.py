@@ -16,7 +16,8 @@ from radit_fast.io import RaditError
 from radit_fast.config.stages import RaItConfig
 from radit_fast.distributed import DistEnv
 from radit_fast.training import identity, sources, train_lm, train_retriever
-from test_training_fixtures import cached_setup, corpus_rows, lm_config, retriever_config, tiny_lm, write_jsonl
+from test_training_fixtures import (Crash, cached_setup, corpus_rows, crash_at, lm_config, retriever_config, tiny_lm,
+                                    write_jsonl)
 
 torch.set_num_threads(1)
 
@@ -55,16 +56,9 @@ def test_lsr_cache_key_follows_the_lm_weights(tiny, tmp_path):
 def test_resume_refused_after_the_lm_weights_change(tiny, tmp_path):
     from radit_fast.training.checkpoint import CheckpointError
 
-    class Crash(Exception):
-        pass
-
-    def crash(event, step, info):
-        if event == "step_end" and step == 1:
-            raise Crash
-
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        train_lm(_lm_cfg(tiny, out, save_every=1), callbacks=[crash])
+        train_lm(_lm_cfg(tiny, out, save_every=1), callbacks=[crash_at("step_end", 1)])
     _rewrite_weights(tiny["lm"], tmp_path, seed=2)
     with pytest.raises(CheckpointError, match="fingerprint differs"):
         train_lm(_lm_cfg(tiny, out, save_every=1, resume=True))
@@ -81,7 +75,7 @@ def test_in_memory_lm_differing_in_a_late_layer(tiny):
     with torch.no_grad():
         twin.model.layers[-1].mlp.down_proj.weight[0, 0] += 1e-3
     assert lsr_cache.lm_identity(cfg, lm) != lsr_cache.lm_identity(cfg, twin)
-    assert sources.fingerprint(cfg, lm=lm) != sources.fingerprint(cfg, lm=twin)
+    assert identity.fingerprint(cfg, lm=lm) != identity.fingerprint(cfg, lm=twin)
 
 
 def test_file_digest_memoised_and_invalidated(tmp_path, monkeypatch):
@@ -117,14 +111,12 @@ def test_batch_larger_than_data_fails_before_the_lm(tiny, tmp_path, monkeypatch)
 
 
 def test_batch_not_divisible_fails_first(tiny, tmp_path, monkeypatch):
-    import radit_fast.training.ra_it as ra_it
-    import radit_fast.training.retriever as retriever
+    import radit_fast.training.loop as loop
 
     with pytest.raises(RaditError, match="multiple of --grad-accum 4"):
         RaItConfig(train="t", index="i", out="o", batch_size=6, grad_accum=4).validate()
     _no_models(monkeypatch)
-    for mod in (ra_it, retriever):
-        monkeypatch.setattr(mod, "init_distributed", lambda device=None: DistEnv(world_size=3))
+    monkeypatch.setattr(loop, "init_distributed", lambda device=None: DistEnv(world_size=3))
     with pytest.raises(RaditError, match="multiple of processes x --grad-accum = 3 x 1"):
         train_lm(_lm_cfg(tiny, tmp_path / "lm"))
     with pytest.raises(RaditError, match="multiple of processes x --grad-accum = 3 x 1"):

@@ -219,7 +219,7 @@ def _not_found(path: str, e: Exception) -> str:
 # ------------------------------------------------------------------------------ body | head split
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they stay)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -239,7 +239,7 @@ def plain_copy(model: nn.Module, *, dtype: torch.dtype | None = None, state: dic
     if state is not None:
         m = _from_state(model, state)
     else:
-        m = _unwrap(model if in_place else copy.deepcopy(model))
+        m = unwrap(model if in_place else copy.deepcopy(model))
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # no peft: no adapters
@@ -272,7 +272,7 @@ def decoder_body(model: nn.Module) -> nn.Module:
 
     Its output ``last_hidden_state`` is what the LM head multiplies (after the final norm).
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     prefix = getattr(model, "base_model_prefix", "")
     body = getattr(model, prefix, None) if prefix else None
     if not isinstance(body, nn.Module) or body is model:
@@ -287,7 +287,7 @@ def lm_head_weight(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     For tied models (SmolLM2) the weight *is* the input embedding, so gradients reach both uses.
     Raises RaditError for heads that are not a plain Linear or for models that rescale their logits.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = getattr(inner, "config", None)
     for attr in _LOGIT_MODIFIERS:
         value = getattr(config, attr, None)
@@ -303,7 +303,7 @@ def lm_head_weight(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 def attention_implementation(model: nn.Module) -> str:
     """The attention backend the model runs with (``eager``, ``sdpa``, ``flash_attention_2``, ...)."""
-    return str(getattr(_unwrap(model).config, "_attn_implementation", None) or "eager")
+    return str(getattr(unwrap(model).config, "_attn_implementation", None) or "eager")
 
 
 def answer_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from radit_fast.models import decoder_body, lm_head_weight
+from radit_fast.models import attention_implementation, decoder_body, lm_head_weight
 from radit_fast.ops.answer_logprobs import answer_logprobs_per_sequence
 from radit_fast.ops.mixture import mixture_logprobs
 
@@ -123,8 +123,6 @@ class LMEngine:
         (every continuation sees the prompt and itself, positions continue from the prompt): one forward
         pass per prompt. With flash-attention (no custom masks) the prompt's KV cache is reused instead.
         """
-        from radit_fast.models import attention_implementation
-
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuation lists")
         if any(len(p) == 0 for p in prompts):

@@ -28,6 +28,7 @@ from radit_fast.config.evaluation import EvalSettings
 from radit_fast.data.prompts import LETTERS, build_prompt, lettered, question_text, resolve_template
 from radit_fast.data.tasks import Example
 from radit_fast.evaluation.engine import LMEngine
+from radit_fast.ops.replug import replug_logprob
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,6 @@ def check_prompts_fit(tokenizer: Any, examples: Sequence[Example], settings: Eva
 def ensemble_logprobs(lm_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, *,
                       temperature: float, impl: str = "auto") -> torch.Tensor:
     """REPLUG ensemble ``[B]`` of per-chunk answer log-likelihoods ``[B, k]`` (missing chunks masked)."""
-    from radit_fast.ops.replug import replug_logprob
-
     return replug_logprob(lm_logprobs, scores, temperature=temperature, mask=mask, impl=impl)
 
 

@@ -49,7 +49,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
-from radit_fast.models import decoder_body
+from radit_fast.models import decoder_body, unwrap
 from radit_fast.ops._dispatch import IMPLS
 from radit_fast.ops.answer_logprobs import answer_logprobs, answer_logprobs_per_sequence
 
@@ -92,12 +92,6 @@ def _sum_answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 # ------------------------------------------------------------------------------------------- checks
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they stay)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _configs(config) -> list:
@@ -387,7 +381,7 @@ def patch(model: nn.Module, *, impl: str = "auto", reduction: str = "mean", retu
         ValueError: one line naming why the head cannot be fused (soft-capping, router loss, non-Linear head...).
     """
     options = _check_options(impl, reduction, return_logits)
-    inner = _inner(model)
+    inner = unwrap(model)
     _check_fusable(inner)
     current = getattr(inner.__dict__.get("forward"), "__func__", None)
     if "/trl/" in getattr(getattr(current, "__code__", None), "co_filename", "").replace("\\", "/"):
@@ -433,7 +427,7 @@ def unpatch(model_or_class):
             for attr in ("_radit_original_forward", "_radit_forward_was_own", "_radit_options"):
                 delattr(cls, attr)
         return model_or_class
-    inner = _inner(model_or_class)
+    inner = unwrap(model_or_class)
     for attr in ("forward", "_radit_options"):
         inner.__dict__.pop(attr, None)
     return model_or_class
@@ -443,7 +437,7 @@ def is_patched(model_or_class) -> bool:
     """Whether :func:`patch` or :func:`apply_radit_kernels` is in effect for this model or class."""
     if isinstance(model_or_class, type):
         return "_radit_options" in model_or_class.__dict__
-    inner = _inner(model_or_class)
+    inner = unwrap(model_or_class)
     return "_radit_options" in inner.__dict__ or is_patched(type(inner))
 
 
@@ -485,7 +479,7 @@ def answer_logprobs_from_model(model: nn.Module, input_ids: torch.Tensor | None 
         raise ValueError(f"answer_logprobs_from_model: per must be one of {PER}, got {per!r}")
     if impl not in IMPLS:
         raise ValueError(f"answer_logprobs_from_model: impl must be one of {IMPLS}, got {impl!r}")
-    inner = _inner(model)
+    inner = unwrap(model)
     outputs = decoder_body(inner)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                   **model_kwargs)
     hidden = outputs[0]

@@ -19,6 +19,7 @@ import dataclasses
 import torch
 
 from radit_fast.ops._common import check_bk, check_temperature, debug_checks
+from radit_fast.ops.answer_logprobs import answer_logprobs_per_sequence, naive_answer_logprobs
 from radit_fast.ops.lsr import DIRECTIONS, REDUCTIONS, SCORE_KINDS, lsr_loss, lsr_scores, naive_lsr_loss
 from radit_fast.ops.replug import naive_replug_logprob, replug_logprob
 
@@ -101,8 +102,6 @@ def chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         tensor([[2, 0],
                 [0, 1]])
     """
-    from radit_fast.ops.answer_logprobs import answer_logprobs_per_sequence
-
     op = "chunk_logprobs"
     num_queries, k = int(num_queries), int(k)
     if num_queries < 0 or k < 1:
@@ -206,8 +205,6 @@ def naive_score_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     Returns:
         (ensemble [B], lsr_loss) as :func:`score_chunks` would put in ``ensemble`` and ``lsr_loss``.
     """
-    from radit_fast.ops.answer_logprobs import naive_answer_logprobs
-
     opts = options or ScorerOptions()
     B, k = retriever_scores.shape
     tok = naive_answer_logprobs(hidden, weight, targets, bias=bias, ignore_index=opts.ignore_index)

@@ -12,6 +12,8 @@ from typing import Any
 
 from radit_fast._util import hub_offline
 from radit_fast.io import RaditError
+from radit_fast.models import _not_found, check_lm, check_model_kind, load_tokenizer
+from radit_fast.retrieval.encoder import resolve_encoder
 
 
 def check_weights(name_or_path: str | os.PathLike | None, option: str) -> None:
@@ -35,9 +37,6 @@ def check_encoder(name_or_path: str | os.PathLike | None, option: str = "--encod
     has an ``AutoModel`` class and whose tokenizer loads; returns the tokenizer. Loads no weights."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    from radit_fast.models import _not_found, check_model_kind
-    from radit_fast.retrieval.encoder import resolve_encoder
 
     try:
         _, location = resolve_encoder(name_or_path)
@@ -63,8 +62,6 @@ def check_lm_reference(name_or_path: str | os.PathLike | None, option: str = "--
                        trust_remote_code: bool = False) -> Any:
     """:func:`radit_fast.models.check_lm` (a causal-LM config), weights present in a local folder, and the
     LM's tokenizer (:func:`radit_fast.models.load_tokenizer`), which is returned for the length checks."""
-    from radit_fast.models import check_lm, load_tokenizer
-
     try:
         check_lm(name_or_path, trust_remote_code=trust_remote_code)
     except RaditError as e:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from radit_fast.data.wiki_demo import make_demo_data
 from radit_fast.io import RaditError, atomic_dir, write_jsonl
 from radit_fast.records import read_jsonl
 
@@ -23,8 +24,6 @@ DATA_DEFAULTS = {"n_train": 600, "n_dev": 40, "n_test": 100, "n_choices": 4, "co
 def prepare_demo_data(folder: Path, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
                       settings: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write (once per settings) ``corpus.jsonl`` and ``{train,dev,test}.jsonl`` in ``folder``."""
-    from radit_fast.data.wiki_demo import make_demo_data
-
     s = {**DATA_DEFAULTS, **(settings or {})}
     unknown = sorted(set(s) - set(DATA_DEFAULTS))
     if unknown:

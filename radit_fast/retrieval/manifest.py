@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from radit_fast import __version__
 from radit_fast._util import sha256_file
 from radit_fast.io import RaditError, write_json
 from radit_fast.retrieval.store import STORE_FILES
@@ -30,10 +31,8 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import radit_fast
-
     return {
-        "radit_fast": radit_fast.__version__,
+        "radit_fast": __version__,
         "faiss": faiss.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -25,6 +25,7 @@ from radit_fast._util import cache_root, sha256_file
 from radit_fast.default_lm import default_gguf_path, default_lm_dir, is_default
 from radit_fast.io import RaditError, write_json
 from radit_fast.records import records_sha256
+from radit_fast.retrieval.encoder import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ def model_identity(name_or_path: str | None) -> dict[str, Any]:
 
 def module_identity(lm: nn.Module) -> dict[str, Any]:
     """Identity of a model given in memory: a hash of every tensor, its config and its dtype."""
-    from radit_fast.retrieval.encoder import model_fingerprint
-
     config = getattr(lm, "config", None)
     return {"module": model_fingerprint(lm),
             "config": config.to_json_string(use_diff=True) if config is not None else None,

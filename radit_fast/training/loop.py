@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +21,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from radit_fast import models
 from radit_fast.config.stages import TrainConfig, resolved_config, write_resolved_config
-from radit_fast.distributed import DistEnv
+from radit_fast.distributed import DistEnv, init_distributed
 from radit_fast.io import RaditError, claimed_dir, write_json
 from radit_fast.training import checkpoint as ckpt
 from radit_fast.training.parallel import full_state_dict, load_params, no_sync, wrap_model
@@ -65,6 +67,34 @@ class TrainResult:
     steps: int
     final_loss: float | None
     resumed_from: int | None
+
+
+def set_threads(threads: int | None) -> None:
+    """``threads`` torch threads; by default under torchrun on CPU, the cores divided among the local
+    processes (torch's default gives every process all cores, which oversubscribes them)."""
+    if not threads:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local <= 1 or torch.cuda.is_available():
+            return
+        threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def stage_run(cfg: TrainConfig, tokenizer: Any = None) -> Iterator[tuple[DistEnv, Any]]:
+    """The opening of every stage, before any data is read: validate ``cfg``, join the process group,
+    check that the batch divides over the processes, set the torch threads, check ``cfg.out``
+    (:func:`prepare_out`), load the LM's tokenizer unless given. Yields ``(env, tokenizer)``; the
+    processes meet at a barrier when the stage ends (the process group lives until the process exits)."""
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    try:
+        cfg.micro_batch_size(env.world_size)  # the batch divides over the processes: checked first
+        set_threads(cfg.threads)
+        prepare_out(cfg, env)
+        yield env, tokenizer if tokenizer is not None else models.load_tokenizer(cfg.lm)
+    finally:
+        env.barrier()
 
 
 def prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:

@@ -27,10 +27,13 @@ import torch
 from torch import nn
 
 from radit_fast._util import cache_root, sha256_file
+from radit_fast.data.prompts import build_instance, collate_packed, collate_padded
 from radit_fast.distributed import DistEnv, shard_range
 from radit_fast.io import atomic_dir, write_json
 from radit_fast.models import lm_head_weight
+from radit_fast.ops.scorer import chunk_logprobs
 from radit_fast.packing import pack_forward
+from radit_fast.training import identity
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +53,19 @@ def lm_identity(cfg: Any, lm: nn.Module | None) -> dict[str, Any]:
     """What the targets depend on in the LM: the contents of its folder's weight, config and tokenizer
     files (digests memoised, see :mod:`radit_fast.training.identity`) or, for a model given in memory, a
     hash of every tensor, its config and its dtype."""
-    from radit_fast.training import identity
-
     if lm is None:
         return {**identity.model_identity(cfg.lm), "dtype": "float32"}
     return identity.module_identity(lm)
 
 
 def key_for(cfg: Any, index: Any, items: list[Any], rows: np.ndarray, lm_ident: dict[str, Any]) -> str:
-    from radit_fast.training import sources
-
     h = hashlib.sha256()
     for it in items:
         h.update(json.dumps([it.id, it.input, it.answers[0]]).encode())
     h.update(np.ascontiguousarray(rows).tobytes())
     parts = {"lm": lm_ident, "items": h.hexdigest(), "max_length": cfg.max_length,
              "index": sha256_file(Path(cfg.index) / "manifest.json"), "template": TEMPLATE_VERSION}
-    return sources.cache_key(parts)
+    return identity.cache_key(parts)
 
 
 def entry(cache_dir: Path, key: str) -> Path:
@@ -110,8 +109,6 @@ def build_scoring_instances(tokenizer: Any, items: list[Any], texts: list[list[s
 
     Raises RaditError (naming the example) when the question and answer alone exceed ``max_length``.
     """
-    from radit_fast.data.prompts import build_instance
-
     instances, where = [], []
     for i, (it, chunks) in enumerate(zip(items, texts)):
         for j, chunk in enumerate(chunks):
@@ -133,9 +130,6 @@ def score_grid(lm: nn.Module, instances: list[Any], slots: list[int], grid: tupl
     the decoder body runs once per group and only the answer positions reach the fused scorer
     (:func:`radit_fast.ops.scorer.chunk_logprobs`, no logits).
     """
-    from radit_fast.data.prompts import collate_packed, collate_padded
-    from radit_fast.ops.scorer import chunk_logprobs
-
     B, k = grid
     total = torch.zeros(B, k, dtype=torch.float32)
     lengths = torch.zeros(B, k, dtype=torch.int64)

@@ -30,12 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from radit_fast import models
 from radit_fast.config.stages import RaItConfig
-from radit_fast.distributed import DistEnv, init_distributed, main_then_broadcast
+from radit_fast.data.prompts import build_instance, collate_packed, collate_padded
+from radit_fast.distributed import DistEnv, main_then_broadcast
 from radit_fast.io import RaditError, require_extra
-from radit_fast.models import plain_copy
-from radit_fast.training import sources
-from radit_fast.training.loop import Callback, Trainer, prepare_out
+from radit_fast.ops.answer_logprobs import answer_logprobs
+from radit_fast.packing import pack_forward
+from radit_fast.training import identity, sources
+from radit_fast.training.loop import Callback, Trainer, stage_run
 from radit_fast.training.plan import DataPlan, check_items
 
 log = logging.getLogger(__name__)
@@ -56,12 +59,8 @@ class AnswerNLL(nn.Module):
     def answer_logprob_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of the answer tokens' log-probs of a collated batch, their count). The fused op forms the
         gradients in its forward pass (reduction="sum": 3 GEMMs, no recomputation in the backward pass)."""
-        from radit_fast.models import lm_head_weight
-        from radit_fast.packing import pack_forward
-        from radit_fast.ops.answer_logprobs import answer_logprobs
-
         hidden = pack_forward(self.lm, batch)
-        weight, bias = lm_head_weight(self.lm)
+        weight, bias = models.lm_head_weight(self.lm)
         if weight.dtype != hidden.dtype:  # bf16 autocast: the body's output is bf16, the master weight fp32
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
@@ -92,8 +91,6 @@ class RaItData:
 
 def build_data(cfg: RaItConfig, tokenizer: Any) -> RaItData:
     """Read the examples, retrieve chunks, tokenise every instance; all input errors surface here."""
-    from radit_fast.data.prompts import build_instance
-
     eos = cfg.append_eos
     examples = sources.load_examples(cfg.train, cfg.max_examples)
     sources.check_fit(tokenizer, examples, cfg.max_length, append_eos=eos)
@@ -170,8 +167,6 @@ class RaItStage:
         return self._fingerprint
 
     def _collate(self, instances: list[Any]) -> dict[str, torch.Tensor]:
-        from radit_fast.data.prompts import collate_packed, collate_padded
-
         if self.cfg.packing:
             return collate_packed(instances, self.pad_id, max_tokens=max(self.cfg.max_length,
                                                                          max(i.length for i in instances)))
@@ -208,10 +203,10 @@ class RaItStage:
     def save_final(self, out: Path, gathered: dict[str, torch.Tensor] | None) -> None:
         lm = self.lm
         if gathered is not None:  # FSDP: rebuild full weights on rank 0 (no LoRA: validated)
-            lm = plain_copy(self.lm, state={k.removeprefix("lm."): v for k, v in gathered.items()})
+            lm = models.plain_copy(self.lm, state={k.removeprefix("lm."): v for k, v in gathered.items()})
         if self.cfg.lora:
             lm.save_pretrained(out / "adapter", safe_serialization=True)
-            lm = plain_copy(lm, in_place=True)  # training is over: merged without a second copy
+            lm = models.plain_copy(lm, in_place=True)  # training is over: merged without a second copy
         lm.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
 
@@ -240,9 +235,7 @@ def prepare_lm(cfg: RaItConfig, env: DistEnv, lm: nn.Module | None = None, token
     """
     sharded = cfg.fsdp and env.distributed
     if lm is None:
-        from radit_fast.models import load_lm
-
-        lm, tokenizer = load_lm(cfg.lm, device="cpu" if sharded else env.device)
+        lm, tokenizer = models.load_lm(cfg.lm, device="cpu" if sharded else env.device)
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -263,24 +256,13 @@ def train_lm(config: RaItConfig, *, callbacks: list[Callback] | None = None, lm:
 
     ``lm``/``tokenizer``: an already loaded model to train in place (else ``config.lm`` is loaded).
     """
-    config.validate()
-    env = init_distributed(config.device)
-    try:
-        config.micro_batch_size(env.world_size)  # the batch divides over the processes: checked first
-        sources.set_threads(config.threads)
-        prepare_out(config, env)
-        if tokenizer is None:
-            from radit_fast.models import load_tokenizer
-
-            tokenizer = load_tokenizer(config.lm)
+    with stage_run(config, tokenizer) as (env, tokenizer):
         data = main_then_broadcast(env, lambda: build_data(config, tokenizer))
         check_items(len(data.instances), config.batch_size)  # before the LM is loaded
         given = lm
-        fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, lm=given, extra={
+        fingerprint = main_then_broadcast(env, lambda: identity.fingerprint(config, lm=given, extra={
             "instances": len(data.instances)}))
         lm, tokenizer = prepare_lm(config, env, lm, tokenizer)
         stage = RaItStage(config, env, lm, tokenizer, data, fingerprint)
         Trainer(config, stage, env, callbacks=callbacks).fit()
-    finally:
-        env.barrier()  # the process group lives until the process exits
     return Path(config.out)

@@ -22,12 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from radit_fast import models
 from radit_fast.config.stages import RetrieverConfig
-from radit_fast.distributed import DistEnv, init_distributed, main_then_broadcast
+from radit_fast.distributed import DistEnv, main_then_broadcast
 from radit_fast.io import RaditError
+from radit_fast.ops.lsr import lsr_loss, lsr_scores
+from radit_fast.ops.replug import replug_logprob
 from radit_fast.retrieval.metrics import hit_at_k
-from radit_fast.training import lsr_cache, sources
-from radit_fast.training.loop import Callback, Trainer, prepare_out
+from radit_fast.retrieval.retriever import stored_scores
+from radit_fast.training import identity, lsr_cache, sources
+from radit_fast.training.loop import Callback, Trainer, stage_run
 from radit_fast.training.plan import DataPlan, check_items
 
 log = logging.getLogger(__name__)
@@ -49,14 +53,9 @@ class LsrObjective(nn.Module):
     def scores(self, tokens: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         """``[b, k]`` differentiable ``E_q(x) . E_d(c)``; -inf where ``rows`` is -1 (the retriever's own
         :func:`~radit_fast.retrieval.retriever.stored_scores`)."""
-        from radit_fast.retrieval.retriever import stored_scores
-
         return stored_scores(self.query_encoder(**tokens).float(), self._index, rows)
 
     def forward(self, mb: dict[str, Any]) -> dict[str, Any]:
-        from radit_fast.ops.lsr import lsr_loss, lsr_scores
-        from radit_fast.ops.replug import replug_logprob
-
         cfg = self.cfg
         s = self.scores(mb["tokens"], mb["rows"])
         sums, lengths = mb["lm_logprobs"].to(s.device), mb["lengths"].to(s.device)
@@ -239,16 +238,7 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
     ``lm``/``tokenizer``: an already loaded frozen LM for the LSR scoring (else ``config.lm``; it is
     loaded only when the targets are not cached).
     """
-    config.validate()
-    env = init_distributed(config.device)
-    try:
-        config.micro_batch_size(env.world_size)  # the batch divides over the processes: checked first
-        sources.set_threads(config.threads)
-        prepare_out(config, env)
-        if tokenizer is None:
-            from radit_fast.models import load_tokenizer
-
-            tokenizer = load_tokenizer(config.lm)
+    with stage_run(config, tokenizer) as (env, tokenizer):
         evaluation = main_then_broadcast(env, lambda: load_inputs(config, tokenizer))  # input errors first
         index = sources.open_index(config.index, config.query_encoder, device=str(env.device), k=config.k)
         _warn_flat_retriever(config, index, env)
@@ -256,17 +246,13 @@ def train_retriever(config: RetrieverConfig, *, callbacks: list[Callback] | None
         def lm_loader() -> nn.Module:
             if lm is not None:
                 return lm
-            from radit_fast.models import load_lm
-
-            return load_lm(config.lm, device=env.device)[0]
+            return models.load_lm(config.lm, device=env.device)[0]
 
         lm_ident = lsr_cache.lm_identity(config, lm)  # hashed once: the LSR cache key and the resume check
         data = build_data(config, env, index, tokenizer, lm_loader, lm_ident, evaluation)
-        fingerprint = main_then_broadcast(env, lambda: sources.fingerprint(config, lm_ident=lm_ident, extra={
+        fingerprint = main_then_broadcast(env, lambda: identity.fingerprint(config, lm_ident=lm_ident, extra={
             "query_encoder": index.retriever.query_encoder.identity()["fingerprint"],
             "items": len(data.queries), "lsr_targets": Path(data.cache_path).name}))
         stage = RetrieverStage(config, env, index, data, fingerprint)
         Trainer(config, stage, env, callbacks=callbacks).fit()
-    finally:
-        env.barrier()  # the process group lives until the process exits
     return Path(config.out)

@@ -1,13 +1,13 @@
 """Inputs of the tuning stages: examples, the index and its retriever, self-supervised corpus items.
 Thin adapters over ``radit_fast.data`` and ``radit_fast.retrieval``; the identities of models and data
-(resume checks, cache keys) live in :mod:`radit_fast.training.identity` and are re-exported here.
+(resume checks, cache keys) live in :mod:`radit_fast.training.identity`.
 """
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from radit_fast.retrieval.corpus import passage_text
+from radit_fast.data.prompts import build_instance
+from radit_fast.data.tasks import load_tasks
+from radit_fast.models import unwrap
+from radit_fast.retrieval.corpus import doc_id, iter_corpus, passage_text
 from radit_fast.retrieval.index import check_k
-from radit_fast.training.identity import cache_key, fingerprint, model_identity  # noqa: F401
+from radit_fast.retrieval.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -26,23 +29,10 @@ CORPUS_ANSWER_WORDS = 24   # at most this many words of continuation as y
 CORPUS_QUERY_WORDS = 48    # at most this many words of beginning as x
 
 
-def set_threads(threads: int | None) -> None:
-    """``threads`` torch threads; by default under torchrun on CPU, the cores divided among the local
-    processes (torch's default gives every process all cores, which oversubscribes them)."""
-    if not threads:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if local <= 1 or torch.cuda.is_available():
-            return
-        threads = max(1, (os.cpu_count() or 1) // local)
-    torch.set_num_threads(threads)
-
-
 def load_examples(path: str | os.PathLike, limit: int | None = None, *,
                   require_answers: bool = True) -> list[Any]:
     """Task examples (``radit_fast.data.tasks.Example``, the first ``limit``); every one needs an answer
     unless ``require_answers`` is False (retrieval evaluation needs only the provenance)."""
-    from radit_fast.data.tasks import load_tasks
-
     examples = load_tasks(path, require_answers=require_answers)
     return examples[:limit] if limit else examples
 
@@ -50,8 +40,6 @@ def load_examples(path: str | os.PathLike, limit: int | None = None, *,
 def check_fit(tokenizer: Any, examples: list[Any], max_length: int, *, append_eos: bool = False) -> None:
     """RaditError (naming the example) when a question and its answer (plus EOS with ``append_eos``) alone
     exceed ``max_length`` tokens — checked by tokenising only, before retrieval or any model runs."""
-    from radit_fast.data.prompts import build_instance
-
     for ex in examples:
         build_instance(tokenizer, None, ex.input, ex.answers[0], max_length=max_length, example_id=ex.id,
                        append_eos=append_eos)
@@ -62,8 +50,6 @@ class IndexSource:
 
     def __init__(self, folder: str | os.PathLike, query_encoder: Any = None, *, device: str = "cpu",
                  verify: str = "sha256") -> None:
-        from radit_fast.retrieval.retriever import Retriever
-
         self.folder = Path(folder)
         self.retriever = Retriever.load(folder, query_encoder, device=device, verify=verify)
         self.index = self.retriever.index
@@ -158,8 +144,6 @@ def _row_of(store: Any, passage_id: str) -> int:
 def document_rows(store: Any, passage_id: str) -> tuple[int, ...]:
     """Store rows of every passage of ``passage_id``'s document: ``doc`` itself and its chunks
     ``doc#0``, ``doc#1``, ... (numbered from 0 without gaps, see ``radit_fast.retrieval.corpus``)."""
-    from radit_fast.retrieval.corpus import doc_id
-
     doc = doc_id(passage_id)
     rows = [r for r in (_row_of(store, doc), _row_of(store, passage_id)) if r >= 0]
     n = 0
@@ -176,8 +160,6 @@ def corpus_items(index: IndexSource, n: int, *, seed: int, corpus: str | None = 
     if n <= 0:
         return []
     if corpus is not None:
-        from radit_fast.retrieval.corpus import iter_corpus
-
         passages = [p for _, p in iter_corpus(corpus)]
         get = passages.__getitem__
         total = len(passages)
@@ -206,8 +188,6 @@ def fit_corpus_item(item: CorpusItem, tokenizer: Any, budget: int) -> CorpusItem
     """Shorten a corpus item until ``x`` and ``y`` take at most ``budget`` tokens together (the rest of
     ``max_length`` is left for the background): words are dropped from the front of ``x`` and the end of
     ``y``, keeping the two adjacent. None when nothing sensible is left."""
-    from dataclasses import replace
-
     def n_tok(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -228,7 +208,6 @@ def fit_corpus_item(item: CorpusItem, tokenizer: Any, budget: int) -> CorpusItem
 def decoder_layer_types(model: nn.Module) -> tuple[type, ...]:
     """Classes of the repeated blocks (FSDP units): those named in ``_no_split_modules``."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    inner = getattr(model, "get_base_model", lambda: model)()
-    names |= set(getattr(inner, "_no_split_modules", None) or [])
+    names |= set(getattr(unwrap(model), "_no_split_modules", None) or [])
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
 
