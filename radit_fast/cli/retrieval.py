@@ -16,19 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
+from radit_fast.config.fields import positive_int
 from radit_fast.io import RaditError
 
 logger = logging.getLogger("radit_fast.cli.retrieval")
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
 
 
 def _bool(value: str) -> bool:
@@ -59,7 +50,7 @@ def _encoder_options(p: argparse.ArgumentParser, default: str = "the encoder's")
     p.add_argument("--pooling", choices=["cls", "mean"], help=f"override the pooling (default: {default})")
     p.add_argument("--normalize", type=_bool, metavar="{true,false}",
                    help=f"override L2 normalisation (default: {default})")
-    p.add_argument("--max-length", type=_positive, help=f"max tokens per text (default: {default})")
+    p.add_argument("--max-length", type=positive_int, help=f"max tokens per text (default: {default})")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast for encoding (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model folder")
@@ -77,12 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--encoder", help="encoder for queries and documents, HF name or folder (default: all-MiniLM-L6-v2)")
     b.add_argument("--doc-encoder", help="document encoder when asymmetric (e.g. a DRAGON+ context encoder)")
     b.add_argument("--query-encoder", help="query encoder recorded in the manifest when asymmetric")
-    b.add_argument("--chunk-words", type=_positive, default=200, help="max words per passage (default 200)")
+    b.add_argument("--chunk-words", type=positive_int, default=200, help="max words per passage (default 200)")
     b.add_argument("--index-factory", default="Flat",
                    help="FAISS index_factory string, inner product (default Flat; e.g. IVF4096,Flat, IVF65536,PQ64, HNSW32)")
     b.add_argument("--search-params", default="", help="default FAISS search parameters, e.g. nprobe=32")
-    b.add_argument("--train-size", type=_positive, help="vectors sampled to train IVF/PQ (default max(65536, 100 nlist))")
-    b.add_argument("--batch-size", type=_positive, default=64, help="texts per encoder batch (default 64)")
+    b.add_argument("--train-size", type=positive_int, help="vectors sampled to train IVF/PQ (default max(65536, 100 nlist))")
+    b.add_argument("--batch-size", type=positive_int, default=64, help="texts per encoder batch (default 64)")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically, at the end)")
     b.add_argument("--dist-timeout", type=_duration, metavar="DURATION",
@@ -101,14 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--index", required=True, type=Path, help="index folder from `radit index build`")
     r.add_argument("--queries", required=True, type=Path,
                    help="KILT records with id and input (JSON lines, Parquet, or a datasets folder[:split])")
-    r.add_argument("--k", type=_positive, default=10, help="passages per query (default 10)")
+    r.add_argument("--k", type=positive_int, default=10, help="passages per query (default 10)")
     r.add_argument("--out", required=True, type=Path, help="output JSON lines {id, passages: [{id, score, title, text}]}")
     r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     r.add_argument("--query-encoder", help="query encoder folder or name (default: the index's)")
     r.add_argument("--allow-encoder-mismatch", action="store_true",
                    help="use a query encoder of another lineage/pooling (dim must still match)")
     r.add_argument("--search-params", help="FAISS search parameters, e.g. nprobe=64 (default: the index's)")
-    r.add_argument("--batch-size", type=_positive, default=64, help="queries per batch (default 64)")
+    r.add_argument("--batch-size", type=positive_int, default=64, help="queries per batch (default 64)")
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     r.add_argument("--verify", choices=["sha256", "size", "none"], default="sha256",
                    help="index file checks on load (default sha256; size is instant for huge indexes)")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from radit_fast.cli.eval import add_eval_options, eval_values
-from radit_fast.config.fields import add_arguments, load_config_file
+from radit_fast.config.fields import add_arguments, load_config_file, positive_int
 from radit_fast.config.run import (DEMO_FILE, RunOptions, load_run_file, make_config, merge_sections, preset_names,
                                    preset_sections, run_defaults)
 from radit_fast.config.stages import TrainConfig
@@ -74,15 +74,7 @@ def demo_help_defaults() -> dict[str, str]:
 
 
 def _threads(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
-    return n
+    return positive_int(value, words=("auto",))
 
 
 def _busy_cores(window_s: float = 0.5) -> float | None:

@@ -193,6 +193,20 @@ def arg_type(base: type, meta: Mapping[str, Any]) -> Callable[[str], Any]:
     return parse
 
 
+def positive_int(text: str, *, words: tuple[str, ...] = ()) -> int | str:
+    """argparse ``type=``: a positive integer, or one of ``words`` (``("auto",)``) as given."""
+    if text in words:
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        what = " or ".join(["a positive integer", *words])
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
                   only: Iterable[str] | None = None, skip: Iterable[str] = (), defaults: bool = False,
                   shown: Mapping[str, Any] | None = None, dests: Mapping[str, str] | None = None) -> None:
