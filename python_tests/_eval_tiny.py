@@ -29,10 +29,14 @@ def tiny_tokenizer(folder: Path):
 
 def tiny_lm(folder: Path, *, seed: int = 0, tie: bool = True) -> Path:
     """A random LlamaForCausalLM (2 layers, d=32) plus tokenizer saved in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_tiny_llama(folder, tiny_tokenizer(folder), seed=seed, tie=tie)
+
+
+def save_tiny_llama(folder: Path, tok, *, seed: int = 0, tie: bool = True) -> Path:
+    """A random LlamaForCausalLM (2 layers, d=32) for the tokenizer ``tok``, saved in ``folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = tiny_tokenizer(folder)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

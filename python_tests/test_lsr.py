@@ -10,28 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import radit_fast.ops.lsr as lsr_mod
-from radit_fast._native import HAS_NATIVE, HAS_NATIVE_CUDA
-from radit_fast.ops._dispatch import triton_available
+from radit_fast._native import HAS_NATIVE
 from radit_fast.ops.lsr import lsr_loss, lsr_scores
 
-from _ops_checks import compiled_matches_eager
-from conftest import requires_cuda
+from _ops_checks import IMPLS, assert_close, compiled_matches_eager, dev
 
 INF = float("inf")
 EPS32 = torch.finfo(torch.float32).eps
 DIRS = ["lsr_to_retriever", "retriever_to_lsr"]
-IMPLS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not HAS_NATIVE, reason="native module not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="needs triton")),
-    pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda,
-                                pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="built without CUDA")]),
-]
 HYP = settings(max_examples=12, deadline=None, derandomize=True)
-
-
-def dev(impl: str) -> str:
-    return "cuda" if impl in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
 
 def ref_lsr(s, t, tr, tl, mask, direction, dtype=torch.float64):
@@ -51,20 +38,6 @@ def ref_lsr(s, t, tr, tl, mask, direction, dtype=torch.float64):
     rows = torch.stack(rows)
     (rows * torch.linspace(0.5, 1.5, len(rows), dtype=dtype)).sum().backward()
     return rows.detach(), s.grad
-
-
-def assert_close(name, got, ref64, ref32, floor=0.0, rel=1e-5):
-    """|got - ref64| <= 3 |ref32 - ref64| + floor + rel max(1, |ref64|); infinities must match exactly."""
-    got, ref64, ref32 = got.detach().cpu().double(), ref64.double(), ref32.detach().cpu().double()
-    assert not torch.isnan(got).any(), f"{name}: NaN at {torch.isnan(got).nonzero()[:5].tolist()}"
-    inf = torch.isinf(ref64)
-    assert torch.equal(got[inf], ref64[inf]), f"{name}: infinities differ"
-    fin = ~inf
-    err = (got[fin] - ref64[fin]).abs()
-    bound = 3 * (ref32[fin] - ref64[fin]).abs().nan_to_num(0.0) + floor + rel * ref64[fin].abs().clamp(min=1.0)
-    bad = (err > bound).nonzero()[:, 0]
-    assert bad.numel() == 0, (f"{name}: {bad.numel()} mismatches, first: got {got[fin][bad[:5]].tolist()} "
-                              f"ref {ref64[fin][bad[:5]].tolist()} bound {bound[bad[:5]].tolist()}")
 
 
 def make_case(B, k, scale_s, seed, masked, dtype=torch.float32):

@@ -10,27 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import radit_fast.ops.mixture as mixture_mod
-from radit_fast._native import HAS_NATIVE, HAS_NATIVE_CUDA
-from radit_fast.ops._dispatch import triton_available
+from radit_fast._native import HAS_NATIVE
 from radit_fast.ops.mixture import mixture_logprobs
 
-from _ops_checks import compiled_matches_eager
-from conftest import requires_cuda
+from _ops_checks import GPU, IMPLS, compiled_matches_eager, dev
 
 INF = float("inf")
 EPS32 = torch.finfo(torch.float32).eps
-IMPLS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not HAS_NATIVE, reason="native module not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="needs triton")),
-    pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda,
-                                pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="built without CUDA")]),
-]
 HYP = settings(max_examples=10, deadline=None, derandomize=True)
-
-
-def dev(impl: str) -> str:
-    return "cuda" if impl in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
 
 def ref_mixture(x, w, g, dtype=torch.float64):
@@ -198,9 +185,6 @@ def test_torch_compile_matches_eager():
 def test_docstring_examples():
     result = doctest.testmod(mixture_mod, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0, result  # 0 attempted: the examples were not found
-
-
-GPU = [requires_cuda, pytest.mark.cuda, pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="built without CUDA")]
 
 
 @pytest.mark.parametrize("shape", [pytest.param((1, 10, 50000), marks=GPU), pytest.param((7000, 10, 16), marks=GPU)])

@@ -11,26 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import radit_fast.ops.replug as replug_mod
-from radit_fast._native import HAS_NATIVE, HAS_NATIVE_CUDA
-from radit_fast.ops._dispatch import triton_available
+from radit_fast._native import HAS_NATIVE
 from radit_fast.ops.replug import replug_logprob
 
-from _ops_checks import compiled_matches_eager
-from conftest import requires_cuda
+from _ops_checks import GPU, IMPLS, assert_close, compiled_matches_eager, dev
 
 INF = float("inf")
-IMPLS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not HAS_NATIVE, reason="native module not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="needs triton")),
-    pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda,
-                                pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="built without CUDA")]),
-]
 HYP = settings(max_examples=12, deadline=None, derandomize=True)
-
-
-def dev(impl: str) -> str:
-    return "cuda" if impl in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
 
 def ref_replug(lm, s, t, mask, dtype=torch.float64):
@@ -49,21 +36,6 @@ def ref_replug(lm, s, t, mask, dtype=torch.float64):
 
 
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def assert_close(name, got, ref64, ref32, floor=0.0, rel=1e-5):
-    """|got - ref64| <= 3 |ref32 - ref64| + floor + rel max(1, |ref64|): the error of the same formula in
-    float32, plus ``floor`` (the float32 rounding of the inputs' magnitude); infinities must match exactly."""
-    got, ref64, ref32 = got.detach().cpu().double(), ref64.double(), ref32.detach().cpu().double()
-    assert not torch.isnan(got).any(), f"{name}: NaN at {torch.isnan(got).nonzero()[:5].tolist()}"
-    inf = torch.isinf(ref64)
-    assert torch.equal(got[inf], ref64[inf]), f"{name}: infinities differ"
-    fin = ~inf
-    err = (got[fin] - ref64[fin]).abs()
-    bound = 3 * (ref32[fin] - ref64[fin]).abs().nan_to_num(0.0) + floor + rel * ref64[fin].abs().clamp(min=1.0)
-    bad = (err > bound).nonzero()[:, 0]
-    assert bad.numel() == 0, (f"{name}: {bad.numel()} mismatches, first: got {got[fin][bad[:5]].tolist()} "
-                              f"ref {ref64[fin][bad[:5]].tolist()} bound {bound[bad[:5]].tolist()}")
 
 
 def make_case(B, k, scale_s, scale_lm, seed, masked, dtype=torch.float32):
@@ -260,9 +232,6 @@ def test_torch_compile_matches_eager():
 def test_docstring_examples():
     result = doctest.testmod(replug_mod, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0, result  # 0 attempted: the examples were not found
-
-
-GPU = [requires_cuda, pytest.mark.cuda, pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="built without CUDA")]
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=GPU)])

@@ -8,25 +8,12 @@ import pytest
 import torch
 
 import radit_fast.ops.scorer as scorer_mod
-from radit_fast._native import HAS_NATIVE, HAS_NATIVE_CUDA
-from radit_fast.ops._dispatch import triton_available
 from radit_fast.ops.scorer import (ScorerOptions, chunk_logprobs, ensemble_from_hidden, lsr_loss_from_hidden,
                                    naive_score_chunks, score_chunks)
 
-from conftest import requires_cuda
+from _ops_checks import IMPLS, dev
 
 IGNORE = -100
-IMPLS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not HAS_NATIVE, reason="native module not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="needs triton")),
-    pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda,
-                                pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="built without CUDA")]),
-]
-
-
-def dev(impl: str) -> str:
-    return "cuda" if impl in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
 
 def make_case(B=3, k=4, d=16, V=50, seed=0, missing=((1, 3), (2, 1))):

@@ -17,6 +17,8 @@ import torch
 
 from radit_fast._util import file_lock
 
+from _eval_tiny import save_tiny_llama
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CITIES = [("Paris", "France"), ("Berlin", "Germany"), ("Rome", "Italy"), ("Madrid", "Spain"),
@@ -24,6 +26,18 @@ CITIES = [("Paris", "France"), ("Berlin", "Germany"), ("Rome", "Italy"), ("Madri
           ("Oslo", "Norway"), ("Dublin", "Ireland"), ("Athens", "Greece"), ("Bern", "Switzerland")]
 FILLER = ("It has a long history, many museums and a busy river port where old boats carry goods and "
           "people between the districts of the region every single day of the year")
+
+
+class Crash(Exception):
+    """A run killed at a chosen point (raised by :func:`crash_at`)."""
+
+
+def crash_at(event: str, step: int):
+    """A training callback raising :class:`Crash` at ``event`` (``step_end``, ``checkpoint``...) of ``step``."""
+    def crash(ev: str, st: int, info) -> None:
+        if ev == event and st == step:
+            raise Crash
+    return crash
 
 
 def corpus_rows() -> list[dict[str, str]]:
@@ -54,7 +68,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def tiny_lm(folder: Path, *, seed: int = 0) -> Path:
     """A random LlamaForCausalLM (2 layers, d=32, tied head) and a BPE tokenizer in ``folder``."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     if (folder / "config.json").is_file():
         return folder
@@ -66,16 +80,7 @@ def tiny_lm(folder: Path, *, seed: int = 0) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>")
     tok.save_pretrained(folder)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tok, seed=seed)
 
 
 def tiny_encoder(folder: Path, *, seed: int = 0) -> Path:

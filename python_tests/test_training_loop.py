@@ -24,6 +24,8 @@ from radit_fast.distributed import DistEnv
 from radit_fast.training.loop import Trainer
 from radit_fast.training.plan import DataPlan
 
+from test_training_fixtures import Crash, crash_at
+
 
 # ------------------------------------------------------------------------------------------- config
 def _parse(cls, argv):
@@ -200,15 +202,8 @@ def _run_toy(cfg, callbacks=None, dropout=0.1):
 def test_toy_resume_matches_uninterrupted(tmp_path):
     _, full = _run_toy(_toy_cfg(tmp_path / "a"))
 
-    class Stop(Exception):
-        pass
-
-    def crash(event, step, info):
-        if event == "step_end" and step == 5:
-            raise Stop
-
-    with pytest.raises(Stop):
-        _run_toy(_toy_cfg(tmp_path / "b"), [crash])
+    with pytest.raises(Crash):
+        _run_toy(_toy_cfg(tmp_path / "b"), [crash_at("step_end", 5)])
     with pytest.raises(RaditError, match="already exists"):
         _run_toy(_toy_cfg(tmp_path / "b"))
     res, resumed = _run_toy(_toy_cfg(tmp_path / "b", resume=True))
@@ -228,15 +223,8 @@ def test_toy_resume_matches_uninterrupted(tmp_path):
 def test_resume_announces_the_loaded_step_to_callbacks(tmp_path):
     """A kill after step 4's checkpoint but before its step_end callbacks: the resumed run tells the callbacks
     that the weights of step 4 are loaded (the pipeline scores that step's dev candidate then), once."""
-    class Stop(Exception):
-        pass
-
-    def crash(event, step, info):
-        if event == "checkpoint" and step == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        _run_toy(_toy_cfg(tmp_path / "b"), [crash])
+    with pytest.raises(Crash):
+        _run_toy(_toy_cfg(tmp_path / "b"), [crash_at("checkpoint", 4)])
     events = []
     _run_toy(_toy_cfg(tmp_path / "b", resume=True), [lambda event, step, info: events.append((event, step))])
     assert [e for e in events if e[0] == "resumed"] == [("resumed", 4)]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_training_fixtures import cached_setup  # noqa: E402
+from test_training_fixtures import Crash, cached_setup, crash_at  # noqa: E402
 
 STEPS = 6
 
@@ -93,15 +93,8 @@ def test_retriever_resume_after_crash(tmp_path):
                                max_steps=4, batch_size=4, k=4, lr=1e-2, warmup_steps=1, save_every=2,
                                progress=False, max_length=64, threads=1, cache_dir=str(tmp_path / "lsr"), **kw)
 
-    class Crash(Exception):
-        pass
-
-    def crash(event, step, info):
-        if event == "step_end" and step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        train_retriever(cfg(tmp_path / "a"), callbacks=[crash])
+        train_retriever(cfg(tmp_path / "a"), callbacks=[crash_at("step_end", 3)])
     train_retriever(cfg(tmp_path / "a", resume=True))
     train_retriever(cfg(tmp_path / "b"))
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")

@@ -17,7 +17,7 @@ from radit_fast.training.loop import Trainer, prepare_out
 from radit_fast.training.metrics import MetricsWriter, read_metrics, scalar_rows
 from radit_fast.training.plan import DataPlan
 
-from test_training_fixtures import cached_setup, retriever_config
+from test_training_fixtures import Crash, cached_setup, crash_at, retriever_config
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -106,15 +106,8 @@ def test_event_scalars_equal_metrics_jsonl(tmp_path):
 
 
 def test_resumed_run_keeps_one_curve(tmp_path):
-    class Stop(Exception):
-        pass
-
-    def crash(event, step, info):
-        if event == "step_end" and step == 5:
-            raise Stop
-
-    with pytest.raises(Stop):
-        _toy(tmp_path / "run", [crash])
+    with pytest.raises(Crash):
+        _toy(tmp_path / "run", [crash_at("step_end", 5)])
     _toy(tmp_path / "run", resume=True)  # from the step-4 checkpoint: step 5 is run again
     events = read_events(tmp_path / "run" / "tensorboard")
     expected = expected_from_jsonl(tmp_path / "run" / "metrics.jsonl")
