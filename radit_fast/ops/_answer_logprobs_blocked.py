@@ -93,10 +93,11 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
     elif out.device.type == "cpu":
-        bt = b.T if b.T.stride(-1) == 1 else b.T.contiguous()
-        _native._C.answer_logprobs_mm_bf16_f32_cpu(tensor_arg(a if a.stride(-1) == 1 else a.contiguous(), "a"),
-                                                   tensor_arg(bt, "b"), tensor_arg(out, "out"),
-                                                   torch.get_num_threads())
+        # Both operands as rows of K contiguous values; the locals keep any copy alive during the native call.
+        a_rows = a if a.stride(-1) == 1 else a.contiguous()
+        b_rows = b.T if b.T.stride(-1) == 1 else b.T.contiguous()
+        _native._C.answer_logprobs_mm_bf16_f32_cpu(tensor_arg(a_rows, "a"), tensor_arg(b_rows, "b"),
+                                                   tensor_arg(out, "out"), torch.get_num_threads())
     else:
         torch.mm(a, b, out_dtype=out.dtype, out=out)
 
