@@ -12,7 +12,7 @@ float64 reference then needs only those rows, the kernels still run every row, a
 hidden gradient must be exactly zero.
 
 Bounds (``BOUNDS``, ``value_bound``): the GPU kernels accumulate in float32, so values must be within 2e-5
-relative L2 of float64 whatever the input dtype (impl="cpu", in the CPU dry run, rounds bf16 logits: 2e-3);
+relative L2 of float64 whatever the input dtype (impl="cpu", in the CPU dry run on a CPU without AVX512-BF16, rounds bf16 logits: 2e-3);
 gradients come back in the input dtype, so bfloat16 gradients carry bf16 rounding
 (about 2^-9 relative): bound max(4e-3, 1.5 x the naive bfloat16 expression's own error).
 Every check returns rows ``{"check", "case", "impl", "metric", "value", "bound", "status", "note"}``.
@@ -28,6 +28,7 @@ import torch
 from radit_fast.ops import (answer_logprobs, answer_logprobs_per_sequence, lsr_loss, mixture_logprobs,
                             replug_logprob)
 from radit_fast.ops.answer_logprobs import naive_answer_logprobs, answer_logprobs_torch
+from radit_fast.ops import _answer_logprobs_blocked as blocked
 
 IGNORE = -100
 # (values bound, gradient floor) per input dtype; see the module doc.
@@ -45,9 +46,11 @@ DRY_BIG_ROWS = 1000
 
 def value_bound(impl: str, device, dtype: torch.dtype) -> float:
     """Bound on the values' relative error: float32-accurate backends 2e-5; impl="cpu" (and "auto" on CPU)
-    rounds bfloat16 logit blocks to bfloat16 before its float32 epilogue (radit_fast.ops.answer_logprobs, module
-    doc, "Precision"), so bfloat16 inputs there get the bf16 rounding level 2^-9 ~ 2e-3."""
-    rounds = impl == "cpu" or (impl == "auto" and torch.device(device).type == "cpu")
+    on CPUs without AVX512-BF16 rounds bfloat16 logit blocks to bfloat16 before its float32 epilogue
+    (radit_fast.ops.answer_logprobs, module doc, "Precision"), so bfloat16 inputs there get the bf16 rounding
+    level 2^-9 ~ 2e-3."""
+    on_cpu = impl == "cpu" or (impl == "auto" and torch.device(device).type == "cpu")
+    rounds = on_cpu and blocked.block_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
     return 2e-3 if rounds and dtype == torch.bfloat16 else BOUNDS[dtype][0]
 
 
