@@ -63,7 +63,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
             tok = AutoTokenizer.from_pretrained(path, local_files_only=hub_offline(),
                                                 trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise RaditError(_not_found(path, e)) from None
+            raise RaditError(not_found_message(path, e)) from None
     _ensure_pad_token(tok)
     return tok
 
@@ -141,7 +141,7 @@ def check_lm(name_or_path: str | os.PathLike | None, *, trust_remote_code: bool 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=hub_offline(), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise RaditError(_not_found(path, e)) from None
+        raise RaditError(not_found_message(path, e)) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
         raise RaditError(f"{path}: not a causal LM (model type {config.model_type!r} has no "
                          "AutoModelForCausalLM class)")
@@ -191,7 +191,7 @@ def load_lm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype
                 **kwargs)
         except (OSError, ValueError, pickle.UnpicklingError) as e:  # unusable checkpoints: ValueError
             hint = f" (a damaged cache: remove {path} to convert again)" if is_default(name_or_path) else ""
-            raise RaditError(_not_found(path, e) + hint) from None
+            raise RaditError(not_found_message(path, e) + hint) from None
         check_loading_info(path, info)
         tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     model.to(device)
@@ -206,7 +206,8 @@ def _ensure_pad_token(tok: Any) -> None:
         tok.pad_token = tok.eos_token
 
 
-def _not_found(path: str, e: Exception) -> str:
+def not_found_message(path: str, e: Exception) -> str:
+    """One line for a model folder that cannot be loaded (missing, not a causal LM, unreadable)."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "Unrecognized configuration class" in first:
         return f"{path}: not a causal LM (AutoModelForCausalLM does not support its model type)"

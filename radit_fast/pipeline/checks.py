@@ -12,7 +12,7 @@ from typing import Any
 
 from radit_fast._util import hub_offline
 from radit_fast.io import RaditError
-from radit_fast.models import _not_found, check_lm, check_model_kind, load_tokenizer
+from radit_fast.models import check_lm, check_model_kind, load_tokenizer, not_found_message
 from radit_fast.retrieval.encoder import resolve_encoder
 
 
@@ -47,7 +47,7 @@ def check_encoder(name_or_path: str | os.PathLike | None, option: str = "--encod
         try:
             return cls.from_pretrained(location, local_files_only=hub_offline(), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as e:  # transformers reports unusable folders as ValueError
-            raise RaditError(f"{option} {_not_found(location, e)}") from None
+            raise RaditError(f"{option} {not_found_message(location, e)}") from None
 
     config = load(AutoConfig)
     if config.model_type not in MODEL_MAPPING_NAMES and not getattr(config, "auto_map", None):

@@ -99,18 +99,15 @@ class Pipeline:
         return [[tuple(p) for p in r["passages"]] for r in rows]
 
     # ------------------------------------------------------------------------------------- eval
-    def evaluate(self, model, tok, split: str, retriever: str | None, *, desc: str,
-                 examples: list | None = None) -> tuple[list[dict], dict[str, float]]:
-        """Evaluate ``model`` on ``split`` (or its first ``examples``) with the passages of the ``retriever``
-        step (``base`` / ``tuned``; None: no retrieval)."""
+    def evaluate(self, model, tok, split: str, retriever: str | None, *, desc: str
+                 ) -> tuple[list[dict], dict[str, float]]:
+        """Evaluate ``model`` on ``split`` with the passages of the ``retriever`` step (``base`` / ``tuned``;
+        None: no retrieval)."""
         settings = copy.copy(self.cfg.eval)
         if retriever is None:
             settings.k = 0
         ret = self.retrieved(retriever, split) if retriever is not None else None
-        exs = examples if examples is not None else self.splits[split]
-        if examples is not None and ret is not None:
-            ret = ret[: len(examples)]
-        return evaluate_examples(model, tok, exs, ret, settings, train=self.splits["train"],
+        return evaluate_examples(model, tok, self.splits[split], ret, settings, train=self.splits["train"],
                                  progress=self.cfg.progress, desc=desc)
 
     def _eval_row(self, row: str, key: dict[str, Any]) -> None:
