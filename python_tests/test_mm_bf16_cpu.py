@@ -13,6 +13,7 @@ import torch
 from radit_fast import _native
 from radit_fast._native import HAS_NATIVE, tensor_arg
 from radit_fast.ops import _answer_logprobs_blocked as blocked
+from radit_fast.ops import answer_logprobs
 
 pytestmark = pytest.mark.skipif(not HAS_NATIVE, reason="radit_fast._C is not built")
 
@@ -85,8 +86,6 @@ def test_driver_uses_float32_blocks_for_bfloat16():
 @pytest.mark.parametrize("transposed", ["hidden", "weight", "both"])
 def test_driver_with_transposed_storage_matches_float64(transposed):
     """The driver copies non-row-major operands for the kernel (and keeps the copies alive during the call)."""
-    from radit_fast.ops import answer_logprobs
-
     gen = torch.Generator().manual_seed(7)
     n, d, v = 300, 64, 5000
     h = (0.5 * torch.randn(d, n, generator=gen)).bfloat16().T if transposed != "weight" else \

@@ -35,9 +35,12 @@ namespace answer_logprobs {
 
 bool mm_bf16_f32_supported() {
 #if RADIT_HAVE_BF16_KERNEL
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
+  static const bool supported = [] {  // probed once: every block's call checks it
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return supported;
 #else
   return false;
 #endif
@@ -56,44 +59,30 @@ inline std::uint32_t pair(const std::uint16_t* row, std::int64_t k, std::int64_t
   return lo | (hi << 16);
 }
 
-// Ap[p][kp][i] = pair(A[p * MR + i], 2 kp) for panels p, zero rows past M.
-void pack_a(const std::uint16_t* a, std::int64_t lda, std::int64_t m, std::int64_t kdim, std::uint32_t* ap) {
-  const std::int64_t kp = (kdim + 1) / 2, panels = (m + kMR - 1) / kMR;
-  for (std::int64_t p = 0; p < panels; ++p) {
-    std::uint32_t* dst = ap + p * kp * kMR;
-    for (std::int64_t i = 0; i < kMR; ++i) {
-      const std::int64_t r = p * kMR + i;
-      if (r >= m) {
-        for (std::int64_t q = 0; q < kp; ++q) dst[q * kMR + i] = 0u;
-        continue;
-      }
-      const std::uint16_t* row = a + r * lda;
-      for (std::int64_t q = 0; q < kp; ++q) dst[q * kMR + i] = pair(row, 2 * q, kdim);
-    }
-  }
-}
-
-// Bp[t][kp][j] = pair(B[n0 + t * 16 + j], 2 kp) for the nb rows of B from n0, zero rows past nb (16-row tiles).
-void pack_b(const std::uint16_t* b, std::int64_t ldb, std::int64_t nb, std::int64_t kdim, std::uint32_t* bp) {
-  const std::int64_t kp = (kdim + 1) / 2, tiles = (nb + 15) / 16;
+// The rows of src [rows, K] in tiles of `width` rows, each tile as dst[t][k / 2][width] 32-bit pairs
+// (src[t * width + i, k], src[t * width + i, k + 1]): A's micro panels (width MR) and B's 16-row vectors
+// (width 16). Rows past `rows` and the k + 1 past an odd K are zero.
+void pack_pairs(const std::uint16_t* src, std::int64_t ld, std::int64_t rows, std::int64_t kdim,
+                std::int64_t width, std::uint32_t* dst) {
+  const std::int64_t kp = (kdim + 1) / 2, tiles = (rows + width - 1) / width;
   for (std::int64_t t = 0; t < tiles; ++t) {
-    std::uint32_t* dst = bp + t * kp * 16;
-    for (std::int64_t j = 0; j < 16; ++j) {
-      const std::int64_t r = t * 16 + j;
-      if (r >= nb) {
-        for (std::int64_t q = 0; q < kp; ++q) dst[q * 16 + j] = 0u;
+    std::uint32_t* tile = dst + t * kp * width;
+    for (std::int64_t i = 0; i < width; ++i) {
+      const std::int64_t r = t * width + i;
+      if (r >= rows) {
+        for (std::int64_t q = 0; q < kp; ++q) tile[q * width + i] = 0u;
         continue;
       }
-      const std::uint16_t* row = b + r * ldb;
-      for (std::int64_t q = 0; q < kp; ++q) dst[q * 16 + j] = pair(row, 2 * q, kdim);
+      const std::uint16_t* row = src + r * ld;
+      for (std::int64_t q = 0; q < kp; ++q) tile[q * width + i] = pair(row, 2 * q, kdim);
     }
   }
 }
 
 // C[rows, cols] = one micro panel of A x up to 4 packed 16-column tiles of B (cols <= 64, rows <= MR).
 template <int Rows>
-RADIT_AVX512BF16 void micro(const std::uint32_t* ap, const std::uint32_t* bp, std::int64_t kp, std::int64_t tile_stride,
-                            float* c, std::int64_t ldc, std::int64_t cols) {
+RADIT_AVX512BF16 void micro(const std::uint32_t* ap, const std::uint32_t* bp, std::int64_t kp,
+                            std::int64_t tile_stride, float* c, std::int64_t ldc, std::int64_t cols) {
   __m512 acc[Rows][4];
   for (int i = 0; i < Rows; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -128,8 +117,9 @@ RADIT_AVX512BF16 void micro(const std::uint32_t* ap, const std::uint32_t* bp, st
   }
 }
 
-RADIT_AVX512BF16 void micro_rows(std::int64_t rows, const std::uint32_t* ap, const std::uint32_t* bp, std::int64_t kp,
-                                 std::int64_t tile_stride, float* c, std::int64_t ldc, std::int64_t cols) {
+RADIT_AVX512BF16 void micro_rows(std::int64_t rows, const std::uint32_t* ap, const std::uint32_t* bp,
+                                 std::int64_t kp, std::int64_t tile_stride, float* c, std::int64_t ldc,
+                                 std::int64_t cols) {
   switch (rows) {
     case 6: micro<6>(ap, bp, kp, tile_stride, c, ldc, cols); break;
     case 5: micro<5>(ap, bp, kp, tile_stride, c, ldc, cols); break;
@@ -165,7 +155,7 @@ void mm_bf16_f32_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c,
   }
   const std::int64_t kp = (kdim + 1) / 2, panels = (m + kMR - 1) / kMR, blocks = (n + kNC - 1) / kNC;
   std::vector<std::uint32_t> ap(static_cast<std::size_t>(panels * kp * kMR));
-  pack_a(a.ptr<const std::uint16_t>(), lda, m, kdim, ap.data());
+  pack_pairs(a.ptr<const std::uint16_t>(), lda, m, kdim, kMR, ap.data());
   const std::uint16_t* bsrc = b.ptr<const std::uint16_t>();
   int nt = num_threads < 1 ? 1 : num_threads;
   if (nt > blocks) nt = static_cast<int>(blocks);
@@ -175,7 +165,7 @@ void mm_bf16_f32_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c,
 #pragma omp for schedule(static)
     for (std::int64_t blk = 0; blk < blocks; ++blk) {
       const std::int64_t n0 = blk * kNC, nb = n - n0 < kNC ? n - n0 : kNC;
-      pack_b(bsrc + n0 * ldb, ldb, nb, kdim, bp.data());
+      pack_pairs(bsrc + n0 * ldb, ldb, nb, kdim, 16, bp.data());
       const std::int64_t tile_stride = kp * 16;
       for (std::int64_t p = 0; p < panels; ++p) {
         const std::int64_t r0 = p * kMR, rows = m - r0 < kMR ? m - r0 : kMR;

@@ -21,8 +21,9 @@ on CPUs with AVX512-BF16 through the native kernel ``_C.answer_logprobs_mm_bf16_
 the block is in the input dtype (see the "Precision" section of radit_fast/ops/answer_logprobs.py). With float32
 blocks the backward epilogue writes dz into a separate bfloat16 buffer for the two gradient GEMMs (torch.mm).
 
-Memory: one block buffer of at most ``BLOCK_BYTES[device]`` (+ a dz buffer on CUDA), the per-row state, the
-gradients, and for bfloat16 a float32 accumulator of grad_weight only when several row chunks add into it.
+Memory: one block buffer of at most ``BLOCK_BYTES[device]`` (+ a bfloat16 dz buffer with float32 blocks), the
+per-row state, the gradients, and for bfloat16 a float32 accumulator of grad_weight only when several row chunks
+add into it.
 No host synchronisation on CUDA: the epilogues flag out-of-range targets on the device (the shared
 ``radit_fast.ops._dispatch.error_flag``).
 """

@@ -25,12 +25,12 @@ Precision with bfloat16 inputs (accumulation is float32 everywhere). The triton 
 in float32 registers, the cuda backend writes float32 blocks (torch.mm out_dtype), impl="torch" multiplies
 float32 upcasts, and impl="cpu" writes float32 blocks on CPUs with AVX512-BF16 through its own bf16 x bf16 ->
 f32 kernel (csrc/answer_logprobs/mm_bf16_cpu.cpp; torch.mm on CPU writes bf16 products in bfloat16 only:
-aten::mm.dtype has no CPU kernel in torch 2.13): all four are float32-accurate (benchmarks/bench_answer_logprobs.py
-at N=2048, d=576, V=49152: impl="cpu" 2.2e-6 max tok error against float64, 7.8e-3 with bfloat16 blocks). On CPUs without
-AVX512-BF16, impl="cpu" stores each logit block in bfloat16 before its float32 epilogue, so every logit
-carries a relative rounding error of up to 2^-9, i.e. an absolute error of up to |z| 2^-9 in tok and lse (the
-naive bfloat16 expression, which also rounds the log-softmax, is 2-6x worse); for float32-accurate results
-there use impl="torch" or float32 inputs.
+aten::mm.dtype has no CPU kernel in torch 2.13): all four are float32-accurate
+(benchmarks/bench_answer_logprobs.py at N=2048, d=576, V=49152: impl="cpu" 2.2e-6 max tok error against
+float64, 7.8e-3 with bfloat16 blocks). On CPUs without AVX512-BF16, impl="cpu" stores each logit block in
+bfloat16 before its float32 epilogue, so every logit carries a relative rounding error of up to 2^-9, i.e. an
+absolute error of up to |z| 2^-9 in tok and lse (the naive bfloat16 expression, which also rounds the
+log-softmax, is 2-6x worse); for float32-accurate results there use impl="torch" or float32 inputs.
 
 Layers (STYLE section 2): launchers ``_fwd_launch``/``_bwd_launch``/``_loss_launch`` (no autograd) -> custom
 ops ``torch.ops.radit.answer_logprobs_fwd``/``_bwd``/``_loss`` (so torch.compile sees opaque nodes with fake
