@@ -59,10 +59,13 @@ PYBIND11_MODULE(_C, m) {
           py::arg("grad_bias"), py::arg("out"), py::arg("num_threads"),
           "dz = grad_tok * (onehot(target) - softmax) of a logits block into out (or in place); column sums "
           "added to grad_bias[col0:col0+cols] when given.");
-    m.def("answer_logprobs_mm_bf16_f32_supported", &al::mm_bf16_f32_supported,
-          "True when this CPU runs answer_logprobs_mm_bf16_f32_cpu (AVX512-BF16).");
-    m.def("answer_logprobs_mm_bf16_f32_cpu", &al::mm_bf16_f32_cpu, nogil, py::arg("a"), py::arg("b"), py::arg("c"),
-          py::arg("num_threads"), "c = a @ b.T for bfloat16 a [M, K], b [N, K] into float32 c [M, N] (AVX512-BF16).");
+    m.def("answer_logprobs_gemm_cpu_supported", &al::gemm_cpu_supported, py::arg("bf16"),
+          "True when this CPU runs answer_logprobs_gemm_cpu for float32 (AVX-512) or bfloat16 (AVX512-BF16).");
+    m.def("answer_logprobs_gemm_cpu", &al::gemm_cpu, nogil, py::arg("a"), py::arg("b"), py::arg("c"),
+          py::arg("accumulate"), py::arg("num_threads"),
+          "c (+)= a @ b for float32 or bfloat16 a [M, K], b [K, N] (any strides) into float32 c [M, N].");
+    m.def("answer_logprobs_transpose_cpu", &al::transpose_cpu, nogil, py::arg("src"), py::arg("dst"),
+          py::arg("num_threads"), "dst = src.T for float32 src [R, C] into float32 | bfloat16 dst [C, R].");
     m.def("answer_logprobs_bwd_workspace_rows", &al::bwd_workspace_rows, py::arg("rows"),
           "Rows of the float32 [rows', cols] grad_bias workspace of answer_logprobs_bwd_block_cuda.");
 #ifdef RADIT_WITH_CUDA

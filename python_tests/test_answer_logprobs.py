@@ -217,7 +217,7 @@ def test_auto_uses_torch_for_float64_and_cpu_rejects_it():
             answer_logprobs(hidden, weight, targets, impl="cpu")
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(n=st.integers(1, 24), d=st.integers(1, 12), v=st.integers(1, 300), bias=st.booleans(),
        ignore=st.sampled_from(["none", "some", "all"]), seed=st.integers(0, 2**16))
 def test_property_matches_float64(n, d, v, bias, ignore, seed):
@@ -233,8 +233,12 @@ def test_property_matches_float64(n, d, v, bias, ignore, seed):
     for impl in IMPLS:
         out, grads = run(impl, hidden, weight, b, targets, grad_out)
         max_err(out, ref, f"{impl} tok_logprob", 3e-5)
-        for name, gr, r in zip(["hidden", "weight", "bias"], grads, leaves):
-            max_err(gr, r.grad, f"{impl} grad_{name}", 1e-5, scale=float(r.grad.abs().max()) + 1e-6)
+        # Relative to the gradient's size plus that of the terms it sums (|g| |W| for hidden, |g| |h| for weight,
+        # |g| for bias): g (onehot - p) W cancels when W_t is close to the mean row (seen at d = 1).
+        terms = [weight.abs().max(), hidden.abs().max(), torch.tensor(1.0)]
+        for name, gr, r, t in zip(["hidden", "weight", "bias"], grads, leaves, terms):
+            scale = float(r.grad.abs().max()) + float(grad_out.abs().max()) * float(t) * 0.1 + 1e-6
+            max_err(gr, r.grad, f"{impl} grad_{name}", 1e-5, scale=scale)
 
 
 # ---- per-sequence sums ---------------------------------------------------------------------------------
@@ -406,7 +410,7 @@ def test_reduced_bad_reduction_and_targets():
 
 @needs_native
 def test_reduced_uses_three_products(monkeypatch):
-    """The cpu loss path runs 3 GEMM products (no recomputation), the unreduced path 4."""
+    """The cpu loss path runs 3 GEMM products (no recomputation), the unreduced path 4 (torch.mm or native)."""
     hidden, weight, b, targets = make_inputs(40, 16, 96)
     calls = []
     real_mm = torch.mm
@@ -421,8 +425,15 @@ def test_reduced_uses_three_products(monkeypatch):
         calls.append(1)
         return real_addmm_(self, *args, **kwargs)
 
+    real_gemm = blocked._gemm  # the native CPU GEMM, where this CPU runs it
+
+    def counting_gemm(*args, **kwargs):
+        calls.append(1)
+        return real_gemm(*args, **kwargs)
+
     monkeypatch.setattr(blocked.torch, "mm", counting_mm)
     monkeypatch.setattr(torch.Tensor, "addmm_", counting_addmm_)
+    monkeypatch.setattr(blocked, "_gemm", counting_gemm)
     monkeypatch.setattr(blocked, "CPU_LOSS_BLOCK_BYTES", 40 * 96 * 4)  # one row chunk
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     answer_logprobs(h, w, targets, impl="cpu", reduction="sum").backward()

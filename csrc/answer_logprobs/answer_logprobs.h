@@ -1,8 +1,8 @@
 // answer_logprobs: log p(target | hidden) under softmax(hidden @ weight.T + bias), never materialising logits.
 //
-// One blocked driver for every device (radit_fast/ops/answer_logprobs.py) runs the vendor GEMM per vocabulary
-// block (torch.mm into a reused [rows, cols] buffer: oneDNN/MKL on CPU, cuBLAS on GPU); the entry points here
-// are the fused epilogues around it, one set for the CPU (answer_logprobs_cpu.cpp, OpenMP) and one for CUDA
+// One blocked driver for every device (radit_fast/ops/_answer_logprobs_blocked.py) runs a GEMM per vocabulary
+// block into a reused [rows, cols] buffer (gemm_cpu below on CPUs with AVX-512, else torch.mm; cuBLAS on GPU);
+// the entry points here are the fused epilogues around it, one set for the CPU (answer_logprobs_cpu.cpp, OpenMP) and one for CUDA
 // (answer_logprobs_cuda.cu), with the math shared in common/radit_math.h. The Python contract is
 // radit_fast/ops/_answer_logprobs_epilogue.py. The math and the gradient are derived at the top of
 // answer_logprobs_cpu.cpp; the CUDA kernel design at the top of answer_logprobs_cuda.cu.
@@ -65,11 +65,15 @@ void bwd_block_cpu(const TensorArg& z, std::int64_t col0, std::int64_t vocab, co
                    const TensorArg& targets, std::int64_t ignore_index, const TensorArg& lse, const TensorArg& grad_tok,
                    const TensorArg& grad_bias, const TensorArg& out, int num_threads);
 
-// The logits GEMM for bfloat16 inputs on CPUs with AVX512-BF16 (mm_bf16_cpu.cpp): c = a @ b^T with a [M, K] and
-// b [N, K] bfloat16 (stride(1) == 1), c [M, N] float32 (stride(1) == 1), float32 accumulation; the result does not
-// depend on num_threads. mm_bf16_f32_cpu raises when mm_bf16_f32_supported() is false.
-bool mm_bf16_f32_supported();
-void mm_bf16_f32_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, int num_threads);
+// The driver's GEMMs on CPUs with AVX-512 (gemm_cpu.cpp): c (+)= a @ b with a [M, K] and b [K, N] of one dtype,
+// float32 or bfloat16 (any strides), c [M, N] float32 with stride(1) == 1, float32 accumulation; accumulate adds
+// the product to c instead of overwriting it. The result does not depend on num_threads. gemm_cpu raises when
+// gemm_cpu_supported(bf16) is false (float32 needs AVX-512F/BW/VL/DQ, bfloat16 also AVX512-BF16).
+bool gemm_cpu_supported(bool bf16);
+void gemm_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, bool accumulate, int num_threads);
+// dst = src^T for a float32 src [R, C] (any strides) into dst [C, R] float32 | bfloat16 (round to nearest even),
+// stride(1) == 1: the driver's transposed grad_weight accumulator into the gradient, in cache-sized tiles.
+void transpose_cpu(const TensorArg& src, const TensorArg& dst, int num_threads);
 
 // ---- CUDA (on `stream`, a raw cudaStream_t of z's device; under a device guard; no host synchronisation) ----
 

@@ -1,9 +1,9 @@
-"""The blocked driver of ``answer_logprobs`` for every device: vendor GEMM per logit block + fused epilogue.
+"""The blocked driver of ``answer_logprobs`` for every device: a GEMM per logit block + fused epilogue.
 
-Scheme. The vocabulary (and, when needed, the rows) is cut into blocks. For each block the vendor GEMM
-(``torch.mm`` into one reused buffer: oneDNN/MKL on CPU, cuBLAS on GPU) computes z = H_r @ W_c^T, and one fused
-epilogue pass over the block (radit_fast/ops/_answer_logprobs_epilogue.py: C++/OpenMP on CPU, CUDA on GPU, math
-shared in csrc/common/radit_math.h) does the rest:
+Scheme. The vocabulary (and, when needed, the rows) is cut into blocks. For each block a GEMM computes
+z = H_r @ W_c^T into one reused buffer, and one fused epilogue pass over the block
+(radit_fast/ops/_answer_logprobs_epilogue.py: C++/OpenMP on CPU, CUDA on GPU, math shared in
+csrc/common/radit_math.h) does the rest:
 
 * forward (``fwd``): merge the block into each row's online-logsumexp state (m, s) and gather the target logit;
   a finalize pass gives lse = m + log s, tok = z_t - lse and the per-segment sums. 1 GEMM.
@@ -14,16 +14,21 @@ shared in csrc/common/radit_math.h) does the rest:
   buffer; the same epilogues then write dz in place and grad_hidden[r] = dz @ W, grad_weight += dz^T @ H_r.
   3 GEMMs in all (instead of 4: no recomputation in the backward pass), nothing kept but the gradients.
 
+GEMMs. On CPUs with AVX-512 (AVX512-BF16 for bfloat16) all three products run in radit's own kernel
+``_C.answer_logprobs_gemm_cpu`` (csrc/answer_logprobs/gemm_cpu.cpp, float32 accumulation and output): torch.mm
+calls MKL's sgemm, which runs its AVX2 code on non-Intel CPUs (~90 GFLOP/s per core on the AMD EPYC measured
+here against ~220 for the kernel), and writes bf16 x bf16 products in bfloat16. Elsewhere torch.mm (oneDNN/MKL
+on CPU, cuBLAS on GPU).
+
 Block dtype. bfloat16 inputs write float32 logit blocks wherever the device can: on CUDA through
 ``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS accumulates in fp32 anyway) when the running torch offers it,
-on CPUs with AVX512-BF16 through the native kernel ``_C.answer_logprobs_mm_bf16_f32_cpu``
-(csrc/answer_logprobs/mm_bf16_cpu.cpp: torch.mm on CPU writes bf16 x bf16 products in bfloat16 only). Elsewhere
-the block is in the input dtype (see the "Precision" section of radit_fast/ops/answer_logprobs.py). With float32
-blocks the backward epilogue writes dz into a separate bfloat16 buffer for the two gradient GEMMs (torch.mm).
+on CPUs with AVX512-BF16 through the native kernel. Elsewhere the block is in the input dtype (see the
+"Precision" section of radit_fast/ops/answer_logprobs.py). With float32 blocks the backward epilogue writes dz
+into a separate bfloat16 buffer for the two gradient GEMMs.
 
 Memory: one block buffer of at most ``BLOCK_BYTES[device]`` (+ a bfloat16 dz buffer with float32 blocks), the
-per-row state, the gradients, and for bfloat16 a float32 accumulator of grad_weight only when several row chunks
-add into it.
+per-row state, the gradients, and for bfloat16 a float32 accumulator of grad_weight when the native kernel runs
+or several row chunks add into it.
 No host synchronisation on CUDA: the epilogues flag out-of-range targets on the device (the shared
 ``radit_fast.ops._dispatch.error_flag``).
 """
@@ -67,11 +72,20 @@ def loss_rows(n: int, v: int, elt: int, device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def native_gemm(device_type: str, dtype: torch.dtype) -> bool:
+    """True when the driver's GEMMs run in radit's own CPU kernel (``_C.answer_logprobs_gemm_cpu``,
+    csrc/answer_logprobs/gemm_cpu.cpp) for this dtype: float32 on CPUs with AVX-512, bfloat16 with AVX512-BF16."""
+    if device_type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or _native._C is None:
+        return False
+    return bool(_native._C.answer_logprobs_gemm_cpu_supported(dtype == torch.bfloat16))
+
+
+@functools.lru_cache(maxsize=None)
 def _fp32_out_ok(device_type: str) -> bool:
-    """True when bf16 x bf16 products can be written into float32 blocks on this device type: torch.mm's
-    out_dtype= on CUDA, the native AVX512-BF16 kernel on CPU (torch.mm on CPU has no bf16 -> f32 product)."""
+    """True when bf16 x bf16 products can be written into float32 blocks on this device type: the native kernel
+    on CPU (torch.mm on CPU has no bf16 -> f32 product), torch.mm's out_dtype= on CUDA."""
     if device_type == "cpu":
-        return _native._C is not None and bool(_native._C.answer_logprobs_mm_bf16_f32_supported())
+        return native_gemm("cpu", torch.bfloat16)
     if device_type != "cuda":
         return False
     try:
@@ -89,16 +103,18 @@ def block_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """out (+)= a @ b in the native CPU kernel: a, b float32 or bfloat16 (any strides), out float32."""
+    _native._C.answer_logprobs_gemm_cpu(tensor_arg(a, "a"), tensor_arg(b, "b"), tensor_arg(out, "out"),
+                                        bool(accumulate), torch.get_num_threads())
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """out = a @ b, out in a's dtype or (bfloat16 a, b) in float32 (block_dtype)."""
-    if out.dtype == a.dtype:
+    if native_gemm(out.device.type, a.dtype):
+        _gemm(a, b, out)
+    elif out.dtype == a.dtype:
         torch.mm(a, b, out=out)
-    elif out.device.type == "cpu":
-        # Both operands as rows of K contiguous values; the locals keep any copy alive during the native call.
-        a_rows = a if a.stride(-1) == 1 else a.contiguous()
-        b_rows = b.T if b.T.stride(-1) == 1 else b.T.contiguous()
-        _native._C.answer_logprobs_mm_bf16_f32_cpu(tensor_arg(a_rows, "a"), tensor_arg(b_rows, "b"),
-                                                   tensor_arg(out, "out"), torch.get_num_threads())
     else:
         torch.mm(a, b, out_dtype=out.dtype, out=out)
 
@@ -141,24 +157,37 @@ def fwd(hidden, weight, bias, targets, ignore_index, segment_ids, num_segments):
 class _WeightGrad:
     """grad_weight rows of one vocabulary block [v0, v0 + c), written once (one row chunk) or summed over chunks.
 
-    float32 sums in place with addmm_; other dtypes sum each chunk's product in a float32 accumulator of the
-    block (``width`` rows), never in bfloat16, and ``flush`` stores the block once in the weight's dtype. The
-    products are formed ``SLICE`` rows at a time into small scratch buffers and widened there before the
-    float32 add (torch's mixed bf16 -> f32 ``add_`` runs ~5x slower than a widening copy plus a float32 add).
+    With the native CPU GEMM the products are summed in float32: float32 weights straight into the result;
+    bfloat16 weights as grad_weight^T = H^T @ dZ into a float32 [d, width] accumulator (this orientation runs
+    ~1.5x faster than dZ^T @ H, which must pack dZ^T into pairs), which ``flush`` stores once, transposed, in
+    the weight's dtype. Otherwise (torch.mm) float32 sums in place with addmm_; other dtypes sum each chunk's
+    product in a float32 accumulator, never in bfloat16, formed ``SLICE`` rows at a time into small scratch
+    buffers and widened there before the float32 add (torch's mixed bf16 -> f32 ``add_`` runs ~5x slower than a
+    widening copy plus a float32 add).
     """
 
     SLICE = 4096
 
     def __init__(self, weight: torch.Tensor, chunks: int, width: int):
-        self.out = torch.empty_like(weight)
-        multi = chunks > 1 and weight.dtype != torch.float32
+        # row-major, as the GEMMs write it
+        self.out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        self.native = native_gemm(weight.device.type, weight.dtype)
+        f32 = weight.dtype == torch.float32
         rows, d, dev = min(width, self.SLICE), weight.shape[1], weight.device
+        self.acc_t = torch.empty(d, width, device=dev) if self.native and not f32 else None
+        multi = not f32 and chunks > 1 and not self.native
         self.acc = torch.empty(width, d, device=dev) if multi else None
         self.tmp = torch.empty(rows, d, dtype=weight.dtype, device=dev) if multi else None
         self.tmp32 = torch.empty(rows, d, device=dev) if multi else None
 
     def add(self, dz: torch.Tensor, h: torch.Tensor, v0: int, first: bool) -> None:
         c = dz.shape[1]
+        if self.native:
+            if self.acc_t is None:
+                _gemm(dz.T, h, self.out[v0:v0 + c], accumulate=not first)
+            else:
+                _gemm(h.T, dz, self.acc_t[:, :c], accumulate=not first)
+            return
         if self.acc is None:
             if first:
                 torch.mm(dz.T, h, out=self.out[v0:v0 + c])
@@ -175,7 +204,10 @@ class _WeightGrad:
                 self.acc[j:j + k] += self.tmp32[:k]
 
     def flush(self, v0: int, c: int) -> None:
-        if self.acc is not None:
+        if self.acc_t is not None:  # natively, in tiles (torch's transposing copy into bfloat16: ~5x slower)
+            _native._C.answer_logprobs_transpose_cpu(tensor_arg(self.acc_t[:, :c], "src"),
+                                                     tensor_arg(self.out[v0:v0 + c], "dst"), torch.get_num_threads())
+        elif self.acc is not None:
             self.out[v0:v0 + c].copy_(self.acc[:c])
 
 
@@ -194,9 +226,9 @@ def bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden,
     chunks = -(-n // rows)
     buf = torch.empty(rows * cols, dtype=bdt, device=dev)
     dzbuf = None if bdt == hidden.dtype else torch.empty(rows * cols, dtype=hidden.dtype, device=dev)
-    f32 = hidden.dtype == torch.float32
+    f32, native = hidden.dtype == torch.float32, native_gemm(dev.type, hidden.dtype)
     gh = torch.zeros(n, d, device=dev) if need_hidden else None
-    gh_tmp = torch.empty(rows, d, dtype=hidden.dtype, device=dev) if need_hidden and not f32 else None
+    gh_tmp = torch.empty(rows, d, dtype=hidden.dtype, device=dev) if need_hidden and not (f32 or native) else None
     gw = _WeightGrad(weight, chunks, cols) if need_weight else None
     gb = torch.zeros(v, device=dev) if need_bias else None
     for v0 in range(0, v, cols):
@@ -211,7 +243,9 @@ def bwd(hidden, weight, bias, targets, lse, grad_tok, ignore_index, need_hidden,
             epilogue.bwd_block(z, v0, v, b, targets[r0:r0 + rr], ignore_index, lse[r0:r0 + rr], g[r0:r0 + rr], gb,
                                out=None if dzbuf is None else dz)
             if gh is not None:
-                if f32:
+                if native:
+                    _gemm(dz, wb, gh[r0:r0 + rr], accumulate=True)
+                elif f32:
                     gh[r0:r0 + rr].addmm_(dz, wb)
                 else:
                     torch.mm(dz, wb, out=gh_tmp[:rr])
@@ -241,6 +275,9 @@ def loss_and_grads(hidden, weight, bias, targets, ignore_index, grad_tok, need_h
     buf = torch.empty(rows * v, dtype=bdt, device=dev)
     dzbuf = None if bdt == hidden.dtype else torch.empty(rows * v, dtype=hidden.dtype, device=dev)
     gh = torch.empty(n, d, dtype=hidden.dtype, device=dev) if need_hidden else None
+    native = native_gemm(dev.type, hidden.dtype)
+    # The native GEMM writes float32: grad_hidden rows of other dtypes pass through a float32 scratch.
+    gh_tmp = torch.empty(rows, d, device=dev) if need_hidden and native and hidden.dtype != torch.float32 else None
     gw = _WeightGrad(weight, chunks, v) if need_weight else None
     gb = torch.zeros(v, device=dev) if need_bias else None
     m, s, tl = _state(n, dev)
@@ -258,8 +295,14 @@ def loss_and_grads(hidden, weight, bias, targets, ignore_index, grad_tok, need_h
             continue
         dz = z if dzbuf is None else dzbuf[:rr * v].view(rr, v)
         epilogue.bwd_block(z, 0, v, b, t, ignore_index, lse[sl], g[sl], gb, out=None if dzbuf is None else dz)
-        if gh is not None:
-            torch.mm(dz, weight, out=gh[sl])  # every row once: written in hidden's dtype directly
+        if gh is not None:  # every row once
+            if gh_tmp is not None:
+                _gemm(dz, weight, gh_tmp[:rr])
+                gh[sl].copy_(gh_tmp[:rr])
+            elif native:
+                _gemm(dz, weight, gh[sl])
+            else:
+                torch.mm(dz, weight, out=gh[sl])
         if gw is not None:
             gw.add(dz, hr, 0, first=r0 == 0)
     if gw is not None:

@@ -1,0 +1,166 @@
+"""The native GEMM of the CPU driver (csrc/answer_logprobs/gemm_cpu.cpp): c (+)= a @ b for float32 and bfloat16
+operands in every layout the driver passes (row-major, transposed storage, strided views), against float64
+products of the same values, and its use by the blocked driver.
+
+float32 needs AVX-512 and bfloat16 AVX512-BF16; elsewhere the kernel must refuse with one line and the driver must
+keep torch.mm (bfloat16 blocks). Products of bfloat16 values are exact in float32 and float32 products carry one
+rounding, so the error is float32 summation: bounded by (K + 1) * 2^-24 * sum_k |a_k b_k| per entry (+ the
+rounding of the added c with accumulate).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from radit_fast import _native
+from radit_fast._native import HAS_NATIVE, tensor_arg
+from radit_fast.ops import _answer_logprobs_blocked as blocked
+from radit_fast.ops import answer_logprobs
+
+pytestmark = pytest.mark.skipif(not HAS_NATIVE, reason="radit_fast._C is not built")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _supported(dtype: torch.dtype) -> bool:
+    return HAS_NATIVE and bool(_native._C.answer_logprobs_gemm_cpu_supported(dtype == torch.bfloat16))
+
+
+def _need(dtype: torch.dtype) -> None:
+    if not _supported(dtype):
+        pytest.skip(f"this CPU does not run the native {dtype} GEMM")
+
+
+def _gemm(a, b, threads, out=None, accumulate=False):
+    c = torch.full((a.shape[0], b.shape[1]), float("nan")) if out is None else out
+    _native._C.answer_logprobs_gemm_cpu(tensor_arg(a, "a"), tensor_arg(b, "b"), tensor_arg(c, "c"), accumulate,
+                                        threads)
+    return c
+
+
+def _operand(rows, cols, dtype, layout, gen):
+    """[rows, cols] values in a layout: row-major, transposed storage, or a strided view of a wider tensor."""
+    if layout == "rows":
+        x = torch.randn(rows, cols, generator=gen)
+    elif layout == "transposed":
+        x = torch.randn(cols, rows, generator=gen).T
+    else:
+        x = torch.randn(rows + 3, cols + 5, generator=gen)[2:2 + rows, 1:1 + cols]
+    return x.to(dtype)
+
+
+def _check(c, a, b, c0=None):
+    ref = a.double() @ b.double()
+    k = a.shape[1]
+    bound = (k + 1) * 2.0 ** -24 * (a.double().abs() @ b.double().abs()) + 1e-30
+    if c0 is not None:
+        ref = ref + c0.double()
+        bound = bound + 2.0 ** -23 * (ref.abs() + c0.double().abs())
+    assert c.dtype == torch.float32
+    err = (c.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max error {float(err.max()):.3g} above the float32 bound"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 17), (6, 64, 64), (13, 576, 300), (64, 577, 1000),
+                                   (100, 2, 257), (5, 3, 513), (3, 1301, 70), (0, 4, 3), (3, 4, 0), (2, 0, 5)])
+def test_matches_float64_and_thread_count(dtype, m, k, n):
+    _need(dtype)
+    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(k, n, generator=gen).to(dtype)
+    c1 = _gemm(a, b, 1)
+    _check(c1, a, b)
+    assert torch.equal(c1, _gemm(a, b, 2)), "the result depends on the thread count"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("la,lb", list(itertools.product(["rows", "transposed", "strided"], repeat=2)))
+def test_every_layout_and_accumulate(dtype, la, lb):
+    """The driver's products: z = H W^T (b transposed), dZ @ W (b rows), dZ^T @ H (a transposed), any views."""
+    _need(dtype)
+    gen = torch.Generator().manual_seed(11)
+    for m, k, n in [(37, 1282, 70), (9, 33, 300), (50, 8, 16)]:  # K over one block of 640 lanes; odd K
+        a, b = _operand(m, k, dtype, la, gen), _operand(k, n, dtype, lb, gen)
+        _check(_gemm(a, b, 2), a, b)
+        c0 = torch.randn(m, n, generator=gen)
+        _check(_gemm(a, b, 1, out=c0.clone(), accumulate=True), a, b, c0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_writes_only_its_columns_of_a_wider_output(dtype):
+    _need(dtype)
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(9, 40, generator=gen).to(dtype)[:, :33]
+    b = torch.randn(33, 80, generator=gen).to(dtype)[:, 5:75]
+    out = torch.full((9, 80), -7.0)
+    _gemm(a, b, 1, out=out[:, 5:75])
+    _check(out[:, 5:75], a, b)
+    assert bool((out[:, :5] == -7.0).all()) and bool((out[:, 75:] == -7.0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_refuses_wrong_dtypes_and_shapes(dtype):
+    _need(dtype)
+    a, b = torch.ones(2, 3).to(dtype), torch.ones(3, 4).to(dtype)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(ValueError, match="one dtype"):
+        _gemm(a, b.to(other), 1)
+    with pytest.raises(ValueError, match="b"):
+        _gemm(a, torch.ones(2, 4).to(dtype), 1)
+    with pytest.raises(ValueError, match="c"):
+        _gemm(a, b, 1, out=torch.empty(2, 4).bfloat16())
+    with pytest.raises(ValueError, match="a"):
+        _gemm(a.double(), b.double(), 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_without_the_instructions_refuses_and_driver_keeps_torch_mm(dtype):
+    if _supported(dtype):
+        pytest.skip("this CPU runs the native GEMM")
+    with pytest.raises(ValueError, match="AVX"):
+        _gemm(torch.ones(2, 3).to(dtype), torch.ones(3, 4).to(dtype), 1)
+    assert not blocked.native_gemm("cpu", dtype)
+    if dtype == torch.bfloat16:
+        assert blocked.block_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+
+
+def test_driver_block_dtypes():
+    assert blocked.block_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    want = torch.float32 if _supported(torch.bfloat16) else torch.bfloat16
+    assert blocked.block_dtype(torch.bfloat16, torch.device("cpu")) == want
+    assert blocked.native_gemm("cpu", torch.float32) == _supported(torch.float32)
+    assert not blocked.native_gemm("cpu", torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", ["hidden", "weight", "both"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_driver_with_transposed_storage_matches_float64(dtype, transposed, reduction):
+    """Token log-probs and gradients through the driver with operands stored transposed (the kernel reads them
+    in place or packs them; nothing is freed under it: three calls, later allocations reuse freed memory)."""
+    _need(dtype)
+    gen = torch.Generator().manual_seed(7)
+    n, d, v = 300, 64, 5000
+    h = (0.5 * torch.randn(d, n, generator=gen)).to(dtype).T if transposed != "weight" else \
+        (0.5 * torch.randn(n, d, generator=gen)).to(dtype)
+    w = (0.3 * torch.randn(d, v, generator=gen)).to(dtype).T if transposed != "hidden" else \
+        (0.3 * torch.randn(v, d, generator=gen)).to(dtype)
+    t = torch.randint(0, v, (n,), generator=gen)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = torch.log_softmax(h64 @ w64.T, -1).gather(1, t[:, None])[:, 0]
+    ref.sum().backward()
+    for _ in range(3):
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        out = answer_logprobs(hh, ww, t, impl="cpu", reduction=reduction)
+        if reduction == "none":
+            assert float((out.detach().double() - ref.detach()).abs().max()) < 1e-4
+            out.sum().backward()
+        else:
+            assert abs(float(out.detach()) - float(ref.detach().sum())) < 1e-4 * n
+            out.backward()
+        # bfloat16 gradients are rounded to bfloat16 once (2^-9 relative)
+        tol = 1e-5 if dtype == torch.float32 else 4e-3
+        for got, want in [(hh.grad, h64.grad), (ww.grad, w64.grad)]:
+            assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max())
