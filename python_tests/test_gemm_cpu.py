@@ -164,3 +164,17 @@ def test_driver_with_transposed_storage_matches_float64(dtype, transposed, reduc
         tol = 1e-5 if dtype == torch.float32 else 4e-3
         for got, want in [(hh.grad, h64.grad), (ww.grad, w64.grad)]:
             assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 5), (5, 1), (16, 16), (37, 70), (64, 129), (200, 1000)])
+def test_transpose_is_exact(dtype, rows, cols):
+    """dst = src^T (the transposed grad_weight accumulator into the gradient): bit-equal to torch's copy, with
+    round-to-nearest-even into bfloat16; contiguous and strided sources; any thread count."""
+    _need(dtype)
+    gen = torch.Generator().manual_seed(rows * 7 + cols)
+    for src in [torch.randn(rows, cols, generator=gen), torch.randn(cols + 3, rows + 2, generator=gen)[1:cols + 1, :rows].T]:
+        for threads in (1, 2):
+            out = torch.empty(cols, rows, dtype=dtype)
+            _native._C.answer_logprobs_transpose_cpu(tensor_arg(src, "src"), tensor_arg(out, "dst"), threads)
+            assert torch.equal(out, src.T.to(dtype))
