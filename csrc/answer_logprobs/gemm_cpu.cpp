@@ -1,27 +1,31 @@
 // c (+)= a @ b on the CPU for the three products of answer_logprobs' blocked driver, float32 or bfloat16 inputs
 // with float32 accumulation and a float32 c, on CPUs with AVX-512 (AVX512-BF16 for bfloat16):
-//   logits        z  = H_r @ W_c^T   (b = W_c^T: K-contiguous columns)
-//   grad_hidden   gh = dZ @ W_c      (b = W_c: rows of N contiguous values, "k-major")
-//   grad_weight   gw = dZ^T @ H_r    (a = dZ^T: k-major rows; b = H_r: k-major)
+//   logits          z     = H_r @ W_c^T   (b = W_c^T: K-contiguous columns)
+//   grad_hidden     gh    = dZ @ W_c      (b = W_c: rows of N contiguous values, "k-major")
+//   grad_weight     gw    = dZ^T @ H_r    (float32: a = dZ^T, k-major; b = H_r, k-major)
+//                   gw^T  = H_r^T @ dZ    (bfloat16: a = H_r^T, b = dZ, both k-major; transpose_cpu at the end)
 // Why not torch.mm: on CPU it calls MKL's sgemm for float32, which runs its AVX2 code on non-Intel CPUs (about
-// 90 GFLOP/s per core on the AMD EPYC this project is measured on, where this kernel runs about 240), and for
+// 90 GFLOP/s per core on the AMD EPYC this project is measured on, where this kernel runs about 220), and for
 // bfloat16 it writes the products in bfloat16 (aten::mm.dtype has no CPU kernel in torch 2.13), a 2^-9 relative
 // rounding of every logit.
 //
 // Scheme (GotoBLAS-style, one micro kernel for both dtypes; a "lane" is 32 bits: one float32, or one pair of
 // bfloat16 along K that vdpbf16ps multiplies with a pair of the other operand and adds into one float32):
-//   * b is cut into blocks of KC lanes of K x NC >= 256 columns (as many as fit in ~640 KB). A block is packed into 16-column tiles
-//     bp[tile][q][16] (zero beyond N and K), except float32 k-major b, whose rows already hold 16 consecutive
-//     columns: the micro kernel reads it in place with masked loads.
-//   * a is read in place, one 32-bit broadcast per row and lane (float32: any strides; bfloat16: rows of K
-//     contiguous values with K even, whose adjacent pairs are lanes). Other bfloat16 layouts are packed once
-//     per call into ap[q][M] pairs (k-major a, the gradient product's dZ^T: two rows interleaved per vector).
+//   * b is cut into blocks of KC lanes of K x NC >= 256 columns (as many as fit in kBBytes). A block is packed
+//     into 16-column tiles bp[tile][q][16] (zero beyond N and K): K-contiguous columns by a transposing loop,
+//     k-major rows by vector copies (float32) or by interleaving two rows (bfloat16 pairs). Float32 k-major b
+//     whose K block fits in kDirectBytes (W in dZ @ W: packing it per row chunk would copy all of W) is read in
+//     place instead.
+//   * a is read in place when its rows hold K contiguous values (bfloat16: K even, so adjacent pairs are lanes),
+//     one 32-bit broadcast per row and lane; other layouts (k-major a: dZ^T, H^T) are packed once per call into
+//     micro panels ap[panel][q][MR].
 //   * Micro tile MR x NR = 6 x 64 float32 accumulators (24 zmm registers); per lane 4 vector loads of b,
-//     6 broadcasts of a, 24 FMAs (float32) or vdpbf16ps (bfloat16). c starts from 0 or from c (accumulate, and
-//     every K block after the first).
+//     6 broadcasts of a, 24 FMAs (float32) or vdpbf16ps (bfloat16). Only a tile narrower than 64 columns uses
+//     masked loads (they cost ~20% in the loop on Zen 4). Each K block's sum is added to c (accumulate, and every
+//     K block after the first) or stored: long K is summed in two levels.
 //   * Threads (OpenMP) split each packed block's tiles, then the row panels of a; every c entry is computed by
 //     one thread, in the same K order on every run, so the result does not depend on the thread count.
-// Without the instruction set (checked at run time with __builtin_cpu_supports) the entry point raises; Python
+// Without the instruction set (checked at run time with __builtin_cpu_supports) the entry points raise; Python
 // asks gemm_cpu_supported() first and keeps torch.mm otherwise.
 #include "answer_logprobs/answer_logprobs.h"
 
@@ -103,8 +107,7 @@ RADIT_AVX512 void micro(AView a, BView b, i64 lanes, float* c, i64 ldc, i64 cols
 #pragma GCC unroll 6
   for (int i = 0; i < Rows; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j)
-      acc[i][j] = accumulate ? _mm512_maskz_loadu_ps(mask[j], c + i * ldc + 16 * j) : _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   const char* ar[Rows];
 #pragma GCC unroll 6
   for (int i = 0; i < Rows; ++i) ar[i] = a.base + i * a.row;
@@ -141,10 +144,16 @@ RADIT_AVX512 void micro(AView a, BView b, i64 lanes, float* c, i64 ldc, i64 cols
       }
     }
   }
+  // The block's sum is added to c afterwards (not summed on top of it): a K of many blocks (dZ @ W, K = V) is
+  // summed in two levels, sequential within a block and across blocks, as accurate as a blocked vendor GEMM.
 #pragma GCC unroll 6
   for (int i = 0; i < Rows; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + i * ldc + 16 * j, mask[j], acc[i][j]);
+    for (int j = 0; j < 4; ++j) {
+      float* ci = c + i * ldc + 16 * j;
+      const __m512 sum = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask[j], ci), acc[i][j]) : acc[i][j];
+      _mm512_mask_storeu_ps(ci, mask[j], sum);
+    }
 }
 
 template <bool Bf16, bool Masked>
