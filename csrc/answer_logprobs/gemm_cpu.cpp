@@ -21,8 +21,8 @@
 //     micro panels ap[panel][q][MR].
 //   * Micro tile MR x NR = 6 x 64 float32 accumulators (24 zmm registers); per lane 4 vector loads of b,
 //     6 broadcasts of a, 24 FMAs (float32) or vdpbf16ps (bfloat16). Only a tile narrower than 64 columns uses
-//     masked loads (they cost ~20% in the loop on Zen 4). Each K block's sum is added to c (accumulate, and every
-//     K block after the first) or stored: long K is summed in two levels.
+//     masked loads (they cost ~20% in the loop on Zen 4). Sums in three levels (64 lanes in registers, their
+//     sums in an L1 tile, K blocks in c): a long K is as accurate as MKL's sgemm (see micro).
 //   * Threads (OpenMP) split each packed block's tiles, then the row panels of a; every c entry is computed by
 //     one thread, in the same K order on every run, so the result does not depend on the thread count.
 // Without the instruction set (checked at run time with __builtin_cpu_supports) the entry points raise; Python
@@ -73,6 +73,7 @@ constexpr i64 kNR = 64;   // columns of c per micro tile (4 vectors of 16 float3
 constexpr i64 kNC = 256;  // columns of b per packed block, at least
 constexpr i64 kBBytes = 320 << 10;  // bytes of a packed block of b, at most (when wider than kNC)
 constexpr i64 kDirectBytes = 2 << 20;  // float32 k-major b is read in place when a K block of it is this small
+constexpr i64 kSub = 64;  // lanes summed in registers before they are added to the tile's running sum
 constexpr i64 kKC = 640;  // lanes of K per block (576 float32 = SmolLM2's d is one block; 640 x 256 x 4 B in L2)
 
 inline u32 load32(const char* p) {
@@ -103,56 +104,69 @@ RADIT_AVX512 void micro(AView a, BView b, i64 lanes, float* c, i64 ldc, i64 cols
     mask[j] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
                          : (left > 0 ? static_cast<__mmask16>((1u << left) - 1u) : static_cast<__mmask16>(0));
   }
-  __m512 acc[Rows][4];
-#pragma GCC unroll 6
-  for (int i = 0; i < Rows; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  // Summation in three levels: the registers sum kSub lanes, `part` (L1) sums those sums, and c the K blocks.
+  // One sequential float32 sum over a long K (dZ @ W: K = V) lets one large term (the target's 1 - p) swamp
+  // the rounding of every later small one; measured on SmolLM2's Trainer step, a 640-lane sequential sum made
+  // the last layer's norm-weight gradient 3x less accurate than MKL's, this one as accurate.
+  alignas(64) float part[Rows][kNR];
   const char* ar[Rows];
 #pragma GCC unroll 6
   for (int i = 0; i < Rows; ++i) ar[i] = a.base + i * a.row;
   const u32* b0 = b.base;
-  for (i64 q = 0; q < lanes; ++q) {
-    __m512i v0, v1, v2, v3;
-    if constexpr (Masked) {  // columns past cols may lie past the end of an operand read in place
-      v0 = _mm512_maskz_loadu_epi32(mask[0], b0);
-      v1 = _mm512_maskz_loadu_epi32(mask[1], b0 + b.tile);
-      v2 = _mm512_maskz_loadu_epi32(mask[2], b0 + 2 * b.tile);
-      v3 = _mm512_maskz_loadu_epi32(mask[3], b0 + 3 * b.tile);
-    } else {
-      v0 = _mm512_loadu_si512(b0);
-      v1 = _mm512_loadu_si512(b0 + b.tile);
-      v2 = _mm512_loadu_si512(b0 + 2 * b.tile);
-      v3 = _mm512_loadu_si512(b0 + 3 * b.tile);
-    }
-    b0 += b.lane;
+  for (i64 s0 = 0; s0 < lanes; s0 += kSub) {
+    const i64 s1 = lanes - s0 < kSub ? lanes : s0 + kSub;
+    __m512 acc[Rows][4];
 #pragma GCC unroll 6
-    for (int i = 0; i < Rows; ++i) {
-      const __m512i x = _mm512_set1_epi32(static_cast<int>(load32(ar[i])));
-      ar[i] += a.lane;
-      if constexpr (Bf16) {
-        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)x, (__m512bh)v0);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)x, (__m512bh)v1);
-        acc[i][2] = _mm512_dpbf16_ps(acc[i][2], (__m512bh)x, (__m512bh)v2);
-        acc[i][3] = _mm512_dpbf16_ps(acc[i][3], (__m512bh)x, (__m512bh)v3);
+    for (int i = 0; i < Rows; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (i64 q = s0; q < s1; ++q) {
+      __m512i v0, v1, v2, v3;
+      if constexpr (Masked) {  // columns past cols may lie past the end of an operand read in place
+        v0 = _mm512_maskz_loadu_epi32(mask[0], b0);
+        v1 = _mm512_maskz_loadu_epi32(mask[1], b0 + b.tile);
+        v2 = _mm512_maskz_loadu_epi32(mask[2], b0 + 2 * b.tile);
+        v3 = _mm512_maskz_loadu_epi32(mask[3], b0 + 3 * b.tile);
       } else {
-        const __m512 xf = _mm512_castsi512_ps(x);
-        acc[i][0] = _mm512_fmadd_ps(xf, _mm512_castsi512_ps(v0), acc[i][0]);
-        acc[i][1] = _mm512_fmadd_ps(xf, _mm512_castsi512_ps(v1), acc[i][1]);
-        acc[i][2] = _mm512_fmadd_ps(xf, _mm512_castsi512_ps(v2), acc[i][2]);
-        acc[i][3] = _mm512_fmadd_ps(xf, _mm512_castsi512_ps(v3), acc[i][3]);
+        v0 = _mm512_loadu_si512(b0);
+        v1 = _mm512_loadu_si512(b0 + b.tile);
+        v2 = _mm512_loadu_si512(b0 + 2 * b.tile);
+        v3 = _mm512_loadu_si512(b0 + 3 * b.tile);
+      }
+      b0 += b.lane;
+#pragma GCC unroll 6
+      for (int i = 0; i < Rows; ++i) {
+        const __m512i x = _mm512_set1_epi32(static_cast<int>(load32(ar[i])));
+        ar[i] += a.lane;
+        if constexpr (Bf16) {
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)x, (__m512bh)v0);
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)x, (__m512bh)v1);
+          acc[i][2] = _mm512_dpbf16_ps(acc[i][2], (__m512bh)x, (__m512bh)v2);
+          acc[i][3] = _mm512_dpbf16_ps(acc[i][3], (__m512bh)x, (__m512bh)v3);
+        } else {
+          const __m512 xf = _mm512_castsi512_ps(x);
+          acc[i][0] = _mm512_fmadd_ps(xf, _mm512_castsi512_ps(v0), acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(xf, _mm512_castsi512_ps(v1), acc[i][1]);
+          acc[i][2] = _mm512_fmadd_ps(xf, _mm512_castsi512_ps(v2), acc[i][2]);
+          acc[i][3] = _mm512_fmadd_ps(xf, _mm512_castsi512_ps(v3), acc[i][3]);
+        }
       }
     }
+#pragma GCC unroll 6
+    for (int i = 0; i < Rows; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        float* pij = &part[i][16 * j];
+        _mm512_store_ps(pij, s0 == 0 ? acc[i][j] : _mm512_add_ps(_mm512_load_ps(pij), acc[i][j]));
+      }
   }
-  // The block's sum is added to c afterwards (not summed on top of it): a K of many blocks (dZ @ W, K = V) is
-  // summed in two levels, sequential within a block and across blocks, as accurate as a blocked vendor GEMM.
 #pragma GCC unroll 6
   for (int i = 0; i < Rows; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       float* ci = c + i * ldc + 16 * j;
-      const __m512 sum = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask[j], ci), acc[i][j]) : acc[i][j];
-      _mm512_mask_storeu_ps(ci, mask[j], sum);
+      const __m512 sum = lanes > 0 ? _mm512_load_ps(&part[i][16 * j]) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(ci, mask[j], accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask[j], ci), sum) : sum);
     }
 }
 
