@@ -21,8 +21,8 @@
 //     micro panels ap[panel][q][MR].
 //   * Micro tile MR x NR = 6 x 64 float32 accumulators (24 zmm registers); per lane 4 vector loads of b,
 //     6 broadcasts of a, 24 FMAs (float32) or vdpbf16ps (bfloat16). Only a tile narrower than 64 columns uses
-//     masked loads (they cost ~20% in the loop on Zen 4). Sums in three levels (64 lanes in registers, their
-//     sums in an L1 tile, K blocks in c): a long K is as accurate as MKL's sgemm (see micro).
+//     masked loads (they cost ~20% in the loop on Zen 4). A K of several blocks is summed in three levels (64
+//     lanes in registers, their sums in an L1 tile, K blocks in c): as accurate as MKL's sgemm (see micro).
 //   * Threads (OpenMP) split each packed block's tiles, then the row panels of a; every c entry is computed by
 //     one thread, in the same K order on every run, so the result does not depend on the thread count.
 // Without the instruction set (checked at run time with __builtin_cpu_supports) the entry points raise; Python
@@ -95,26 +95,32 @@ struct BView {
   i64 tile, lane;
 };
 
+// c[0:16] (masked) = v, or c + v with accumulate.
+RADIT_AVX512 inline void store_c(float* c, __mmask16 mask, __m512 v, bool accumulate) {
+  _mm512_mask_storeu_ps(c, mask, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), v) : v);
+}
+
 // c[rows, cols] (+)= one micro panel of a x one micro tile of b (cols <= 64, rows <= MR); Masked: cols < 64.
 template <bool Bf16, bool Masked, int Rows>
-RADIT_AVX512 void micro(AView a, BView b, i64 lanes, float* c, i64 ldc, i64 cols, bool accumulate) {
+RADIT_AVX512 void micro(AView a, BView b, i64 lanes, i64 sub, float* c, i64 ldc, i64 cols, bool accumulate) {
   __mmask16 mask[4];
   for (int j = 0; j < 4; ++j) {
     const i64 left = cols - 16 * j;
     mask[j] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
                          : (left > 0 ? static_cast<__mmask16>((1u << left) - 1u) : static_cast<__mmask16>(0));
   }
-  // Summation in three levels: the registers sum kSub lanes, `part` (L1) sums those sums, and c the K blocks.
-  // One sequential float32 sum over a long K (dZ @ W: K = V) lets one large term (the target's 1 - p) swamp
-  // the rounding of every later small one; measured on SmolLM2's Trainer step, a 640-lane sequential sum made
-  // the last layer's norm-weight gradient 3x less accurate than MKL's, this one as accurate.
+  // Summation in three levels when K spans several blocks: the registers sum `sub` lanes, `part` (L1) sums
+  // those sums, and c the K blocks. One sequential float32 sum over a long K (dZ @ W: K = V) lets one large term
+  // (the target's 1 - p) swamp the rounding of every later small one; measured on SmolLM2's Trainer step, a
+  // 640-lane sequential sum made the last layer's norm-weight gradient 3x less accurate than MKL's, this one
+  // more accurate. A K of one block (the logits: K = d) is one sequential sum, as in a vendor GEMM.
   alignas(64) float part[Rows][kNR];
   const char* ar[Rows];
 #pragma GCC unroll 6
   for (int i = 0; i < Rows; ++i) ar[i] = a.base + i * a.row;
   const u32* b0 = b.base;
-  for (i64 s0 = 0; s0 < lanes; s0 += kSub) {
-    const i64 s1 = lanes - s0 < kSub ? lanes : s0 + kSub;
+  for (i64 s0 = 0; s0 < lanes; s0 += sub) {
+    const i64 s1 = lanes - s0 < sub ? lanes : s0 + sub;
     __m512 acc[Rows][4];
 #pragma GCC unroll 6
     for (int i = 0; i < Rows; ++i)
@@ -152,6 +158,13 @@ RADIT_AVX512 void micro(AView a, BView b, i64 lanes, float* c, i64 ldc, i64 cols
         }
       }
     }
+    if (s0 == 0 && s1 == lanes) {  // one register block: straight to c
+#pragma GCC unroll 6
+      for (int i = 0; i < Rows; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) store_c(c + i * ldc + 16 * j, mask[j], acc[i][j], accumulate);
+      return;
+    }
 #pragma GCC unroll 6
     for (int i = 0; i < Rows; ++i)
 #pragma GCC unroll 4
@@ -163,22 +176,18 @@ RADIT_AVX512 void micro(AView a, BView b, i64 lanes, float* c, i64 ldc, i64 cols
 #pragma GCC unroll 6
   for (int i = 0; i < Rows; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      float* ci = c + i * ldc + 16 * j;
-      const __m512 sum = lanes > 0 ? _mm512_load_ps(&part[i][16 * j]) : _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(ci, mask[j], accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask[j], ci), sum) : sum);
-    }
+    for (int j = 0; j < 4; ++j) store_c(c + i * ldc + 16 * j, mask[j], _mm512_load_ps(&part[i][16 * j]), accumulate);
 }
 
 template <bool Bf16, bool Masked>
-void micro_rows(i64 rows, AView a, BView b, i64 lanes, float* c, i64 ldc, i64 cols, bool accumulate) {
+void micro_rows(i64 rows, AView a, BView b, i64 lanes, i64 sub, float* c, i64 ldc, i64 cols, bool accumulate) {
   switch (rows) {
-    case 6: micro<Bf16, Masked, 6>(a, b, lanes, c, ldc, cols, accumulate); break;
-    case 5: micro<Bf16, Masked, 5>(a, b, lanes, c, ldc, cols, accumulate); break;
-    case 4: micro<Bf16, Masked, 4>(a, b, lanes, c, ldc, cols, accumulate); break;
-    case 3: micro<Bf16, Masked, 3>(a, b, lanes, c, ldc, cols, accumulate); break;
-    case 2: micro<Bf16, Masked, 2>(a, b, lanes, c, ldc, cols, accumulate); break;
-    default: micro<Bf16, Masked, 1>(a, b, lanes, c, ldc, cols, accumulate); break;
+    case 6: micro<Bf16, Masked, 6>(a, b, lanes, sub, c, ldc, cols, accumulate); break;
+    case 5: micro<Bf16, Masked, 5>(a, b, lanes, sub, c, ldc, cols, accumulate); break;
+    case 4: micro<Bf16, Masked, 4>(a, b, lanes, sub, c, ldc, cols, accumulate); break;
+    case 3: micro<Bf16, Masked, 3>(a, b, lanes, sub, c, ldc, cols, accumulate); break;
+    case 2: micro<Bf16, Masked, 2>(a, b, lanes, sub, c, ldc, cols, accumulate); break;
+    default: micro<Bf16, Masked, 1>(a, b, lanes, sub, c, ldc, cols, accumulate); break;
   }
 }
 
@@ -320,6 +329,7 @@ void gemm(const Operand& a, const Operand& bt, float* c, i64 ldc, bool accumulat
     for (i64 p = 0; p < panels; p += per) pack_a(a, p, p + per < panels ? p + per : panels, lanes_all, ap.data());
     av = AView{reinterpret_cast<const char*>(ap.data()), 4, 4 * kMR, 4 * kMR * lanes_all};
   }
+  const i64 sub = lanes_all > kKC ? kSub : kKC;  // register blocks of a long K (see micro)
 #pragma omp parallel num_threads(nt)
   for (i64 n0 = 0; n0 < n; n0 += nc) {
     const i64 nb = n - n0 < nc ? n - n0 : nc, tiles = (nb + 15) / 16;
@@ -343,9 +353,9 @@ void gemm(const Operand& a, const Operand& bt, float* c, i64 ldc, bool accumulat
             bv = BView{bp.data() + (j0 / 16) * lanes * 16, lanes * 16, 16};
           }
           if (cols == kNR) {
-            micro_rows<Bf16, false>(rows, ai, bv, lanes, c + r0 * ldc + n0 + j0, ldc, cols, acc);
+            micro_rows<Bf16, false>(rows, ai, bv, lanes, sub, c + r0 * ldc + n0 + j0, ldc, cols, acc);
           } else {
-            micro_rows<Bf16, true>(rows, ai, bv, lanes, c + r0 * ldc + n0 + j0, ldc, cols, acc);
+            micro_rows<Bf16, true>(rows, ai, bv, lanes, sub, c + r0 * ldc + n0 + j0, ldc, cols, acc);
           }
         }
       }
