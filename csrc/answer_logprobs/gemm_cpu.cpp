@@ -4,7 +4,7 @@
 //   grad_hidden     gh    = dZ @ W_c      (b = W_c: rows of N contiguous values, "k-major")
 //   grad_weight     gw    = dZ^T @ H_r    (float32: a = dZ^T, k-major; b = H_r, k-major)
 //                   gw^T  = H_r^T @ dZ    (bfloat16: a = H_r^T, b = dZ, both k-major; transpose_cpu at the end)
-// Why not torch.mm: on CPU it calls MKL's sgemm for float32, which runs its AVX2 code on non-Intel CPUs (about
+// Why not torch.mm: on CPU it calls MKL's sgemm for float32, which runs at an AVX2 rate on non-Intel CPUs (about
 // 90 GFLOP/s per core on the AMD EPYC this project is measured on, where this kernel runs about 220), and for
 // bfloat16 it writes the products in bfloat16 (aten::mm.dtype has no CPU kernel in torch 2.13), a 2^-9 relative
 // rounding of every logit.

@@ -16,7 +16,7 @@ csrc/common/radit_math.h) does the rest:
 
 GEMMs. On CPUs with AVX-512 (AVX512-BF16 for bfloat16) all three products run in radit's own kernel
 ``_C.answer_logprobs_gemm_cpu`` (csrc/answer_logprobs/gemm_cpu.cpp, float32 accumulation and output): torch.mm
-calls MKL's sgemm, which runs its AVX2 code on non-Intel CPUs (~90 GFLOP/s per core on the AMD EPYC measured
+calls MKL's sgemm, which runs at an AVX2 rate on non-Intel CPUs (~90 GFLOP/s per core on the AMD EPYC measured
 here against ~220 for the kernel), and writes bf16 x bf16 products in bfloat16. Elsewhere torch.mm (oneDNN/MKL
 on CPU, cuBLAS on GPU).
 
