@@ -60,10 +60,13 @@ PYBIND11_MODULE(_C, m) {
           "dz = grad_tok * (onehot(target) - softmax) of a logits block into out (or in place); column sums "
           "added to grad_bias[col0:col0+cols] when given.");
     m.def("answer_logprobs_gemm_cpu_supported", &al::gemm_cpu_supported, py::arg("bf16"),
-          "True when this CPU runs answer_logprobs_gemm_cpu for float32 (AVX-512) or bfloat16 (AVX512-BF16).");
+          "True when this CPU runs answer_logprobs_gemm_cpu for the dtype (AVX-512, AVX512-BF16 or AVX2 + FMA).");
+    m.def("answer_logprobs_gemm_cpu_isa", &al::gemm_cpu_isa, py::arg("bf16"),
+          "The kernel answer_logprobs_gemm_cpu runs for the dtype here: 'avx512', 'avx2' or '' (none).");
     m.def("answer_logprobs_gemm_cpu", &al::gemm_cpu, nogil, py::arg("a"), py::arg("b"), py::arg("c"),
-          py::arg("accumulate"), py::arg("num_threads"),
-          "c (+)= a @ b for float32 or bfloat16 a [M, K], b [K, N] (any strides) into float32 c [M, N].");
+          py::arg("accumulate"), py::arg("num_threads"), py::arg("isa") = "",
+          "c (+)= a @ b for float32 or bfloat16 a [M, K], b [K, N] (any strides) into float32 c [M, N]; isa '' "
+          "(the best kernel here), 'avx2' or 'avx512'.");
     m.def("answer_logprobs_transpose_cpu", &al::transpose_cpu, nogil, py::arg("src"), py::arg("dst"),
           py::arg("num_threads"), "dst = src.T for float32 src [R, C] into float32 | bfloat16 dst [C, R].");
     m.def("answer_logprobs_bwd_workspace_rows", &al::bwd_workspace_rows, py::arg("rows"),

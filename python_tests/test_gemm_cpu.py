@@ -2,8 +2,10 @@
 operands in every layout the driver passes (row-major, transposed storage, strided views), against float64
 products of the same values, and its use by the blocked driver.
 
-float32 needs AVX-512 and bfloat16 AVX512-BF16; elsewhere the kernel must refuse with one line and the driver must
-keep torch.mm (bfloat16 blocks). Products of bfloat16 values are exact in float32 and float32 products carry one
+Two kernels: AVX-512 (float32; bfloat16 with AVX512-BF16) and AVX2 + FMA (gemm_avx2_cpu.cpp); the kernel tests run
+every one this CPU has (an AVX-512 CPU runs both). The driver uses the native kernel for bfloat16 wherever one runs
+and for float32 only with AVX-512 (MKL's AVX2 sgemm is as fast). Without either the kernel must refuse with one line
+and the driver must keep torch.mm (bfloat16 blocks). Products of bfloat16 values are exact in float32 and float32 products carry one
 rounding, so the error is float32 summation: bounded by (K + 1) * 2^-24 * sum_k |a_k b_k| per entry (+ the
 rounding of the added c with accumulate).
 """
@@ -32,10 +34,28 @@ def _need(dtype: torch.dtype) -> None:
         pytest.skip(f"this CPU does not run the native {dtype} GEMM")
 
 
-def _gemm(a, b, threads, out=None, accumulate=False):
+def _runs(isa: str, dtype: torch.dtype) -> bool:
+    """True when this CPU runs the named kernel for dtype (asked of the kernel itself)."""
+    try:
+        _gemm(torch.ones(1, 1).to(dtype), torch.ones(1, 1).to(dtype), 1, isa=isa)
+    except ValueError:
+        return False
+    return True
+
+
+ISAS = ["avx2", "avx512"]
+
+
+def _need_isa(isa: str, dtype: torch.dtype) -> None:
+    _need(dtype)
+    if not _runs(isa, dtype):
+        pytest.skip(f"this CPU does not run the {isa} kernel for {dtype}")
+
+
+def _gemm(a, b, threads, out=None, accumulate=False, isa=""):
     c = torch.full((a.shape[0], b.shape[1]), float("nan")) if out is None else out
     _native._C.answer_logprobs_gemm_cpu(tensor_arg(a, "a"), tensor_arg(b, "b"), tensor_arg(c, "c"), accumulate,
-                                        threads)
+                                        threads, isa)
     return c
 
 
@@ -62,40 +82,44 @@ def _check(c, a, b, c0=None):
     assert bool((err <= bound).all()), f"max error {float(err.max()):.3g} above the float32 bound"
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 17), (6, 64, 64), (13, 576, 300), (64, 577, 1000),
                                    (100, 2, 257), (5, 3, 513), (3, 1301, 70), (0, 4, 3), (3, 4, 0), (2, 0, 5)])
-def test_matches_float64_and_thread_count(dtype, m, k, n):
-    _need(dtype)
+def test_matches_float64_and_thread_count(isa, dtype, m, k, n):
+    _need_isa(isa, dtype)
     gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
     a = torch.randn(m, k, generator=gen).to(dtype)
     b = torch.randn(k, n, generator=gen).to(dtype)
-    c1 = _gemm(a, b, 1)
+    c1 = _gemm(a, b, 1, isa=isa)
     _check(c1, a, b)
-    assert torch.equal(c1, _gemm(a, b, 2)), "the result depends on the thread count"
+    assert torch.equal(c1, _gemm(a, b, 2, isa=isa)), "the result depends on the thread count"
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("la,lb", list(itertools.product(["rows", "transposed", "strided"], repeat=2)))
-def test_every_layout_and_accumulate(dtype, la, lb):
+def test_every_layout_and_accumulate(isa, dtype, la, lb):
     """The driver's products: z = H W^T (b transposed), dZ @ W (b rows), dZ^T @ H (a transposed), any views."""
-    _need(dtype)
+    _need_isa(isa, dtype)
     gen = torch.Generator().manual_seed(11)
-    for m, k, n in [(37, 1282, 70), (9, 33, 300), (50, 8, 16)]:  # K over one block of 640 lanes; odd K
+    # K over one block (640 lanes, 768 values in the AVX2 kernel); odd K; columns past one packed block
+    for m, k, n in [(37, 1282, 70), (9, 33, 300), (50, 8, 16), (13, 1601, 1100)]:
         a, b = _operand(m, k, dtype, la, gen), _operand(k, n, dtype, lb, gen)
-        _check(_gemm(a, b, 2), a, b)
+        _check(_gemm(a, b, 2, isa=isa), a, b)
         c0 = torch.randn(m, n, generator=gen)
-        _check(_gemm(a, b, 1, out=c0.clone(), accumulate=True), a, b, c0)
+        _check(_gemm(a, b, 1, out=c0.clone(), accumulate=True, isa=isa), a, b, c0)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_writes_only_its_columns_of_a_wider_output(dtype):
-    _need(dtype)
+def test_writes_only_its_columns_of_a_wider_output(isa, dtype):
+    _need_isa(isa, dtype)
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(9, 40, generator=gen).to(dtype)[:, :33]
     b = torch.randn(33, 80, generator=gen).to(dtype)[:, 5:75]
     out = torch.full((9, 80), -7.0)
-    _gemm(a, b, 1, out=out[:, 5:75])
+    _gemm(a, b, 1, out=out[:, 5:75], isa=isa)
     _check(out[:, 5:75], a, b)
     assert bool((out[:, :5] == -7.0).all()) and bool((out[:, 75:] == -7.0).all())
 
@@ -130,8 +154,22 @@ def test_driver_block_dtypes():
     assert blocked.block_dtype(torch.float32, torch.device("cpu")) == torch.float32
     want = torch.float32 if _supported(torch.bfloat16) else torch.bfloat16
     assert blocked.block_dtype(torch.bfloat16, torch.device("cpu")) == want
-    assert blocked.native_gemm("cpu", torch.float32) == _supported(torch.float32)
+    isa = _native._C.answer_logprobs_gemm_cpu_isa(False) if HAS_NATIVE else ""
+    assert blocked.native_gemm("cpu", torch.float32) == (isa == "avx512")
+    assert blocked.native_gemm("cpu", torch.bfloat16) == _supported(torch.bfloat16)
     assert not blocked.native_gemm("cpu", torch.float16)
+
+
+def test_isa_names_the_kernel_and_unknown_names_are_refused():
+    _need(torch.float32)
+    for dtype in DTYPES:
+        isa = _native._C.answer_logprobs_gemm_cpu_isa(dtype == torch.bfloat16)
+        assert isa in ("avx2", "avx512") and _runs(isa, dtype)
+        if isa == "avx2":  # the AVX-512 kernel is not run where the CPU lacks its instructions
+            with pytest.raises(ValueError, match="cannot run the avx512 kernel"):
+                _gemm(torch.ones(2, 3).to(dtype), torch.ones(3, 4).to(dtype), 1, isa="avx512")
+    with pytest.raises(ValueError, match="isa must be"):
+        _gemm(torch.ones(2, 3), torch.ones(3, 4), 1, isa="sse")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -180,18 +218,19 @@ def test_transpose_is_exact(dtype, rows, cols):
             assert torch.equal(out, src.T.to(dtype))
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_long_sums_keep_small_terms_after_a_large_one(dtype):
+def test_long_sums_keep_small_terms_after_a_large_one(isa, dtype):
     """c = [1, x, x, ...] . ones with x = 2^-25: each 1 + x rounds back to 1 in float32, so one sequential sum
     over K = 20000 loses every small term (relative error 6e-4). The kernel sums 64 lanes in registers, those
     sums in a tile and K blocks in c (dZ @ W has one large target term per row and K = V small ones)."""
-    _need(dtype)
+    _need_isa(isa, dtype)
     k = 20000
     a = torch.full((3, k), 2.0 ** -25)
     a[:, 0] = 1.0
     a = a.to(dtype)
     b = torch.ones(k, 70).to(dtype)
     want = 1.0 + (k - 1) * 2.0 ** -25
-    got = _gemm(a, b, 1).double()
+    got = _gemm(a, b, 1, isa=isa).double()
     lanes_lost = 128  # at most one register block of small terms is rounded away (a bfloat16 lane holds 2)
     assert float((got - want).abs().max()) <= lanes_lost * 2.0 ** -25, float((got - want).abs().max())

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "common/tensor.h"
 
@@ -65,12 +66,17 @@ void bwd_block_cpu(const TensorArg& z, std::int64_t col0, std::int64_t vocab, co
                    const TensorArg& targets, std::int64_t ignore_index, const TensorArg& lse, const TensorArg& grad_tok,
                    const TensorArg& grad_bias, const TensorArg& out, int num_threads);
 
-// The driver's GEMMs on CPUs with AVX-512 (gemm_cpu.cpp): c (+)= a @ b with a [M, K] and b [K, N] of one dtype,
-// float32 or bfloat16 (any strides), c [M, N] float32 with stride(1) == 1, float32 accumulation; accumulate adds
-// the product to c instead of overwriting it. The result does not depend on num_threads. gemm_cpu raises when
-// gemm_cpu_supported(bf16) is false (float32 needs AVX-512F/BW/VL/DQ, bfloat16 also AVX512-BF16).
+// The driver's GEMMs on CPUs with AVX-512 (gemm_cpu.cpp) or AVX2 + FMA (gemm_avx2_cpu.cpp): c (+)= a @ b with
+// a [M, K] and b [K, N] of one dtype, float32 or bfloat16 (any strides), c [M, N] float32 with stride(1) == 1,
+// float32 accumulation; accumulate adds the product to c instead of overwriting it. The result does not depend on
+// num_threads. gemm_cpu_isa(bf16) names the kernel that runs for the dtype: "avx512" (float32: AVX-512F/BW/VL/DQ;
+// bfloat16: also AVX512-BF16), "avx2" (AVX2 + FMA), or "" (gemm_cpu raises; gemm_cpu_supported is false).
+const char* gemm_cpu_isa(bool bf16);
 bool gemm_cpu_supported(bool bf16);
-void gemm_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, bool accumulate, int num_threads);
+// isa: "" runs gemm_cpu_isa's kernel; "avx2" / "avx512" ask for that one (raises where the CPU lacks it: tests
+// run both kernels on AVX-512 CPUs).
+void gemm_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, bool accumulate, int num_threads,
+              const std::string& isa = "");
 // dst = src^T for a float32 src [R, C] (any strides) into dst [C, R] float32 | bfloat16 (round to nearest even),
 // stride(1) == 1: the driver's transposed grad_weight accumulator into the gradient, in cache-sized tiles.
 void transpose_cpu(const TensorArg& src, const TensorArg& dst, int num_threads);

@@ -17,10 +17,10 @@
 //     dL/db_v  = sum_n dL/dz_nv                                       (column sums, fused here)
 // The backward pass recomputes each block of z (one more GEMM) instead of storing N x V logits.
 //
-// Vectorisation: the row loops are written with GCC vector extensions (16 floats) around the branch-free
-// polynomial exp of common/radit_math.h (exp_poly: Cephes expf, ~1 ulp, exactly 0 for -inf); target_clones
-// compiles them for AVX-512, AVX2+FMA and baseline x86-64 and the loader picks one at run time (no hardware
-// probing at build time). bfloat16 blocks are widened row by row into a float32 scratch row (and narrowed
+// Vectorisation: the row loops are written with GCC vector extensions around the branch-free polynomial exp of
+// common/radit_math.h (exp_poly: Cephes expf, ~1 ulp, exactly 0 for -inf), compiled for AVX-512 (16 floats per
+// vector), AVX2 + FMA (8) and baseline x86-64 (4) and picked at run time (no hardware probing at build time);
+// the simple widening loops use target_clones. bfloat16 blocks are widened row by row into a float32 scratch row (and narrowed
 // into the destination after the backward epilogue: z itself, or `out`, whose dtype may differ from z's).
 // Threads: rows are handed out to OpenMP threads (num_threads from torch.get_num_threads(); the module
 // shares torch's libgomp) in dynamic chunks; every result is independent of the schedule.
@@ -40,8 +40,12 @@
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
 #define RADIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define RADIT_HAVE_ISA_TARGETS 1
+#define RADIT_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define RADIT_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #else
 #define RADIT_CLONES
+#define RADIT_HAVE_ISA_TARGETS 0
 #endif
 #if defined(__GNUC__)
 #define RADIT_INLINE inline __attribute__((always_inline))
@@ -55,63 +59,72 @@ namespace {
 
 // bfloat16 (radit::Bf16) conversions and the polynomial exp come from common/radit_math.h (shared with CUDA).
 
-constexpr std::int64_t kLanes = 16;
-typedef float vfloat __attribute__((vector_size(kLanes * 4)));
-typedef std::uint32_t vuint __attribute__((vector_size(kLanes * 4)));
+// L floats per GCC vector: one register of the instruction set the row kernel is compiled for (16 with AVX-512,
+// 8 with AVX2, 4 with SSE2). A vector wider than the target's registers is not split into registers by GCC but
+// lowered element by element: 16-float vectors ran the AVX2 clone at 4.5 ns per logit instead of 0.5.
+template <int L>
+struct Vec {
+  typedef float f __attribute__((vector_size(L * 4)));
+  typedef std::uint32_t u __attribute__((vector_size(L * 4)));
+};
 
-RADIT_INLINE void loadv(vfloat& v, const float* p) { std::memcpy(&v, p, sizeof v); }
-RADIT_INLINE void storev(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof v); }
-// x = z[j:j+16] (+ b[j:j+16])
-template <bool HasBias>
-RADIT_INLINE void load_logits(vfloat& x, const float* z, const float* b, std::int64_t j) {
+template <typename V>
+RADIT_INLINE void loadv(V& v, const float* p) { std::memcpy(&v, p, sizeof v); }
+template <typename V>
+RADIT_INLINE void storev(float* p, const V& v) { std::memcpy(p, &v, sizeof v); }
+// x = z[j:j+L] (+ b[j:j+L])
+template <bool HasBias, typename V>
+RADIT_INLINE void load_logits(V& x, const float* z, const float* b, std::int64_t j) {
   loadv(x, z + j);
   if (HasBias) {
-    vfloat bv;
+    V bv;
     loadv(bv, b + j);
     x += bv;
   }
 }
 
 // (max, sum exp(x - max)) of one float32 row x_j = z_j (+ b_j).
-template <bool HasBias>
+template <bool HasBias, int L>
 RADIT_INLINE LseState row_lse_impl(const float* z, const float* b, std::int64_t n) {
-  const std::int64_t nv = n / kLanes * kLanes;
+  using vfloat = typename Vec<L>::f;
+  const std::int64_t nv = n / L * L;
   vfloat mv = vfloat{} - INFINITY;
-  for (std::int64_t j = 0; j < nv; j += kLanes) {
+  for (std::int64_t j = 0; j < nv; j += L) {
     vfloat x;
     load_logits<HasBias>(x, z, b, j);
     mv = x > mv ? x : mv;
   }
   float m = -INFINITY;
-  for (std::int64_t k = 0; k < kLanes; ++k) m = mv[k] > m ? mv[k] : m;
+  for (std::int64_t k = 0; k < L; ++k) m = mv[k] > m ? mv[k] : m;
   for (std::int64_t j = nv; j < n; ++j) {
     const float x = HasBias ? z[j] + b[j] : z[j];
     m = x > m ? x : m;
   }
   if (m == -INFINITY) return lse_empty();
   vfloat sv = vfloat{};
-  for (std::int64_t j = 0; j < nv; j += kLanes) {
+  for (std::int64_t j = 0; j < nv; j += L) {
     vfloat x;
     load_logits<HasBias>(x, z, b, j);
     x -= m;
-    exp_poly<vfloat, vuint>(x);
+    exp_poly<vfloat, typename Vec<L>::u>(x);
     sv += x;
   }
   float s = 0.0f;
-  for (std::int64_t k = 0; k < kLanes; ++k) s += sv[k];
+  for (std::int64_t k = 0; k < L; ++k) s += sv[k];
   for (std::int64_t j = nv; j < n; ++j) s += exp_fast((HasBias ? z[j] + b[j] : z[j]) - m);
   return LseState{m, s};
 }
 
 // In place z_j <- scale * exp(z_j (+ b_j) - lse) on a float32 row; adds the values to gb when given.
-template <bool HasBias, bool GradBias>
+template <bool HasBias, bool GradBias, int L>
 RADIT_INLINE void row_bwd_impl(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
-  const std::int64_t nv = n / kLanes * kLanes;
-  for (std::int64_t j = 0; j < nv; j += kLanes) {
+  using vfloat = typename Vec<L>::f;
+  const std::int64_t nv = n / L * L;
+  for (std::int64_t j = 0; j < nv; j += L) {
     vfloat x;
     load_logits<HasBias>(x, z, b, j);
     x -= lse;
-    exp_poly<vfloat, vuint>(x);
+    exp_poly<vfloat, typename Vec<L>::u>(x);
     x *= scale;
     storev(z + j, x);
     if (GradBias) {
@@ -128,17 +141,54 @@ RADIT_INLINE void row_bwd_impl(float* z, const float* b, std::int64_t n, float l
   }
 }
 
-// The row kernels below are compiled once per instruction set (target_clones). bfloat16 rows are widened
-// into a float32 scratch row first (and narrowed back in the backward pass): simple loops vectorise.
-RADIT_CLONES LseState row_lse(const float* z, const float* b, std::int64_t n) {
-  return b ? row_lse_impl<true>(z, b, n) : row_lse_impl<false>(z, b, n);
+// The row kernels are compiled once per instruction set, each with its own vector width, and picked at run time
+// (isa_level: no hardware probing at build time). bfloat16 rows are widened into a float32 scratch row first (and
+// narrowed back in the backward pass): simple loops vectorise.
+template <int L>
+RADIT_INLINE LseState row_lse_any(const float* z, const float* b, std::int64_t n) {
+  return b ? row_lse_impl<true, L>(z, b, n) : row_lse_impl<false, L>(z, b, n);
 }
-RADIT_CLONES void row_bwd(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
+template <int L>
+RADIT_INLINE void row_bwd_any(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
   if (b) {
-    gb ? row_bwd_impl<true, true>(z, b, n, lse, scale, gb) : row_bwd_impl<true, false>(z, b, n, lse, scale, gb);
+    gb ? row_bwd_impl<true, true, L>(z, b, n, lse, scale, gb) : row_bwd_impl<true, false, L>(z, b, n, lse, scale, gb);
   } else {
-    gb ? row_bwd_impl<false, true>(z, b, n, lse, scale, gb) : row_bwd_impl<false, false>(z, b, n, lse, scale, gb);
+    gb ? row_bwd_impl<false, true, L>(z, b, n, lse, scale, gb) : row_bwd_impl<false, false, L>(z, b, n, lse, scale, gb);
   }
+}
+#if RADIT_HAVE_ISA_TARGETS
+RADIT_TARGET_V4 LseState row_lse_v4(const float* z, const float* b, std::int64_t n) { return row_lse_any<16>(z, b, n); }
+RADIT_TARGET_V3 LseState row_lse_v3(const float* z, const float* b, std::int64_t n) { return row_lse_any<8>(z, b, n); }
+RADIT_TARGET_V4 void row_bwd_v4(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
+  row_bwd_any<16>(z, b, n, lse, scale, gb);
+}
+RADIT_TARGET_V3 void row_bwd_v3(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
+  row_bwd_any<8>(z, b, n, lse, scale, gb);
+}
+// 2: x86-64-v4 (AVX-512), 1: x86-64-v3 (AVX2 + FMA), 0: baseline; probed once.
+int isa_level() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v4") ? 2 : (__builtin_cpu_supports("x86-64-v3") ? 1 : 0);
+  }();
+  return level;
+}
+#endif
+LseState row_lse(const float* z, const float* b, std::int64_t n) {
+#if RADIT_HAVE_ISA_TARGETS
+  const int level = isa_level();
+  if (level == 2) return row_lse_v4(z, b, n);
+  if (level == 1) return row_lse_v3(z, b, n);
+#endif
+  return row_lse_any<4>(z, b, n);
+}
+void row_bwd(float* z, const float* b, std::int64_t n, float lse, float scale, float* gb) {
+#if RADIT_HAVE_ISA_TARGETS
+  const int level = isa_level();
+  if (level == 2) return row_bwd_v4(z, b, n, lse, scale, gb);
+  if (level == 1) return row_bwd_v3(z, b, n, lse, scale, gb);
+#endif
+  row_bwd_any<4>(z, b, n, lse, scale, gb);
 }
 RADIT_CLONES void widen_row(const Bf16* in, float* out, std::int64_t n) {
 #pragma omp simd

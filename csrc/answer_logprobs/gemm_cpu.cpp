@@ -1,5 +1,5 @@
 // c (+)= a @ b on the CPU for the three products of answer_logprobs' blocked driver, float32 or bfloat16 inputs
-// with float32 accumulation and a float32 c, on CPUs with AVX-512 (AVX512-BF16 for bfloat16):
+// with float32 accumulation and a float32 c, on CPUs with AVX-512 (AVX512-BF16 for bfloat16) or AVX2:
 //   logits          z     = H_r @ W_c^T   (b = W_c^T: K-contiguous columns)
 //   grad_hidden     gh    = dZ @ W_c      (b = W_c: rows of N contiguous values, "k-major")
 //   grad_weight     gw    = dZ^T @ H_r    (float32: a = dZ^T, k-major; b = H_r, k-major)
@@ -25,28 +25,22 @@
 //     lanes in registers, their sums in an L1 tile, K blocks in c): as accurate as MKL's sgemm (see micro).
 //   * Threads (OpenMP) split each packed block's tiles, then the row panels of a; every c entry is computed by
 //     one thread, in the same K order on every run, so the result does not depend on the thread count.
-// Without the instruction set (checked at run time with __builtin_cpu_supports) the entry points raise; Python
-// asks gemm_cpu_supported() first and keeps torch.mm otherwise.
+// CPUs with AVX2 and FMA but not the AVX-512 set a dtype needs run the AVX2 kernel of gemm_avx2_cpu.cpp instead
+// (gemm_cpu_isa names the one that runs). Without either (checked at run time with __builtin_cpu_supports) the
+// entry points raise; Python asks gemm_cpu_isa() first and keeps torch.mm otherwise.
 #include "answer_logprobs/answer_logprobs.h"
 
+#include "answer_logprobs/gemm_cpu.h"
 #include "common/radit_math.h"
 
-#include <cstdint>
-#include <cstring>
+#include <string>
 #include <vector>
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
-#define RADIT_HAVE_GEMM_KERNEL 1
-#include <immintrin.h>
-#define RADIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#else
-#define RADIT_HAVE_GEMM_KERNEL 0
-#endif
 
 namespace radit {
 namespace answer_logprobs {
 
-bool gemm_cpu_supported(bool bf16) {
+namespace gemm_detail {
+bool has_avx512(bool bf16) {
 #if RADIT_HAVE_GEMM_KERNEL
   static const bool f32 = [] {  // probed once
     __builtin_cpu_init();
@@ -60,13 +54,18 @@ bool gemm_cpu_supported(bool bf16) {
   return false;
 #endif
 }
+}  // namespace gemm_detail
+
+const char* gemm_cpu_isa(bool bf16) {
+  return gemm_detail::has_avx512(bf16) ? "avx512" : (gemm_detail::has_avx2() ? "avx2" : "");
+}
+
+bool gemm_cpu_supported(bool bf16) { return gemm_cpu_isa(bf16)[0] != '\0'; }
 
 #if RADIT_HAVE_GEMM_KERNEL
 namespace {
 
-using i64 = std::int64_t;
-using u32 = std::uint32_t;
-using u16 = std::uint16_t;
+using namespace gemm_detail;
 
 constexpr i64 kMR = 6;    // rows of a per micro panel
 constexpr i64 kNR = 64;   // columns of c per micro tile (4 vectors of 16 float32)
@@ -75,12 +74,6 @@ constexpr i64 kBBytes = 320 << 10;  // bytes of a packed block of b, at most (wh
 constexpr i64 kDirectBytes = 2 << 20;  // float32 k-major b is read in place when a K block of it is this small
 constexpr i64 kSub = 64;  // lanes summed in registers before they are added to the tile's running sum
 constexpr i64 kKC = 640;  // lanes of K per block (576 float32 = SmolLM2's d is one block; 640 x 256 x 4 B in L2)
-
-inline u32 load32(const char* p) {
-  u32 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // a as 32-bit lanes: lane (i, q) of the micro panel p at base + p * panel + i * row + q * lane bytes.
 struct AView {
@@ -190,22 +183,6 @@ void micro_rows(i64 rows, AView a, BView b, i64 lanes, i64 sub, float* c, i64 ld
     default: micro<Bf16, Masked, 1>(a, b, lanes, sub, c, ldc, cols, accumulate); break;
   }
 }
-
-// An operand as 2-D strided elements of 4 (float32) or 2 (bfloat16) bytes.
-struct Operand {
-  const char* data;
-  i64 rows, cols, s0, s1;  // element (r, k) at data + (r * s0 + k * s1) * elt
-  bool bf16;
-  i64 elt() const { return bf16 ? 2 : 4; }
-  // Lane q of row r: the float32 element (r, q), or the bfloat16 pair (r, 2q), (r, 2q + 1) (0 past the end).
-  u32 lane(i64 r, i64 q) const {
-    if (!bf16) return load32(data + (r * s0 + q * s1) * 4);
-    u16 lo, hi = 0;
-    std::memcpy(&lo, data + (r * s0 + 2 * q * s1) * 2, 2);
-    if (2 * q + 1 < cols) std::memcpy(&hi, data + (r * s0 + (2 * q + 1) * s1) * 2, 2);
-    return static_cast<u32>(lo) | (static_cast<u32>(hi) << 16);
-  }
-};
 
 // Tiles [t0, t1) of the block of b^T (rows n0.., lanes q0..q0 + lanes) into bp[t][q][16], zero past the end.
 // bt is b viewed as [N, K] (row = column of b). The two common layouts get their own loops.
@@ -366,7 +343,8 @@ void gemm(const Operand& a, const Operand& bt, float* c, i64 ldc, bool accumulat
 }  // namespace
 #endif
 
-void gemm_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, bool accumulate, int num_threads) {
+void gemm_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, bool accumulate, int num_threads,
+              const std::string& isa) {
   const char* fn = "answer_logprobs_gemm";
   check_tensor<float, Bf16>(a, fn, "a", -1, {-1, -1});
   const std::int64_t m = a.size[0], kdim = a.size[1];
@@ -377,8 +355,14 @@ void gemm_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, bool a
   check_tensor<float>(c, fn, "c", -1, {m, n});
   RADIT_CHECK(c.stride[1] == 1 || n <= 1, fn << ": c must have stride(1) == 1, got " << c.stride[1]);
   const bool bf16 = a.dtype == DType::kBFloat16;
-  RADIT_CHECK(gemm_cpu_supported(bf16), fn << ": this CPU has no " << (bf16 ? "AVX512-BF16" : "AVX-512")
+  RADIT_CHECK(gemm_cpu_supported(bf16), fn << ": this CPU has neither AVX-512 nor AVX2 with FMA"
                                            << " (ask gemm_cpu_supported() first)");
+  RADIT_CHECK(isa.empty() || isa == "avx2" || isa == "avx512", fn << ": isa must be '', 'avx2' or 'avx512', got '"
+                                                                 << isa << "'");
+  const bool avx512 = isa.empty() ? gemm_detail::has_avx512(bf16) : isa == "avx512";
+  RADIT_CHECK(!avx512 || gemm_detail::has_avx512(bf16), fn << ": this CPU cannot run the avx512 kernel for "
+                                                           << (bf16 ? "bfloat16" : "float32"));
+  RADIT_CHECK(avx512 || gemm_detail::has_avx2(), fn << ": this CPU cannot run the avx2 kernel");
 #if RADIT_HAVE_GEMM_KERNEL
   if (m == 0 || n == 0) return;
   const std::int64_t ldc = m <= 1 ? n : c.stride[0];
@@ -394,7 +378,9 @@ void gemm_cpu(const TensorArg& a, const TensorArg& b, const TensorArg& c, bool a
   const Operand bt{static_cast<const char*>(b.data), n, kdim, n <= 1 ? 1 : b.stride[1], kdim <= 1 ? n : b.stride[0],
                    bf16};
   const int nt = num_threads < 1 ? 1 : num_threads;
-  if (bf16) {
+  if (!avx512) {
+    gemm_detail::gemm_avx2(ao, bt, cp, ldc, accumulate, nt);
+  } else if (bf16) {
     gemm<true>(ao, bt, cp, ldc, accumulate, nt);
   } else {
     gemm<false>(ao, bt, cp, ldc, accumulate, nt);
@@ -453,7 +439,7 @@ void transpose_cpu(const TensorArg& src, const TensorArg& dst, int num_threads) 
   check_tensor<float, Bf16>(dst, fn, "dst", -1, {cols, rows});
   RADIT_CHECK(dst.stride[1] == 1 || rows <= 1, fn << ": dst must have stride(1) == 1, got " << dst.stride[1]);
   const bool bf16 = dst.dtype == DType::kBFloat16;
-  RADIT_CHECK(gemm_cpu_supported(bf16), fn << ": this CPU has no " << (bf16 ? "AVX512-BF16" : "AVX-512")
+  RADIT_CHECK(gemm_cpu_supported(bf16), fn << ": this CPU has neither AVX-512 nor AVX2 with FMA"
                                            << " (ask gemm_cpu_supported() first)");
 #if RADIT_HAVE_GEMM_KERNEL
   const std::int64_t s0 = rows <= 1 ? cols : src.stride[0], s1 = cols <= 1 ? 1 : src.stride[1];
@@ -462,13 +448,14 @@ void transpose_cpu(const TensorArg& src, const TensorArg& dst, int num_threads) 
   constexpr std::int64_t kTile = 64;  // 64 x 64 tiles of src, as 16 x 16 register blocks where whole
   const std::int64_t tr = (rows + kTile - 1) / kTile, tc = (cols + kTile - 1) / kTile;
   const int nt = num_threads < 1 ? 1 : num_threads;
+  const bool registers = s1 == 1 && gemm_detail::has_avx512(bf16);  // 16 x 16 blocks in zmm registers
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (std::int64_t t = 0; t < tr * tc; ++t) {
     const std::int64_t r0 = (t % tr) * kTile, c0 = (t / tr) * kTile;
     const std::int64_t r1 = r0 + kTile < rows ? r0 + kTile : rows, c1 = c0 + kTile < cols ? c0 + kTile : cols;
     for (std::int64_t rb = r0; rb < r1; rb += 16) {
       for (std::int64_t cb = c0; cb < c1; cb += 16) {
-        if (s1 == 1 && rb + 16 <= r1 && cb + 16 <= c1) {
+        if (registers && rb + 16 <= r1 && cb + 16 <= c1) {
           if (bf16) {
             transpose16<true>(in + rb * s0 + cb, s0, dst.ptr<Bf16>() + cb * ld + rb, ld);
           } else {

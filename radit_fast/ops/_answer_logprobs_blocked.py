@@ -17,8 +17,9 @@ csrc/common/radit_math.h) does the rest:
 GEMMs. On CPUs with AVX-512 (AVX512-BF16 for bfloat16) all three products run in radit's own kernel
 ``_C.answer_logprobs_gemm_cpu`` (csrc/answer_logprobs/gemm_cpu.cpp, float32 accumulation and output): torch.mm
 calls MKL's sgemm, which runs at an AVX2 rate on non-Intel CPUs (~90 GFLOP/s per core on the AMD EPYC measured
-here against ~220 for the kernel), and writes bf16 x bf16 products in bfloat16. Elsewhere torch.mm (oneDNN/MKL
-on CPU, cuBLAS on GPU).
+here against ~220 for the kernel), and writes bf16 x bf16 products in bfloat16. On CPUs with AVX2 + FMA only,
+bfloat16 products run in the kernel's AVX2 twin (gemm_avx2_cpu.cpp; torch.mm's bfloat16 fallback there runs at
+0.5-2 GFLOP/s against its ~85) and float32 stays with MKL. Elsewhere torch.mm (cuBLAS on GPU).
 
 Block dtype. bfloat16 inputs write float32 logit blocks wherever the device can: on CUDA through
 ``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS accumulates in fp32 anyway) when the running torch offers it,
@@ -73,11 +74,14 @@ def loss_rows(n: int, v: int, elt: int, device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def native_gemm(device_type: str, dtype: torch.dtype) -> bool:
-    """True when the driver's GEMMs run in radit's own CPU kernel (``_C.answer_logprobs_gemm_cpu``,
-    csrc/answer_logprobs/gemm_cpu.cpp) for this dtype: float32 on CPUs with AVX-512, bfloat16 with AVX512-BF16."""
+    """True when the driver's GEMMs run in radit's own CPU kernel (``_C.answer_logprobs_gemm_cpu``) for this
+    dtype: float32 on CPUs with AVX-512 (csrc/answer_logprobs/gemm_cpu.cpp), bfloat16 on CPUs with AVX512-BF16 or
+    with AVX2 + FMA (gemm_avx2_cpu.cpp: torch.mm's bfloat16 fallback there runs at 0.5-2 GFLOP/s). Float32 on AVX2
+    CPUs stays with torch.mm: MKL's AVX2 sgemm is as fast as the kernel there."""
     if device_type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or _native._C is None:
         return False
-    return bool(_native._C.answer_logprobs_gemm_cpu_supported(dtype == torch.bfloat16))
+    isa = _native._C.answer_logprobs_gemm_cpu_isa(dtype == torch.bfloat16)
+    return isa == "avx512" or (isa == "avx2" and dtype == torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
