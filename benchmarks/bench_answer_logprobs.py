@@ -32,7 +32,8 @@ Columns (besides harness.FIELDS): ``threads`` (intra-op threads of the processes
 median time of the fastest radit fused row of the same N, dtype, pass and threads: > 1 = slower than radit),
 ``tok_max_abs_err`` (max over tokens of |log p - float64 reference|; rows with a per-token output),
 ``loss_abs_err`` (fwdbwd: |S - S_float64|), ``grad_max_abs_err`` (fwdbwd: max abs error over the entries of
-dS/dh and dS/dW). The float64 reference is computed from the same (rounded) inputs upcast to float64, in row
+dS/dh and dS/dW), ``cpu_isa`` (CPU: the kernel radit's native GEMM runs for the dtype there, "avx512" or
+"avx2"; "" where none runs and radit's driver uses torch.mm). The float64 reference is computed from the same (rounded) inputs upcast to float64, in row
 chunks, by plain torch formulas independent of radit (``reference``), and cached per shape and dtype.
 GFLOP/s counts useful work: 2 N d V forward, 6 N d V forward + backward (the recompute is not counted).
 Peak extra memory: see benchmarks/harness.py (RSS high-water mark on CPU, in a fresh process per case); it
@@ -68,7 +69,7 @@ D, V = 576, 49152  # SmolLM2-135M's head
 FULL_TOKENS = (2048, 4096)
 QUICK = (256, 64, 4096)
 FIELDS = harness.FIELDS[:-1] + ["threads", "vs_radit", "tok_max_abs_err", "loss_abs_err", "grad_max_abs_err",
-                                "commit"]
+                                "cpu_isa", "commit"]
 RADIT_FUSED = ("cpu", "triton", "cuda")
 # Peers: impl -> the module that must be importable.
 PEER_MODULES = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}
@@ -319,6 +320,15 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_isa(dtype: str) -> str:
+    """The kernel radit's native CPU GEMM runs for dtype on this machine ('avx512', 'avx2', '' for none)."""
+    from radit_fast import _native
+
+    if _native._C is None:
+        return ""
+    return _native._C.answer_logprobs_gemm_cpu_isa(dtype == "bfloat16")
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,6 +375,7 @@ def main(argv=None) -> None:
                         group = harness.run_group("bench_answer_logprobs", cases)
                         add_ratios(group)
                         for row in group:
+                            row["cpu_isa"] = cpu_isa(dtype) if not on_gpu else ""
                             log.info("  N=%s %16s %8s %6s %s thr: %9s s  spread %s  peak +%7s MB  %7s GFLOP/s  "
                                      "x%s of radit  err tok %s loss %s grad %s", n, row["impl"], dtype, pass_, t,
                                      row["median_s"], row["spread"], row["peak_extra_MB"], row["gflops"],
