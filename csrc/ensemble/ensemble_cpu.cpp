@@ -129,9 +129,10 @@ void lsr_rows(const LsrParams& p) {
 }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// Runtime-dispatched clones (ifunc) of the long vocabulary loops: AVX-512 where the CPU has it, baseline
-// x86-64 otherwise. No build-time hardware probing; exp_fast (radit_math.h) makes the loops vectorisable.
-#define RADIT_SIMD_CLONES __attribute__((target_clones("avx512f", "default")))
+// Runtime-dispatched clones (ifunc) of the long vocabulary loops: AVX-512 where the CPU has it, AVX2 + FMA where
+// it has that, baseline x86-64 (SSE2) otherwise. No build-time hardware probing; exp_fast (radit_math.h) makes the
+// loops vectorisable.
+#define RADIT_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define RADIT_SIMD_CLONES
 #endif
