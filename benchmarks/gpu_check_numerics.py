@@ -12,7 +12,7 @@ float64 reference then needs only those rows, the kernels still run every row, a
 hidden gradient must be exactly zero.
 
 Bounds (``BOUNDS``, ``value_bound``): the GPU kernels accumulate in float32, so values must be within 2e-5
-relative L2 of float64 whatever the input dtype (impl="cpu", in the CPU dry run on a CPU without AVX512-BF16, rounds bf16 logits: 2e-3);
+relative L2 of float64 whatever the input dtype (impl="cpu", in the CPU dry run on a CPU without AVX512-BF16 or AVX2, rounds bf16 logits: 2e-3);
 gradients come back in the input dtype, so bfloat16 gradients carry bf16 rounding
 (about 2^-9 relative): bound max(4e-3, 1.5 x the naive bfloat16 expression's own error).
 Every check returns rows ``{"check", "case", "impl", "metric", "value", "bound", "status", "note"}``.
@@ -46,7 +46,7 @@ DRY_BIG_ROWS = 1000
 
 def value_bound(impl: str, device, dtype: torch.dtype) -> float:
     """Bound on the values' relative error: float32-accurate backends 2e-5; impl="cpu" (and "auto" on CPU)
-    on CPUs without AVX512-BF16 rounds bfloat16 logit blocks to bfloat16 before its float32 epilogue
+    on CPUs without AVX512-BF16 or AVX2 rounds bfloat16 logit blocks to bfloat16 before its float32 epilogue
     (radit_fast.ops.answer_logprobs, module doc, "Precision"), so bfloat16 inputs there get the bf16 rounding
     level 2^-9 ~ 2e-3."""
     on_cpu = impl == "cpu" or (impl == "auto" and torch.device(device).type == "cpu")

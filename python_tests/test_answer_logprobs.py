@@ -111,7 +111,7 @@ def test_bfloat16_error_bounded_by_torch_error(impl, bias):
     (ref * grad_out).sum().backward()
     naive, naive_grads = run("naive", hidden, weight, b, targets, grad_out)  # PyTorch's own bfloat16 error
     # Precision contract (radit_fast/ops/answer_logprobs.py, "Precision"): impl="torch" is float32-accurate, and
-    # so is impl="cpu" on CPUs with AVX512-BF16 (float32 logit blocks from the native kernel); elsewhere impl="cpu"
+    # so is impl="cpu" on CPUs with AVX512-BF16 or AVX2 (float32 logit blocks from a native kernel); elsewhere impl="cpu"
     # rounds each logit block to bfloat16, so its error is up to |logit| * 2^-9, of the order of PyTorch's own
     # bfloat16 logits but never above the naive expression's error (which also rounds the log-softmax): the
     # bound is that error, factor 1. float32-accurate: |logit| <= ~40 here, float32 rounding ~1e-5.

@@ -23,7 +23,7 @@ bfloat16 products run in the kernel's AVX2 twin (gemm_avx2_cpu.cpp; torch.mm's b
 
 Block dtype. bfloat16 inputs write float32 logit blocks wherever the device can: on CUDA through
 ``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS accumulates in fp32 anyway) when the running torch offers it,
-on CPUs with AVX512-BF16 through the native kernel. Elsewhere the block is in the input dtype (see the
+on CPUs with AVX512-BF16 or AVX2 + FMA through the native kernels. Elsewhere the block is in the input dtype (see the
 "Precision" section of radit_fast/ops/answer_logprobs.py). With float32 blocks the backward epilogue writes dz
 into a separate bfloat16 buffer for the two gradient GEMMs.
 

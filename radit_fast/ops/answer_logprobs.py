@@ -16,18 +16,18 @@ in the forward pass (g_n is 1 or 1/count), so the gradients are formed there fro
 vocabulary (Liger-Kernel's scheme): 3 GEMMs in all instead of 4, and the backward pass only scales them.
 
 Backends. "cpu" and "cuda" are one blocked driver (radit_fast/ops/_answer_logprobs_blocked.py): a GEMM (radit's
-own AVX-512 kernel on CPUs that have it, else torch.mm; cuBLAS on GPUs) writes each logit block into a reused
+own AVX-512 or AVX2 kernel on CPUs that have them, else torch.mm; cuBLAS on GPUs) writes each logit block into a reused
 buffer and a fused epilogue per device (C++/OpenMP, CUDA; math shared in csrc/common/radit_math.h) does the
 rest. "triton" is the fully fused kernel (logits never leave SRAM). "torch" is the chunked reference below. On GPUs no call synchronises with the host:
 out-of-range targets give NaN and set a device flag, raised as ValueError only under RADIT_DEBUG_CHECKS=1.
 
 Precision with bfloat16 inputs (accumulation is float32 everywhere). The triton backend keeps each logit tile
 in float32 registers, the cuda backend writes float32 blocks (torch.mm out_dtype), impl="torch" multiplies
-float32 upcasts, and impl="cpu" writes float32 blocks on CPUs with AVX512-BF16 through its own bf16 x bf16 ->
-f32 kernel (csrc/answer_logprobs/gemm_cpu.cpp; torch.mm on CPU writes bf16 products in bfloat16 only:
+float32 upcasts, and impl="cpu" writes float32 blocks on CPUs with AVX512-BF16 or AVX2 + FMA through its own bf16 x bf16 ->
+f32 kernels (csrc/answer_logprobs/gemm_cpu.cpp, gemm_avx2_cpu.cpp; torch.mm on CPU writes bf16 products in bfloat16 only:
 aten::mm.dtype has no CPU kernel in torch 2.13): all four are float32-accurate
 (benchmarks/bench_answer_logprobs.py at N=2048, d=576, V=49152: impl="cpu" 2.2e-6 max tok error against
-float64, 7.8e-3 with bfloat16 blocks). On CPUs without AVX512-BF16, impl="cpu" stores each logit block in
+float64, 7.8e-3 with bfloat16 blocks). On CPUs with neither (no AVX2), impl="cpu" stores each logit block in
 bfloat16 before its float32 epilogue, so every logit carries a relative rounding error of up to 2^-9, i.e. an
 absolute error of up to |z| 2^-9 in tok and lse (the naive bfloat16 expression, which also rounds the
 log-softmax, is 2-6x worse); for float32-accurate results there use impl="torch" or float32 inputs.
