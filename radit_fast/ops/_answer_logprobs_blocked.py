@@ -28,8 +28,8 @@ on CPUs with AVX512-BF16 or AVX2 + FMA through the native kernels. Elsewhere the
 into a separate bfloat16 buffer for the two gradient GEMMs.
 
 Memory: one block buffer of at most ``BLOCK_BYTES[device]`` (+ a bfloat16 dz buffer with float32 blocks), the
-per-row state, the gradients, and for bfloat16 a float32 accumulator of grad_weight when the native kernel runs
-or several row chunks add into it.
+per-row state, the gradients, and for bfloat16 a float32 accumulator of grad_weight when several row chunks add
+into it (with the native kernel and one row chunk, a float32 [d, 4096] scratch).
 No host synchronisation on CUDA: the epilogues flag out-of-range targets on the device (the shared
 ``radit_fast.ops._dispatch.error_flag``).
 """
@@ -164,7 +164,9 @@ class _WeightGrad:
     With the native CPU GEMM the products are summed in float32: float32 weights straight into the result;
     bfloat16 weights as grad_weight^T = H^T @ dZ into a float32 [d, width] accumulator (this orientation runs
     ~1.5x faster than dZ^T @ H, which must pack dZ^T into pairs), which ``flush`` stores once, transposed, in
-    the weight's dtype. Otherwise (torch.mm) float32 sums in place with addmm_; other dtypes sum each chunk's
+    the weight's dtype. With one row chunk there is nothing to sum across chunks: each ``SLICE`` columns are
+    formed in a float32 [d, SLICE] scratch and stored at once (the loss path over V columns then needs 9 MB of
+    scratch at SmolLM2's d instead of a 113 MB accumulator). Otherwise (torch.mm) float32 sums in place with addmm_; other dtypes sum each chunk's
     product in a float32 accumulator, never in bfloat16, formed ``SLICE`` rows at a time into small scratch
     buffers and widened there before the float32 add (torch's mixed bf16 -> f32 ``add_`` runs ~5x slower than a
     widening copy plus a float32 add).
@@ -178,7 +180,8 @@ class _WeightGrad:
         self.native = native_gemm(weight.device.type, weight.dtype)
         f32 = weight.dtype == torch.float32
         rows, d, dev = min(width, self.SLICE), weight.shape[1], weight.device
-        self.acc_t = torch.empty(d, width, device=dev) if self.native and not f32 else None
+        self.sliced = self.native and not f32 and chunks == 1  # each slice stored as soon as it is formed
+        self.acc_t = torch.empty(d, rows if self.sliced else width, device=dev) if self.native and not f32 else None
         multi = not f32 and chunks > 1 and not self.native
         self.acc = torch.empty(width, d, device=dev) if multi else None
         self.tmp = torch.empty(rows, d, dtype=weight.dtype, device=dev) if multi else None
@@ -189,6 +192,11 @@ class _WeightGrad:
         if self.native:
             if self.acc_t is None:
                 _gemm(dz.T, h, self.out[v0:v0 + c], accumulate=not first)
+            elif self.sliced:
+                for j in range(0, c, self.SLICE):
+                    k = min(self.SLICE, c - j)
+                    _gemm(h.T, dz[:, j:j + k], self.acc_t[:, :k])
+                    self._store(self.acc_t[:, :k], v0 + j)
             else:
                 _gemm(h.T, dz, self.acc_t[:, :c], accumulate=not first)
             return
@@ -207,10 +215,17 @@ class _WeightGrad:
                 self.tmp32[:k].copy_(self.tmp[:k])
                 self.acc[j:j + k] += self.tmp32[:k]
 
+    def _store(self, acc_t: torch.Tensor, v0: int) -> None:
+        """out[v0:v0 + cols] = acc_t^T, natively in tiles (torch's transposing copy into bfloat16: ~5x slower)."""
+        _native._C.answer_logprobs_transpose_cpu(tensor_arg(acc_t, "src"),
+                                                 tensor_arg(self.out[v0:v0 + acc_t.shape[1]], "dst"),
+                                                 torch.get_num_threads())
+
     def flush(self, v0: int, c: int) -> None:
-        if self.acc_t is not None:  # natively, in tiles (torch's transposing copy into bfloat16: ~5x slower)
-            _native._C.answer_logprobs_transpose_cpu(tensor_arg(self.acc_t[:, :c], "src"),
-                                                     tensor_arg(self.out[v0:v0 + c], "dst"), torch.get_num_threads())
+        if self.sliced:
+            return
+        if self.acc_t is not None:
+            self._store(self.acc_t[:, :c], v0)
         elif self.acc is not None:
             self.out[v0:v0 + c].copy_(self.acc[:c])
 
